@@ -30,3 +30,37 @@ pub struct SideState {
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SideState {}
+
+/// Connections the kernel maps are sized for (two sockets, two sides each).
+pub const MAX_CONNECTIONS: u32 = 16384;
+
+/// Largest frame (header included) the kernel assembles: a 256 KiB message in one frame with
+/// a 14-byte header, rounded up. Bigger frames fail the socket (EMSGSIZE) instead of making the
+/// kernel buffer unbounded data; userspace sizes `SO_RCVBUF` so this always fits.
+pub const MAX_FRAME_WIRE_LEN: u64 = 256 * 1024 + 1024;
+
+impl SideState {
+    /// Accounts one frame of this direction. Both data planes call exactly this, so their
+    /// counters agree. A close frame's code is recorded separately ([`Self::record_close`])
+    /// because it lives in the payload, which the two planes read differently.
+    #[inline(always)]
+    pub fn account(&mut self, h: &crate::FrameHeader, now_ns: u64) -> crate::FrameKind {
+        self.bytes += h.wire_len();
+        self.frames += 1;
+        self.last_activity_ns = now_ns;
+        let kind = self.tracker.on_frame(h);
+        if let crate::FrameKind::MessageEnd = kind {
+            self.messages += 1;
+        }
+        kind
+    }
+
+    /// Records the first close frame's status code (1005 when it carried none).
+    #[inline(always)]
+    pub fn record_close(&mut self, code: u16) {
+        if self.flags & FLAG_CLOSE_SEEN == 0 {
+            self.flags |= FLAG_CLOSE_SEEN;
+            self.close_code = code as u32;
+        }
+    }
+}

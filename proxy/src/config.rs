@@ -1,0 +1,321 @@
+//! The TOML configuration (SPEC.md "Config"). Every field is documented; unknown keys are
+//! rejected; `Config::validate` names the offending field and the reason.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners, admin API, data plane and state.
+    pub server: ServerConfig,
+    /// The functions: each a route and the instances that serve it.
+    #[serde(default, rename = "function")]
+    pub functions: Vec<FunctionConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPlaneMode {
+    /// Kernel splice when the eBPF programs load, otherwise the userspace relay.
+    Auto,
+    /// Kernel splice only: start fails if the eBPF programs cannot be loaded.
+    Kernel,
+    /// Userspace relay only.
+    Userspace,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address for plain `ws://` connections, e.g. "0.0.0.0:8080".
+    pub listen: SocketAddr,
+    /// Address for `wss://` connections (TLS); requires `tls_cert` and `tls_key`.
+    #[serde(default)]
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for `tls_listen`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_listen`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Admin API address (/metrics /live /ready /connections /billing).
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Which data plane carries frames after the handshake.
+    #[serde(default = "default_data_plane")]
+    pub data_plane: DataPlaneMode,
+    /// Directory for wsedge's state (the billing ledger lives here).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Time a client has to send its complete upgrade request, in milliseconds.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Largest upgrade request head (request line and headers) in bytes; larger gets 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Time to connect to an instance and receive its 101, in milliseconds; then 504.
+    #[serde(default = "default_instance_timeout_ms")]
+    pub instance_timeout_ms: u64,
+    /// On SIGTERM, how long open connections get to close before they are cut, in seconds.
+    #[serde(default = "default_drain_timeout_s")]
+    pub drain_timeout_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    /// Unique function name (used in logs, metrics and billing).
+    pub name: String,
+    /// Path prefix that routes to this function, e.g. "/echo".
+    pub route: String,
+    /// Optional Host header (without port) the route also requires.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Command that starts an instance (a WebSocket server on $PORT).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Fixed instances ("host:port"), instead of `command`.
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    /// Port spawned instances listen on, passed as $PORT.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// "netns" (an instance per network namespace) or "none".
+    #[serde(default)]
+    pub isolation: Option<String>,
+    /// Instance memory, for GB-s billing.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u32,
+    /// Connections one instance serves at once.
+    #[serde(default = "default_instance_concurrency")]
+    pub instance_concurrency: u32,
+    /// Most instances at once; beyond, new connections get 429.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
+    /// Seconds without a frame either way before the connection is closed (10..=7200).
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+    /// Longest a connection may stay open, in seconds (>= idle_timeout_s).
+    #[serde(default = "default_execution_timeout_s")]
+    pub execution_timeout_s: u64,
+    /// "none", or { hmac_key_env = "VAR" } for signed upgrades.
+    #[serde(default)]
+    pub auth: Option<toml::Value>,
+    /// Per-connection quotas.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExceed {
+    /// Delay frames over the rate, in order, losing none.
+    Throttle,
+    /// Close the connection with 1008.
+    Close,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest reassembled message, in bytes, both directions; larger closes with 1009.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: u64,
+    /// Client-to-function data messages per second.
+    #[serde(default = "default_messages_per_s")]
+    pub messages_per_s: u32,
+    /// Client-to-function bytes per second.
+    #[serde(default = "default_bytes_per_s")]
+    pub bytes_per_s: u64,
+    /// What happens above the rates.
+    #[serde(default = "default_on_exceed")]
+    pub on_exceed: OnExceed,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: default_max_message_bytes(),
+            messages_per_s: default_messages_per_s(),
+            bytes_per_s: default_bytes_per_s(),
+            on_exceed: default_on_exceed(),
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    "127.0.0.1:9901".parse().expect("literal")
+}
+fn default_data_plane() -> DataPlaneMode {
+    DataPlaneMode::Auto
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/wsedge".into()
+}
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_instance_timeout_ms() -> u64 {
+    10_000
+}
+fn default_drain_timeout_s() -> u64 {
+    30
+}
+fn default_port() -> u16 {
+    9000
+}
+fn default_memory_mb() -> u32 {
+    128
+}
+fn default_instance_concurrency() -> u32 {
+    1
+}
+fn default_max_instances() -> u32 {
+    100
+}
+fn default_idle_timeout_s() -> u64 {
+    600
+}
+fn default_execution_timeout_s() -> u64 {
+    7200
+}
+fn default_max_message_bytes() -> u64 {
+    256 * 1024
+}
+fn default_messages_per_s() -> u32 {
+    10
+}
+fn default_bytes_per_s() -> u64 {
+    128 * 1024
+}
+fn default_on_exceed() -> OnExceed {
+    OnExceed::Throttle
+}
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config: Config = toml::from_str(&text)
+            .map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.tls_listen.is_some() || s.tls_cert.is_some() || s.tls_key.is_some() {
+            return Err(invalid("server.tls_listen", "wss:// is not implemented yet"));
+        }
+        if s.max_header_bytes < 1024 {
+            return Err(invalid("server.max_header_bytes", "must be at least 1024"));
+        }
+        if s.handshake_timeout_ms == 0 || s.instance_timeout_ms == 0 {
+            return Err(invalid("server.handshake_timeout_ms", "timeouts must be positive"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, f) in self.functions.iter().enumerate() {
+            let at = |field: &str| format!("function[{i}] ({}).{field}", f.name);
+            if f.name.is_empty() || !names.insert(f.name.as_str()) {
+                return Err(invalid(at("name"), "must be non-empty and unique"));
+            }
+            if !f.route.starts_with('/') {
+                return Err(invalid(at("route"), "must be a path starting with '/'"));
+            }
+            match (&f.command, f.upstreams.is_empty()) {
+                (Some(_), _) => {
+                    return Err(invalid(
+                        at("command"),
+                        "spawned instances are not implemented yet; use upstreams",
+                    ));
+                }
+                (None, true) => return Err(invalid(at("upstreams"), "needs at least one")),
+                (None, false) => {}
+            }
+            for u in &f.upstreams {
+                if std::net::ToSocketAddrs::to_socket_addrs(u.as_str()).is_err() {
+                    return Err(invalid(at("upstreams"), format!("{u:?} is not host:port")));
+                }
+            }
+            if !(10..=7200).contains(&f.idle_timeout_s) {
+                return Err(invalid(at("idle_timeout_s"), "must be within 10..=7200"));
+            }
+            if f.execution_timeout_s < f.idle_timeout_s {
+                return Err(invalid(at("execution_timeout_s"), "must be >= idle_timeout_s"));
+            }
+            if f.instance_concurrency == 0 || f.max_instances == 0 {
+                return Err(invalid(at("instance_concurrency"), "must be at least 1"));
+            }
+            let max = proxy_common::maps::MAX_FRAME_WIRE_LEN - 14;
+            if f.limits.max_message_bytes == 0 || f.limits.max_message_bytes > max {
+                return Err(invalid(at("limits.max_message_bytes"), format!("must be 1..={max}")));
+            }
+            if let Some(auth) = &f.auth
+                && auth.as_str() != Some("none")
+            {
+                return Err(invalid(at("auth"), "only \"none\" is implemented yet"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    const MINIMAL: &str = "[server]\nlisten = \"127.0.0.1:0\"\n[[function]]\nname = \"echo\"\n\
+                           route = \"/echo\"\nupstreams = [\"127.0.0.1:9000\"]\n";
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = parse(MINIMAL).unwrap();
+        let f = &c.functions[0];
+        assert_eq!((f.port, f.idle_timeout_s, f.execution_timeout_s), (9000, 600, 7200));
+        assert_eq!((f.limits.max_message_bytes, f.limits.messages_per_s), (262144, 10));
+        assert_eq!(f.limits.bytes_per_s, 131072);
+        assert_eq!(c.server.data_plane, DataPlaneMode::Auto);
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9901");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = parse(&format!("{MINIMAL}colour = \"red\"\n")).unwrap_err();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let err = parse(&MINIMAL.replace("/echo", "echo")).unwrap_err();
+        assert!(err.contains("function[0] (echo).route"), "{err}");
+        let err = parse(&format!("{MINIMAL}idle_timeout_s = 5\n")).unwrap_err();
+        assert!(err.contains("idle_timeout_s"), "{err}");
+        let err = parse(&MINIMAL.replace("127.0.0.1:9000", "nowhere")).unwrap_err();
+        assert!(err.contains("upstreams"), "{err}");
+    }
+}

@@ -1,0 +1,260 @@
+//! The kernel data plane: loads the sockmap programs and splices accepted connections.
+//!
+//! Splice order (each step matters, see TOOLCHAIN.md):
+//! 1. userspace forwards, by hand, every byte it read past the handshake, up to a frame
+//!    boundary, so the kernel parser starts on a frame header;
+//! 2. both sockets enter `TARGETS` and get their `SIDES` entry, then both enter `SPLICED`:
+//!    whichever side sends first, its peer is already a valid redirect target;
+//! 3. a receive-path kick makes the parser look at bytes that arrived before insertion.
+//!
+//! Teardown: FIN on one side is noticed by polling only for read-hangup (the parser consumes
+//! the data, so the socket never turns readable for it); the peer's write side is shut only
+//! once everything the kernel redirected has reached the peer's TCP send queue; map entries
+//! go only when both directions are done, because a redirect to a removed socket drops data.
+
+use std::{
+    io,
+    os::fd::AsRawFd,
+    net::TcpStream,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, SockHash},
+    programs::SkSkb,
+};
+use proxy_common::{SideState, maps::MAX_FRAME_WIRE_LEN};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use super::socket;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("wsedge was built without its eBPF programs (bpf-linker was missing at build time)")]
+    NotBuilt,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF map {0}: {1}")]
+    Map(&'static str, String),
+    #[error("eBPF program {0}: {1}")]
+    Program(&'static str, String),
+}
+
+struct Maps {
+    spliced: SockHash<MapData, u64>,
+    targets: SockHash<MapData, u64>,
+    sides: HashMap<MapData, u64, SideState>,
+}
+
+pub struct KernelDataPlane {
+    maps: Mutex<Maps>,
+    /// Owns the loaded programs and their attachments for the process lifetime.
+    _ebpf: Ebpf,
+}
+
+/// The two cookies of a spliced connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplicedPair {
+    pub client: u64,
+    pub instance: u64,
+}
+
+/// Bytes userspace itself wrote to each socket before the splice (handshake, leftovers).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WrittenByHand {
+    pub to_client: u64,
+    pub to_instance: u64,
+}
+
+/// How a spliced connection ended.
+#[derive(Debug)]
+pub enum SpliceEnd {
+    /// Both sides finished with FIN.
+    Closed,
+    /// A socket failed (reset, parser error); both were closed.
+    Aborted(io::Error),
+}
+
+/// How long a half-closed direction may take to flush what the kernel redirected.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl KernelDataPlane {
+    pub fn load() -> Result<KernelDataPlane, LoadError> {
+        if OBJECT.is_empty() {
+            return Err(LoadError::NotBuilt);
+        }
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or_else(|| LoadError::Map(name, "missing from object".into()))
+        };
+        let spliced = SockHash::try_from(take("SPLICED")?)
+            .map_err(|e| LoadError::Map("SPLICED", e.to_string()))?;
+        let targets = SockHash::try_from(take("TARGETS")?)
+            .map_err(|e| LoadError::Map("TARGETS", e.to_string()))?;
+        let sides = HashMap::try_from(take("SIDES")?)
+            .map_err(|e| LoadError::Map("SIDES", e.to_string()))?;
+        for name in ["ws_frame_len", "ws_forward"] {
+            let program: &mut SkSkb = ebpf
+                .program_mut(name)
+                .ok_or_else(|| LoadError::Program(name, "missing from object".into()))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| LoadError::Program(name, e.to_string()))?;
+            program.load().map_err(|e| LoadError::Program(name, verifier_summary(&e)))?;
+            program.attach(spliced.fd()).map_err(|e| LoadError::Program(name, e.to_string()))?;
+        }
+        Ok(KernelDataPlane { maps: Mutex::new(Maps { spliced, targets, sides }), _ebpf: ebpf })
+    }
+
+    /// Kernel counters of one direction, keyed by the cookie of the receiving socket.
+    pub fn side(&self, cookie: u64) -> Option<SideState> {
+        self.maps.lock().expect("maps lock").sides.get(&cookie, 0).ok()
+    }
+
+    fn insert(&self, client: &TcpStream, instance: &TcpStream, pair: SplicedPair) -> io::Result<()> {
+        let mut m = self.maps.lock().expect("maps lock");
+        let to_io = |e: aya::maps::MapError| io::Error::other(e.to_string());
+        let side = |peer| SideState { peer_cookie: peer, ..SideState::default() };
+        m.sides.insert(pair.client, side(pair.instance), 0).map_err(to_io)?;
+        m.sides.insert(pair.instance, side(pair.client), 0).map_err(to_io)?;
+        m.targets.insert(pair.client, client.as_raw_fd(), 0).map_err(to_io)?;
+        m.targets.insert(pair.instance, instance.as_raw_fd(), 0).map_err(to_io)?;
+        m.spliced.insert(pair.instance, instance.as_raw_fd(), 0).map_err(to_io)?;
+        m.spliced.insert(pair.client, client.as_raw_fd(), 0).map_err(to_io)?;
+        Ok(())
+    }
+
+    /// Removes a connection from every map and returns its final kernel counters
+    /// (client -> instance, instance -> client).
+    fn remove(&self, pair: SplicedPair) -> (SideState, SideState) {
+        let mut m = self.maps.lock().expect("maps lock");
+        for cookie in [pair.client, pair.instance] {
+            let _ = m.spliced.remove(&cookie);
+        }
+        for cookie in [pair.client, pair.instance] {
+            let _ = m.targets.remove(&cookie);
+        }
+        let inbound = m.sides.get(&pair.client, 0).unwrap_or_default();
+        let outbound = m.sides.get(&pair.instance, 0).unwrap_or_default();
+        let _ = m.sides.remove(&pair.client);
+        let _ = m.sides.remove(&pair.instance);
+        (inbound, outbound)
+    }
+
+    /// Hands both sockets to the kernel; `on_spliced` learns the cookies once frames flow.
+    /// Returns when the connection has ended, with the final kernel counters.
+    pub async fn splice(
+        &self,
+        client: tokio::net::TcpStream,
+        instance: tokio::net::TcpStream,
+        written: WrittenByHand,
+        on_spliced: impl FnOnce(SplicedPair),
+    ) -> io::Result<(SpliceEnd, SideState, SideState)> {
+        let client = client.into_std()?;
+        let instance = instance.into_std()?;
+        let pair = SplicedPair { client: socket::cookie(&client)?, instance: socket::cookie(&instance)? };
+        for s in [&client, &instance] {
+            socket::set_receive_buffer(s, MAX_FRAME_WIRE_LEN as usize)?;
+        }
+        self.insert(&client, &instance, pair).inspect_err(|_| {
+            self.remove(pair);
+        })?;
+        for s in [&client, &instance] {
+            socket::kick_receive_path(s)?;
+        }
+        on_spliced(pair);
+        let end = self.supervise(client, instance, pair, written).await;
+        let (inbound, outbound) = self.remove(pair);
+        Ok((end, inbound, outbound))
+    }
+
+    async fn supervise(
+        &self,
+        client: TcpStream,
+        instance: TcpStream,
+        pair: SplicedPair,
+        written: WrittenByHand,
+    ) -> SpliceEnd {
+        let (client, instance) = match (watch_hangup(client), watch_hangup(instance)) {
+            (Ok(c), Ok(i)) => (c, i),
+            (Err(e), _) | (_, Err(e)) => return SpliceEnd::Aborted(e),
+        };
+        let (mut client_done, mut instance_done) = (false, false);
+        while !(client_done && instance_done) {
+            let closed = tokio::select! {
+                r = read_hangup(&client), if !client_done => r.map(|()| true),
+                r = read_hangup(&instance), if !instance_done => r.map(|()| false),
+            };
+            let from_client = match closed {
+                Ok(from_client) => from_client,
+                Err(e) => return SpliceEnd::Aborted(e),
+            };
+            let (from, to, to_written) = if from_client {
+                client_done = true;
+                (pair.client, instance.get_ref(), written.to_instance)
+            } else {
+                instance_done = true;
+                (pair.instance, client.get_ref(), written.to_client)
+            };
+            if let Err(e) = self.flush(from, to, to_written).await {
+                return SpliceEnd::Aborted(e);
+            }
+            socket::shutdown_write(to);
+        }
+        SpliceEnd::Closed
+    }
+
+    /// Waits until every byte the kernel redirected from `from` sits in `to`'s TCP queue.
+    async fn flush(&self, from: u64, to: &TcpStream, to_written: u64) -> io::Result<()> {
+        let deadline = Instant::now() + FLUSH_TIMEOUT;
+        let mut pause = Duration::from_micros(200);
+        loop {
+            let redirected = self.side(from).map_or(0, |s| s.bytes);
+            if socket::bytes_queued_to_tcp(to)? >= to_written + redirected {
+                return Ok(());
+            }
+            if let Some(e) = socket::take_error(to) {
+                return Err(e);
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "redirected bytes not flushed"));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The error and the last lines of the verifier log, which say why a program was refused.
+fn verifier_summary(e: &aya::programs::ProgramError) -> String {
+    let text = format!("{e:#}");
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines.len().saturating_sub(4);
+    format!("{} ... {}", lines.first().copied().unwrap_or_default(), lines[tail..].join(" | "))
+}
+
+/// Registers a spliced socket with the runtime for read readiness, which is how epoll
+/// reports a FIN (EPOLLRDHUP) or an error.
+fn watch_hangup(socket: TcpStream) -> io::Result<AsyncFd<TcpStream>> {
+    // SAFETY: the AsyncFd owns the socket; nothing else closes or replaces its descriptor.
+    unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }.map_err(io::Error::from)
+}
+
+/// Resolves when the peer has shut its write side (FIN); errors on reset or socket error.
+async fn read_hangup(fd: &AsyncFd<TcpStream>) -> io::Result<()> {
+    loop {
+        let mut guard = fd.readable().await?;
+        if let Some(e) = socket::take_error(fd.get_ref()) {
+            return Err(e);
+        }
+        if guard.ready().is_read_closed() {
+            return Ok(());
+        }
+        // Readable without a hangup: the parser consumes data without waking readers, so
+        // this is a wake-up for something else; wait for the next one.
+        guard.clear_ready();
+    }
+}

@@ -1,0 +1,94 @@
+//! Socket options the data planes need that std and tokio do not expose.
+
+use std::{io, os::fd::AsRawFd};
+
+fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: the pointer and length describe a live i32.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// The kernel's unique, never-reused id of a socket: the key of the kernel maps.
+pub fn cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe a live u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 { Ok(value) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Sizes the receive buffer so the stream parser can hold a whole maximal frame (the
+/// parser fails the socket with EMSGSIZE for frames larger than `sk_rcvbuf`). FORCE
+/// ignores `net.core.rmem_max`, which is below what a 256 KiB frame needs.
+pub fn set_receive_buffer(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let bytes = i32::try_from(bytes).unwrap_or(i32::MAX);
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
+        .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes))
+}
+
+/// Makes the kernel look at bytes already queued on the socket. Bytes that arrived before
+/// the socket entered the sockmap are not parsed until more arrive (TOOLCHAIN.md);
+/// setting SO_RCVLOWAT runs `tcp_data_ready`, which is the psock's parser entry point.
+pub fn kick_receive_path(fd: &impl AsRawFd) -> io::Result<()> {
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
+}
+
+/// Bytes handed to this socket's TCP send path so far: acknowledged plus still queued.
+pub fn bytes_queued_to_tcp(fd: &impl AsRawFd) -> io::Result<u64> {
+    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut unacked: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut unacked) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + unacked.max(0) as u64)
+}
+
+/// The pending socket error (SO_ERROR), if any.
+pub fn take_error(fd: &impl AsRawFd) -> Option<io::Error> {
+    let mut value: i32 = 0;
+    let mut len = size_of::<i32>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe a live i32.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut value).cast(), &mut len)
+    };
+    (rc == 0 && value != 0).then(|| io::Error::from_raw_os_error(value))
+}
+
+pub fn shutdown_write(fd: &impl AsRawFd) {
+    // SAFETY: shutdown on a valid fd; errors (already closed) are irrelevant here.
+    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

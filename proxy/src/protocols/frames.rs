@@ -1,0 +1,134 @@
+//! Userspace side of frame tracking: walks a byte stream delivered in arbitrary chunks,
+//! finds frame boundaries with the shared parser, and accounts every frame into the same
+//! [`SideState`] the kernel verdict program updates.
+
+use proxy_common::{
+    FrameKind, HeaderParse, MAX_HEADER_LEN, SideState,
+    frame::{HeaderError, close_code, header_len},
+    parse_header,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid WebSocket frame header: {0:?}")]
+pub struct FrameError(pub HeaderError);
+
+/// Where a stream stands between frame boundaries.
+#[derive(Debug, Default, Clone)]
+pub struct FrameCursor {
+    header: [u8; MAX_HEADER_LEN],
+    header_have: usize,
+    payload_left: u64,
+    /// First two payload bytes of a close frame (with its mask) while they are being read.
+    close: Option<CloseCode>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CloseCode {
+    mask: Option<[u8; 4]>,
+    bytes: [u8; 2],
+    have: usize,
+}
+
+impl FrameCursor {
+    /// True when the bytes seen so far end exactly at a frame boundary.
+    pub fn at_boundary(&self) -> bool {
+        self.header_have == 0 && self.payload_left == 0
+    }
+
+    /// Bytes still needed to reach the next frame boundary: known exactly inside a payload,
+    /// or the rest of the header when only part of it was seen (more may follow then).
+    pub fn needed_for_boundary(&self) -> u64 {
+        if self.header_have > 0 {
+            let needed = if self.header_have >= 2 { header_len(self.header[1]) as usize } else { 2 };
+            (needed - self.header_have) as u64
+        } else {
+            self.payload_left
+        }
+    }
+
+    /// Walks `chunk`, accounting every frame whose header completes in it.
+    pub fn feed(&mut self, mut chunk: &[u8], side: &mut SideState, now_ns: u64) -> Result<(), FrameError> {
+        while !chunk.is_empty() {
+            if self.payload_left > 0 {
+                let take = (self.payload_left.min(chunk.len() as u64)) as usize;
+                self.take_close_bytes(&chunk[..take], side);
+                self.payload_left -= take as u64;
+                chunk = &chunk[take..];
+                continue;
+            }
+            let take = (MAX_HEADER_LEN - self.header_have).min(chunk.len());
+            self.header[self.header_have..self.header_have + take].copy_from_slice(&chunk[..take]);
+            let avail = self.header_have + take;
+            match parse_header(&self.header, avail) {
+                HeaderParse::Incomplete { .. } => {
+                    self.header_have = avail;
+                    return Ok(());
+                }
+                HeaderParse::Invalid(e) => return Err(FrameError(e)),
+                HeaderParse::Complete(h) => {
+                    let consumed = h.header_len as usize - self.header_have;
+                    chunk = &chunk[consumed..];
+                    self.header_have = 0;
+                    self.payload_left = h.payload_len;
+                    if side.account(&h, now_ns) == FrameKind::Close {
+                        if h.payload_len >= 2 {
+                            self.close = Some(CloseCode { mask: h.mask, bytes: [0; 2], have: 0 });
+                        } else {
+                            side.record_close(1005);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn take_close_bytes(&mut self, payload: &[u8], side: &mut SideState) {
+        let Some(close) = self.close.as_mut() else { return };
+        for &b in payload.iter().take(2 - close.have) {
+            close.bytes[close.have] = b;
+            close.have += 1;
+        }
+        if close.have == 2 {
+            side.record_close(close_code(close.bytes, close.mask));
+            self.close = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_frames_split_at_every_byte() {
+        // A masked close (1000) frame, an unmasked fragmented message and a ping.
+        let mask = [1, 2, 3, 4];
+        let mut stream = vec![0x88, 0x82, 1, 2, 3, 4, 0x03 ^ mask[0], 0xE8 ^ mask[1]];
+        stream.extend_from_slice(&[0x01, 126, 0, 200]);
+        stream.extend(std::iter::repeat_n(b'a', 200));
+        stream.extend_from_slice(&[0x89, 1, b'p', 0x80, 0]);
+        for split in 1..stream.len() {
+            let mut cursor = FrameCursor::default();
+            let mut side = SideState::default();
+            for part in stream.chunks(split) {
+                cursor.feed(part, &mut side, 7).unwrap();
+            }
+            assert!(cursor.at_boundary());
+            assert_eq!((side.frames, side.messages, side.bytes), (4, 1, stream.len() as u64));
+            assert_eq!(side.close_code, 1000, "split {split}");
+        }
+    }
+
+    #[test]
+    fn reports_what_is_missing_to_reach_a_boundary() {
+        let mut cursor = FrameCursor::default();
+        let mut side = SideState::default();
+        cursor.feed(&[0x82], &mut side, 0).unwrap();
+        assert_eq!(cursor.needed_for_boundary(), 1);
+        cursor.feed(&[126, 1], &mut side, 0).unwrap();
+        assert_eq!(cursor.needed_for_boundary(), 1);
+        cursor.feed(&[0, 9, 9], &mut side, 0).unwrap();
+        assert_eq!(cursor.needed_for_boundary(), 254);
+    }
+}

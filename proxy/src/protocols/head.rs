@@ -1,0 +1,78 @@
+//! Reading an HTTP/1.1 message head (request or response) from a stream, with a size limit.
+//! Bytes that arrive after the head are returned too: they belong to the WebSocket stream.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// A message head and whatever followed it in the same reads.
+#[derive(Debug)]
+pub struct Head {
+    /// The head, up to and including the blank line.
+    pub head: Vec<u8>,
+    /// Bytes read after the head.
+    pub rest: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error("head exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("connection closed before the head was complete")]
+    Closed,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads until the end of the head (`\r\n\r\n`) or until `limit` bytes without one.
+pub async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, limit: usize) -> Result<Head, HeadError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HeadError::Closed);
+        }
+        // Only the new bytes and the 3 before them can complete a terminator.
+        let search_from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = find_terminator(&buf[search_from..]) {
+            let end = search_from + end + 4;
+            if end > limit {
+                return Err(HeadError::TooLarge(limit));
+            }
+            let rest = buf.split_off(end);
+            return Ok(Head { head: buf, rest });
+        }
+        if buf.len() > limit {
+            return Err(HeadError::TooLarge(limit));
+        }
+    }
+}
+
+fn find_terminator(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn splits_head_from_following_bytes_across_reads() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            a.write_all(b"GET / HTTP/1.1\r\nHost: x\r").await.unwrap();
+            a.write_all(b"\n\r\n\x81\x00").await.unwrap();
+        });
+        let head = read_head(&mut b, 1024).await.unwrap();
+        assert_eq!(head.head, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(head.rest, b"\x81\x00");
+    }
+
+    #[tokio::test]
+    async fn rejects_heads_over_the_limit() {
+        let data = vec![b'a'; 3000];
+        let err = read_head(&mut &data[..], 2048).await.unwrap_err();
+        assert!(matches!(err, HeadError::TooLarge(2048)));
+    }
+}

@@ -1,0 +1,6 @@
+//! Wire protocols: the HTTP/1.1 upgrade handshake, error responses and WebSocket framing.
+
+pub mod error_response;
+pub mod frames;
+pub mod handshake;
+pub mod head;

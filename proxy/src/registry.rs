@@ -1,0 +1,175 @@
+//! The table of open connections behind `GET /connections`.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use proxy_common::SideState;
+use serde::Serialize;
+
+use crate::data_plane::{
+    DataPlane,
+    kernel::{KernelDataPlane, SplicedPair},
+    relay::Direction,
+};
+
+/// One accepted (upgraded) connection.
+pub struct Connection {
+    pub id: String,
+    pub function: String,
+    pub instance: String,
+    pub client: SocketAddr,
+    pub started_at: SystemTime,
+    pub data_plane: &'static str,
+    /// Counters userspace accounted itself: the whole stream on the relay, only the bytes
+    /// forwarded by hand around the handshake on the kernel path.
+    sides: Mutex<[SideState; 2]>,
+    /// Set once the kernel carries the connection.
+    spliced: OnceLock<SplicedPair>,
+}
+
+/// What `/connections` shows for one connection.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ConnectionView {
+    pub id: String,
+    pub function: String,
+    pub instance: String,
+    pub client: String,
+    pub started_at: String,
+    pub data_plane: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    /// Payload bytes userspace read and wrote itself (zero once the kernel carries frames,
+    /// apart from bytes pipelined with the handshake).
+    pub bytes_relayed_by_userspace: u64,
+}
+
+impl Connection {
+    pub fn account<T>(&self, direction: Direction, f: impl FnOnce(&mut SideState) -> T) -> T {
+        f(&mut self.sides.lock().expect("sides lock")[direction as usize])
+    }
+
+    pub fn set_spliced(&self, pair: SplicedPair) {
+        let _ = self.spliced.set(pair);
+    }
+
+    /// Counters of both directions: userspace's own plus the kernel's, if spliced.
+    pub fn totals(&self, kernel: Option<&KernelDataPlane>) -> ([SideState; 2], u64) {
+        let [mut inbound, mut outbound] = *self.sides.lock().expect("sides lock");
+        let by_userspace = inbound.bytes + outbound.bytes;
+        if let (Some(kernel), Some(pair)) = (kernel, self.spliced.get()) {
+            add(&mut inbound, kernel.side(pair.client).unwrap_or_default());
+            add(&mut outbound, kernel.side(pair.instance).unwrap_or_default());
+        }
+        ([inbound, outbound], by_userspace)
+    }
+
+    /// Folds the kernel's final counters in after the connection left the maps.
+    pub fn absorb_kernel(&self, inbound: SideState, outbound: SideState) {
+        let mut sides = self.sides.lock().expect("sides lock");
+        add(&mut sides[0], inbound);
+        add(&mut sides[1], outbound);
+    }
+
+    pub fn view(&self, data_plane: &DataPlane) -> ConnectionView {
+        let kernel = match data_plane {
+            DataPlane::Kernel(k) => Some(k.as_ref()),
+            DataPlane::Userspace => None,
+        };
+        let ([i, o], by_userspace) = self.totals(kernel);
+        let relayed = if self.data_plane == "userspace" { i.bytes + o.bytes } else { by_userspace };
+        ConnectionView {
+            id: self.id.clone(),
+            function: self.function.clone(),
+            instance: self.instance.clone(),
+            client: self.client.to_string(),
+            started_at: humantime::format_rfc3339_millis(self.started_at).to_string(),
+            data_plane: self.data_plane.to_string(),
+            bytes_in: i.bytes,
+            bytes_out: o.bytes,
+            messages_in: i.messages,
+            messages_out: o.messages,
+            frames_in: i.frames,
+            frames_out: o.frames,
+            bytes_relayed_by_userspace: relayed,
+        }
+    }
+}
+
+fn add(total: &mut SideState, more: SideState) {
+    total.bytes += more.bytes;
+    total.frames += more.frames;
+    total.messages += more.messages;
+    total.last_activity_ns = total.last_activity_ns.max(more.last_activity_ns);
+    if total.flags & proxy_common::maps::FLAG_CLOSE_SEEN == 0 {
+        total.close_code = more.close_code;
+    }
+    total.flags |= more.flags;
+}
+
+#[derive(Default)]
+pub struct Registry {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<Connection>>>,
+}
+
+/// Removes its connection from the registry when dropped, however the task ends.
+pub struct Registered<'a> {
+    registry: &'a Registry,
+    key: u64,
+    pub conn: Arc<Connection>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.registry.open.lock().expect("registry lock").remove(&self.key);
+    }
+}
+
+impl Registry {
+    pub fn register(
+        &self,
+        function: &str,
+        instance: &str,
+        client: SocketAddr,
+        data_plane: &'static str,
+    ) -> Registered<'_> {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        let started_at = SystemTime::now();
+        let epoch_ms = started_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+        let conn = Arc::new(Connection {
+            id: format!("{epoch_ms:x}-{key}"),
+            function: function.to_string(),
+            instance: instance.to_string(),
+            client,
+            started_at,
+            data_plane,
+            sides: Mutex::default(),
+            spliced: OnceLock::new(),
+        });
+        self.open.lock().expect("registry lock").insert(key, conn.clone());
+        Registered { registry: self, key, conn }
+    }
+
+    pub fn snapshot(&self) -> Vec<Arc<Connection>> {
+        self.open.lock().expect("registry lock").values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.open.lock().expect("registry lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,4 @@
+//! The services wsedge runs: the WebSocket proxy and the admin API.
+
+pub mod admin;
+pub mod proxy;

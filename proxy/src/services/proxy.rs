@@ -1,0 +1,225 @@
+//! The WebSocket proxy service: one task per accepted TCP connection, from the upgrade
+//! request to the end of the WebSocket.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::timeout,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    data_plane::{
+        DataPlane,
+        kernel::{SpliceEnd, WrittenByHand},
+        relay::{self, Direction},
+        socket::monotonic_ns,
+    },
+    protocols::{
+        error_response::HandshakeError,
+        frames::FrameCursor,
+        handshake::{UpgradeRequest, parse_upgrade, validate_response},
+        head::{Head, HeadError, read_head},
+    },
+    registry::Connection,
+    server::AppState,
+};
+
+/// Largest response head accepted from an instance.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// A completed upgrade: the instance socket, and what was read past each head.
+struct Upgraded {
+    instance: TcpStream,
+    function: String,
+    instance_addr: String,
+    /// Bytes the client sent after its request head (pipelined frames).
+    client_rest: Vec<u8>,
+    /// Bytes the instance sent after its 101.
+    instance_rest: Vec<u8>,
+    written: WrittenByHand,
+}
+
+/// Why a handshake ended.
+enum Failure {
+    Respond(HandshakeError),
+    /// The client went away; nobody to answer.
+    ClientGone,
+}
+
+impl From<HandshakeError> for Failure {
+    fn from(e: HandshakeError) -> Self {
+        Failure::Respond(e)
+    }
+}
+
+pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr) {
+    let _ = client.set_nodelay(true);
+    let upgraded = match upgrade(&state, &mut client, peer).await {
+        Ok(upgraded) => upgraded,
+        Err(Failure::ClientGone) => return,
+        Err(Failure::Respond(e)) => {
+            info!(client = %peer, status = e.status, error_type = e.error_type, "handshake refused: {}", e.message);
+            let _ = timeout(Duration::from_secs(1), client.write_all(&e.to_response())).await;
+            let _ = client.shutdown().await;
+            return;
+        }
+    };
+    let data_plane = state.data_plane.clone();
+    let registered = state.registry.register(&upgraded.function, &upgraded.instance_addr, peer, data_plane.name());
+    let conn = registered.conn.clone();
+    info!(id = %conn.id, function = %conn.function, instance = %conn.instance, client = %peer,
+          data_plane = conn.data_plane, "connection upgraded");
+    let result = carry(&data_plane, client, upgraded, &conn, &state).await;
+    let view = conn.view(&DataPlane::Userspace);
+    match result {
+        Ok(()) => info!(id = %conn.id, bytes_in = view.bytes_in, bytes_out = view.bytes_out,
+                        messages_in = view.messages_in, messages_out = view.messages_out, "connection ended"),
+        Err(e) => warn!(id = %conn.id, error = %e, bytes_in = view.bytes_in, bytes_out = view.bytes_out,
+                        "connection ended abnormally"),
+    }
+}
+
+async fn upgrade(state: &AppState, client: &mut TcpStream, peer: SocketAddr) -> Result<Upgraded, Failure> {
+    let server = &state.config.server;
+    let head = match timeout(
+        Duration::from_millis(server.handshake_timeout_ms),
+        read_head(client, server.max_header_bytes),
+    )
+    .await
+    {
+        Err(_) => return Err(HandshakeError::handshake_timeout().into()),
+        Ok(Err(HeadError::TooLarge(limit))) => return Err(HandshakeError::headers_too_large(limit).into()),
+        Ok(Err(HeadError::Closed | HeadError::Io(_))) => return Err(Failure::ClientGone),
+        Ok(Ok(head)) => head,
+    };
+    let request = parse_upgrade(&head.head)?;
+    let route = state
+        .routes
+        .find(&request.host, &request.path)
+        .ok_or_else(|| HandshakeError::no_route(&request.host, &request.path))?;
+    if state.draining.load(Ordering::Relaxed) {
+        return Err(HandshakeError::draining().into());
+    }
+    let instance_addr = route.next_upstream().to_string();
+    let forwarded = request.forwarded(peer.ip(), false);
+    let (instance, response) = connect_instance(state, &instance_addr, &request, &forwarded).await?;
+    client.write_all(&response.head).await.map_err(|_| Failure::ClientGone)?;
+    Ok(Upgraded {
+        instance,
+        function: route.function.name.clone(),
+        instance_addr,
+        client_rest: head.rest,
+        instance_rest: response.rest,
+        written: WrittenByHand {
+            to_client: response.head.len() as u64,
+            to_instance: forwarded.len() as u64,
+        },
+    })
+}
+
+/// Connects to the instance, sends the upgrade and reads a valid 101 within the timeout.
+async fn connect_instance(
+    state: &AppState,
+    addr: &str,
+    request: &UpgradeRequest,
+    forwarded: &[u8],
+) -> Result<(TcpStream, Head), HandshakeError> {
+    let exchange = async {
+        let mut instance = TcpStream::connect(addr)
+            .await
+            .map_err(|e| HandshakeError::instance_unreachable(format!("connecting to {addr}: {e}")))?;
+        let _ = instance.set_nodelay(true);
+        instance
+            .write_all(forwarded)
+            .await
+            .map_err(|e| HandshakeError::instance_unreachable(format!("sending the upgrade: {e}")))?;
+        let response = read_head(&mut instance, MAX_RESPONSE_HEAD)
+            .await
+            .map_err(|e| HandshakeError::bad_gateway(format!("instance response: {e}")))?;
+        validate_response(&response.head, request)?;
+        Ok((instance, response))
+    };
+    let limit = Duration::from_millis(state.config.server.instance_timeout_ms);
+    timeout(limit, exchange)
+        .await
+        .map_err(|_| HandshakeError::gateway_timeout(format!("no 101 from {addr} within {limit:?}")))?
+}
+
+/// Carries the WebSocket on the chosen data plane until it ends.
+async fn carry(
+    data_plane: &DataPlane,
+    mut client: TcpStream,
+    mut up: Upgraded,
+    conn: &Connection,
+    state: &AppState,
+) -> std::io::Result<()> {
+    let mut cursors = [FrameCursor::default(), FrameCursor::default()];
+    let kernel = matches!(data_plane, DataPlane::Kernel(_));
+    if kernel {
+        // The kernel parser must start on a frame header: read the rest of any frame the
+        // pipelined bytes ended inside, in userspace, before the splice.
+        let limit = Duration::from_millis(state.config.server.handshake_timeout_ms);
+        timeout(limit, async {
+            complete_frame(&mut client, &mut up.client_rest, &mut cursors[0], conn, Direction::ClientToInstance)
+                .await?;
+            complete_frame(&mut up.instance, &mut up.instance_rest, &mut cursors[1], conn, Direction::InstanceToClient)
+                .await
+        })
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "partial frame around the handshake"))??;
+    } else {
+        account(&mut cursors[0], &up.client_rest, conn, Direction::ClientToInstance)?;
+        account(&mut cursors[1], &up.instance_rest, conn, Direction::InstanceToClient)?;
+    }
+    up.instance.write_all(&up.client_rest).await?;
+    client.write_all(&up.instance_rest).await?;
+    up.written.to_instance += up.client_rest.len() as u64;
+    up.written.to_client += up.instance_rest.len() as u64;
+    match data_plane {
+        DataPlane::Userspace => relay::relay(client, up.instance, conn, cursors).await,
+        DataPlane::Kernel(k) => {
+            let (end, inbound, outbound) =
+                k.splice(client, up.instance, up.written, |pair| conn.set_spliced(pair)).await?;
+            conn.absorb_kernel(inbound, outbound);
+            debug!(id = %conn.id, ?end, "splice ended");
+            match end {
+                SpliceEnd::Closed => Ok(()),
+                SpliceEnd::Aborted(e) => Err(e),
+            }
+        }
+    }
+}
+
+fn account(cursor: &mut FrameCursor, bytes: &[u8], conn: &Connection, dir: Direction) -> std::io::Result<()> {
+    conn.account(dir, |side| cursor.feed(bytes, side, monotonic_ns()))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Accounts `rest` and, if it ends inside a frame, reads exactly up to that frame's end.
+async fn complete_frame(
+    stream: &mut TcpStream,
+    rest: &mut Vec<u8>,
+    cursor: &mut FrameCursor,
+    conn: &Connection,
+    dir: Direction,
+) -> std::io::Result<()> {
+    account(cursor, rest, conn, dir)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    while !cursor.at_boundary() {
+        let want = (cursor.needed_for_boundary() as usize).min(buf.len());
+        let n = stream.read(&mut buf[..want]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        account(cursor, &buf[..n], conn, dir)?;
+        rest.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
+}
