@@ -14,14 +14,14 @@
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_load_bytes},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_skb_load_bytes},
     macros::{map, stream_parser, stream_verdict},
     maps::{HashMap, SockHash},
     programs::SkBuffContext,
 };
 use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, SideState,
-    frame::close_code,
+    frame::{close_code, header_len},
     maps::{FLAG_CLOSE_SEEN, FLAG_PROTOCOL_ERROR, MAX_CONNECTIONS},
     parse_header,
 };
@@ -44,22 +44,60 @@ static SIDES: HashMap<u64, SideState> = HashMap::with_max_entries(2 * MAX_CONNEC
 /// buffer would make the strparser fail the socket anyway. Userspace sizes SO_RCVBUF above it.
 const MAX_FRAME_WIRE_LEN: u64 = proxy_common::maps::MAX_FRAME_WIRE_LEN;
 
+/// Byte offset from the `struct sk_buff` to its `strp_msg.offset`, found by userspace in the
+/// kernel's BTF and set at load time. The stream parser may hand us a head skb in which the
+/// message starts after earlier bytes; `__sk_buff` does not expose where.
+#[unsafe(no_mangle)]
+static STRP_OFFSET_AT: u32 = 0;
+
 const EMSGSIZE: i64 = 90;
 const EBADMSG: i64 = 74;
 
-/// Loads the first (up to 14) bytes of the message into a fixed window.
+/// Where the current message starts within the skb (`strp_msg(skb)->offset`).
 #[inline(always)]
-fn load_window(ctx: &SkBuffContext) -> ([u8; MAX_HEADER_LEN], usize) {
-    let mut window = [0u8; MAX_HEADER_LEN];
-    let len = ctx.len();
-    let n = if len >= MAX_HEADER_LEN as u32 { MAX_HEADER_LEN as u32 } else { len };
-    // The explicit range check keeps the size the verifier sees within 1..=14.
-    if n == 0 || n > MAX_HEADER_LEN as u32 {
-        return (window, 0);
+fn message_offset(ctx: &SkBuffContext) -> Result<u32, ()> {
+    let at = unsafe { core::ptr::read_volatile(&STRP_OFFSET_AT) };
+    if at == 0 || at > 512 {
+        return Err(());
     }
-    // SAFETY: `window` has room for `n` <= 14 bytes.
-    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, window.as_mut_ptr().cast(), n) };
-    (window, if rc == 0 { len as usize } else { 0 })
+    let src = (ctx.skb.skb as *const u8).wrapping_add(at as usize).cast::<u32>();
+    // SAFETY: reads 4 bytes of the skb's control block, located via the kernel's BTF.
+    unsafe { bpf_probe_read_kernel(src) }.map_err(|_| ())
+}
+
+/// Loads `N` bytes at `offset` into the front of `window`; `N` is a constant, which is what
+/// the verifier needs for the helper's size argument.
+#[inline(always)]
+fn load_front<const N: usize>(ctx: &SkBuffContext, offset: u32, window: &mut [u8; MAX_HEADER_LEN]) -> Result<(), ()> {
+    // SAFETY: `window` holds 14 >= N bytes.
+    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), offset, window.as_mut_ptr().cast(), N as u32) };
+    if rc == 0 { Ok(()) } else { Err(()) }
+}
+
+/// Loads the header bytes at the start of the current message into a fixed window.
+/// Returns the window, how many message bytes the skb holds, and the message offset.
+#[inline(always)]
+fn load_window(ctx: &SkBuffContext) -> Result<([u8; MAX_HEADER_LEN], usize, u32), ()> {
+    let mut window = [0u8; MAX_HEADER_LEN];
+    let offset = message_offset(ctx)?;
+    let len = ctx.len();
+    let avail = if offset < len { len - offset } else { 0 };
+    if avail >= MAX_HEADER_LEN as u32 {
+        load_front::<MAX_HEADER_LEN>(ctx, offset, &mut window)?;
+    } else if avail >= 2 {
+        load_front::<2>(ctx, offset, &mut window)?;
+        let needed = header_len(window[1]) as u32;
+        if avail >= needed {
+            match needed {
+                4 => load_front::<4>(ctx, offset, &mut window)?,
+                6 => load_front::<6>(ctx, offset, &mut window)?,
+                8 => load_front::<8>(ctx, offset, &mut window)?,
+                10 => load_front::<10>(ctx, offset, &mut window)?,
+                _ => {}
+            }
+        }
+    }
+    Ok((window, avail as usize, offset))
 }
 
 #[stream_parser]
@@ -73,7 +111,7 @@ pub fn ws_frame_len(ctx: SkBuffContext) -> u32 {
 /// Returns the wire length of the frame at the head of the stream, 0 when more bytes are
 /// needed, or a negative errno that makes the kernel report an error on the socket.
 fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
-    let (window, avail) = load_window(ctx);
+    let (window, avail, _) = load_window(ctx).map_err(|()| EBADMSG)?;
     match parse_header(&window, avail) {
         HeaderParse::Incomplete { .. } => Ok(0),
         HeaderParse::Complete(h) => {
@@ -110,7 +148,7 @@ fn try_ws_forward(ctx: &SkBuffContext) -> Result<u32, ()> {
     // A socket without state was not spliced by us: leave its bytes to userspace.
     let side = SIDES.get_ptr_mut(cookie).ok_or(())?;
     let side = unsafe { &mut *side };
-    let (window, avail) = load_window(ctx);
+    let (window, avail, offset) = load_window(ctx)?;
     let HeaderParse::Complete(h) = parse_header(&window, avail) else {
         side.flags |= FLAG_PROTOCOL_ERROR;
         return Ok(SK_PASS);
@@ -121,7 +159,7 @@ fn try_ws_forward(ctx: &SkBuffContext) -> Result<u32, ()> {
             let mut code = [0u8; 2];
             // SAFETY: `code` has room for the 2 bytes requested.
             let rc = unsafe {
-                bpf_skb_load_bytes(ctx.skb.skb.cast(), h.header_len as u32, code.as_mut_ptr().cast(), 2)
+                bpf_skb_load_bytes(ctx.skb.skb.cast(), offset + h.header_len as u32, code.as_mut_ptr().cast(), 2)
             };
             if rc != 0 {
                 return Err(());

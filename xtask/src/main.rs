@@ -1,1 +1,59 @@
-fn main() {}
+//! `cargo xtask`: the project's tasks (see SPEC.md, "Commands").
+//!
+//! - `cargo xtask test [-- ARGS]`: set up what is missing, build everything, run every test.
+//! - `cargo xtask demo`: set up, build, run wsedge with `deploy/demo.toml` and the echo function.
+//! - `cargo xtask bench [--quick]`: not implemented yet.
+
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "wsedge project tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Set up what is missing, build every target and run every test.
+    Test {
+        /// Passed to the test binaries, e.g. `cargo xtask test -- --test-threads=1`.
+        #[arg(last = true)]
+        harness_args: Vec<String>,
+    },
+    /// Set up, build, and run wsedge with deploy/demo.toml and the demo echo function.
+    Demo,
+    /// The side-by-side benchmark (not implemented yet).
+    Bench {
+        /// A short run.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Test { harness_args } => test::run(&harness_args),
+        Task::Demo => demo::run(),
+        Task::Bench { quick: _ } => Err(anyhow::anyhow!("bench: not implemented yet: see issue 3")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

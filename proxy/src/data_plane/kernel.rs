@@ -21,7 +21,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, SockHash},
     programs::SkSkb,
 };
@@ -36,6 +36,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pr
 pub enum LoadError {
     #[error("wsedge was built without its eBPF programs (bpf-linker was missing at build time)")]
     NotBuilt,
+    #[error("locating the stream parser's message offset: {0}")]
+    Btf(#[from] super::btf::BtfError),
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF map {0}: {1}")]
@@ -87,7 +89,8 @@ impl KernelDataPlane {
         if OBJECT.is_empty() {
             return Err(LoadError::NotBuilt);
         }
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        let strp_offset_at = super::btf::strp_offset_location()?;
+        let mut ebpf = EbpfLoader::new().set_global("STRP_OFFSET_AT", &strp_offset_at, true).load(OBJECT)?;
         let mut take = |name: &'static str| {
             ebpf.take_map(name).ok_or_else(|| LoadError::Map(name, "missing from object".into()))
         };

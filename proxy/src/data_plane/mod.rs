@@ -1,5 +1,6 @@
 //! The two data planes that carry frames after the handshake, and how one is chosen.
 
+pub mod btf;
 pub mod kernel;
 pub mod relay;
 pub mod socket;

@@ -1,0 +1,209 @@
+//! Test harness: a real tokio-tungstenite echo function and an in-process wsedge, both on
+//! port 0 of loopback.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
+use tokio_tungstenite::tungstenite::{
+    Message,
+    protocol::{CloseFrame, frame::coding::CloseCode},
+};
+use wsedge::{Config, Server, config::DataPlaneMode, registry::ConnectionView};
+
+/// An echo function: echoes data messages; on the text "close:<code>" it closes first
+/// with that code.
+pub async fn start_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if let Message::Text(t) = &msg
+                        && let Some(code) = t.strip_prefix("close:")
+                    {
+                        let code: u16 = code.parse().unwrap();
+                        let frame = CloseFrame { code: CloseCode::from(code), reason: "bye".into() };
+                        let _ = ws.close(Some(frame)).await;
+                        while ws.next().await.is_some() {}
+                        return;
+                    }
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+
+    pub async fn connections(&self) -> Vec<ConnectionView> {
+        let body = http_get(self.admin, "/connections").await.1;
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    /// Waits until no connection is open (teardown finished), or panics after 10 s.
+    pub async fn wait_no_connections(&self) {
+        for _ in 0..200 {
+            if self.connections().await.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("connections still open: {:?}", self.connections().await);
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+    }
+}
+
+pub fn config(plane: DataPlaneMode, upstream: SocketAddr, extra_server: &str) -> Config {
+    let plane = match plane {
+        DataPlaneMode::Auto => "auto",
+        DataPlaneMode::Kernel => "kernel",
+        DataPlaneMode::Userspace => "userspace",
+    };
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_plane = \"{plane}\"\n\
+         drain_timeout_s = 1\n{extra_server}\n[[function]]\nname = \"echo\"\nroute = \"/echo\"\nupstreams = [\"{upstream}\"]\n"
+    );
+    let config: Config = toml::from_str(&text).unwrap();
+    config.validate().unwrap();
+    config
+}
+
+/// Starts wsedge; with `DataPlaneMode::Kernel` this fails the test if eBPF cannot load.
+pub async fn start_proxy(config: Config) -> Proxy {
+    let server = Server::bind(config).await.expect("wsedge starts (as root, eBPF must load)");
+    let (addr, admin) = (server.local_addr(), server.admin_addr());
+    let (stop, stopped) = oneshot::channel();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    Proxy { addr, admin, stop: Some(stop), task: Some(task) }
+}
+
+pub async fn start(plane: DataPlaneMode) -> Proxy {
+    let echo = start_echo().await;
+    start_proxy(config(plane, echo, "")).await
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, dechunk(&body))
+}
+
+/// Undoes chunked transfer-encoding if the body looks chunked.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_string() };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
+        if n == 0 {
+            return out;
+        }
+        if after.len() < n {
+            return body.to_string();
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].strip_prefix("\r\n").unwrap_or(&after[n..]);
+    }
+}
+
+pub const UPGRADE: &str = "GET /echo HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// A masked client frame.
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Reads an HTTP response head from a raw stream; returns it and any bytes after it.
+pub async fn read_response_head(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before a response head: {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return (String::from_utf8(buf).unwrap(), rest);
+        }
+    }
+}
+
+/// Reads one unmasked server frame (header and payload) from `pending` + the stream.
+pub async fn read_server_frame(s: &mut TcpStream, pending: &mut Vec<u8>) -> (u8, Vec<u8>) {
+    loop {
+        if pending.len() >= 2 {
+            let (hlen, len) = match pending[1] & 0x7f {
+                126 if pending.len() >= 4 => (4, u16::from_be_bytes([pending[2], pending[3]]) as usize),
+                127 if pending.len() >= 10 => {
+                    (10, u64::from_be_bytes(pending[2..10].try_into().unwrap()) as usize)
+                }
+                126 | 127 => (usize::MAX, 0),
+                n => (2, n as usize),
+            };
+            if hlen != usize::MAX && pending.len() >= hlen + len {
+                let opcode = pending[0] & 0x0f;
+                let payload = pending[hlen..hlen + len].to_vec();
+                pending.drain(..hlen + len);
+                return (opcode, payload);
+            }
+        }
+        let mut chunk = [0u8; 65536];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "stream closed mid-frame");
+        pending.extend_from_slice(&chunk[..n]);
+    }
+}
