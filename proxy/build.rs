@@ -28,7 +28,11 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };
     aya_build::build_ebpf(
-        [aya_build::Package { name: "proxy-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "proxy-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom("stable"),
     )?;
     println!("cargo:rerun-if-changed={root}/../proxy-common/src");

@@ -55,7 +55,9 @@ pub enum HeaderError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeaderParse {
     /// The header is not complete: at least `header_len` bytes are needed in total.
-    Incomplete { header_len: u8 },
+    Incomplete {
+        header_len: u8,
+    },
     Complete(FrameHeader),
     Invalid(HeaderError),
 }
@@ -176,31 +178,59 @@ mod tests {
     #[test]
     fn masked_16_bit_length() {
         let h = parse(&[0x82, 0x80 | 126, 0x01, 0x00, 1, 2, 3, 4]);
-        let HeaderParse::Complete(h) = h else { panic!("{h:?}") };
-        assert_eq!((h.header_len, h.payload_len, h.mask), (8, 256, Some([1, 2, 3, 4])));
+        let HeaderParse::Complete(h) = h else {
+            panic!("{h:?}")
+        };
+        assert_eq!(
+            (h.header_len, h.payload_len, h.mask),
+            (8, 256, Some([1, 2, 3, 4]))
+        );
     }
 
     #[test]
     fn sixty_four_bit_length_with_mask_needs_fourteen_bytes() {
         let mut bytes = [0x02, 0x80 | 127, 0, 0, 0, 0, 0, 4, 0, 0, 9, 9, 9, 9];
-        assert_eq!(parse(&bytes[..13]), HeaderParse::Incomplete { header_len: 14 });
-        let HeaderParse::Complete(h) = parse(&bytes) else { panic!() };
-        assert_eq!((h.fin, h.opcode, h.payload_len, h.header_len), (false, 2, 262144, 14));
+        assert_eq!(
+            parse(&bytes[..13]),
+            HeaderParse::Incomplete { header_len: 14 }
+        );
+        let HeaderParse::Complete(h) = parse(&bytes) else {
+            panic!()
+        };
+        assert_eq!(
+            (h.fin, h.opcode, h.payload_len, h.header_len),
+            (false, 2, 262144, 14)
+        );
         bytes[2] = 0x80;
-        assert_eq!(parse(&bytes), HeaderParse::Invalid(HeaderError::LengthOverflow));
+        assert_eq!(
+            parse(&bytes),
+            HeaderParse::Invalid(HeaderError::LengthOverflow)
+        );
     }
 
     #[test]
     fn control_frames_must_be_short_and_final() {
-        assert_eq!(parse(&[0x09, 0x00]), HeaderParse::Invalid(HeaderError::BadControlFrame));
-        assert_eq!(parse(&[0x89, 126, 0, 126]), HeaderParse::Invalid(HeaderError::BadControlFrame));
+        assert_eq!(
+            parse(&[0x09, 0x00]),
+            HeaderParse::Invalid(HeaderError::BadControlFrame)
+        );
+        assert_eq!(
+            parse(&[0x89, 126, 0, 126]),
+            HeaderParse::Invalid(HeaderError::BadControlFrame)
+        );
         assert!(matches!(parse(&[0x89, 125]), HeaderParse::Complete(_)));
     }
 
     #[test]
     fn reserved_opcodes_are_rejected() {
-        assert_eq!(parse(&[0x83, 0]), HeaderParse::Invalid(HeaderError::ReservedOpcode));
-        assert_eq!(parse(&[0x8B, 0]), HeaderParse::Invalid(HeaderError::ReservedOpcode));
+        assert_eq!(
+            parse(&[0x83, 0]),
+            HeaderParse::Invalid(HeaderError::ReservedOpcode)
+        );
+        assert_eq!(
+            parse(&[0x8B, 0]),
+            HeaderParse::Invalid(HeaderError::ReservedOpcode)
+        );
     }
 
     #[test]

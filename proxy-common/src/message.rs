@@ -33,7 +33,11 @@ impl MessageTracker {
     #[inline(always)]
     pub fn on_frame(&mut self, h: &FrameHeader) -> FrameKind {
         if h.is_control() {
-            return if h.opcode == OPCODE_CLOSE { FrameKind::Close } else { FrameKind::Control };
+            return if h.opcode == OPCODE_CLOSE {
+                FrameKind::Close
+            } else {
+                FrameKind::Control
+            };
         }
         let continuation = h.opcode == OPCODE_CONTINUATION;
         if continuation != (self.in_message != 0) {
@@ -60,26 +64,51 @@ mod tests {
     use crate::frame::{OPCODE_BINARY, OPCODE_PING, OPCODE_TEXT};
 
     fn frame(fin: bool, opcode: u8, len: u64) -> FrameHeader {
-        FrameHeader { fin, rsv: 0, opcode, mask: None, header_len: 2, payload_len: len }
+        FrameHeader {
+            fin,
+            rsv: 0,
+            opcode,
+            mask: None,
+            header_len: 2,
+            payload_len: len,
+        }
     }
 
     #[test]
     fn fragmented_message_counts_once_and_sums_payload() {
         let mut t = MessageTracker::default();
-        assert_eq!(t.on_frame(&frame(false, OPCODE_TEXT, 10)), FrameKind::DataPartial);
+        assert_eq!(
+            t.on_frame(&frame(false, OPCODE_TEXT, 10)),
+            FrameKind::DataPartial
+        );
         assert_eq!(t.on_frame(&frame(true, OPCODE_PING, 3)), FrameKind::Control);
-        assert_eq!(t.on_frame(&frame(false, OPCODE_CONTINUATION, 20)), FrameKind::DataPartial);
-        assert_eq!(t.on_frame(&frame(true, OPCODE_CONTINUATION, 5)), FrameKind::MessageEnd);
+        assert_eq!(
+            t.on_frame(&frame(false, OPCODE_CONTINUATION, 20)),
+            FrameKind::DataPartial
+        );
+        assert_eq!(
+            t.on_frame(&frame(true, OPCODE_CONTINUATION, 5)),
+            FrameKind::MessageEnd
+        );
         assert_eq!(t.message_bytes, 35);
-        assert_eq!(t.on_frame(&frame(true, OPCODE_BINARY, 7)), FrameKind::MessageEnd);
+        assert_eq!(
+            t.on_frame(&frame(true, OPCODE_BINARY, 7)),
+            FrameKind::MessageEnd
+        );
         assert_eq!(t.message_bytes, 7);
     }
 
     #[test]
     fn continuation_without_open_message_is_out_of_sequence() {
         let mut t = MessageTracker::default();
-        assert_eq!(t.on_frame(&frame(true, OPCODE_CONTINUATION, 1)), FrameKind::OutOfSequence);
+        assert_eq!(
+            t.on_frame(&frame(true, OPCODE_CONTINUATION, 1)),
+            FrameKind::OutOfSequence
+        );
         t.on_frame(&frame(false, OPCODE_TEXT, 1));
-        assert_eq!(t.on_frame(&frame(true, OPCODE_TEXT, 1)), FrameKind::OutOfSequence);
+        assert_eq!(
+            t.on_frame(&frame(true, OPCODE_TEXT, 1)),
+            FrameKind::OutOfSequence
+        );
     }
 }

@@ -60,7 +60,9 @@ fn message_offset(ctx: &SkBuffContext) -> Result<u32, ()> {
     if at == 0 || at > 512 {
         return Err(());
     }
-    let src = (ctx.skb.skb as *const u8).wrapping_add(at as usize).cast::<u32>();
+    let src = (ctx.skb.skb as *const u8)
+        .wrapping_add(at as usize)
+        .cast::<u32>();
     // SAFETY: reads 4 bytes of the skb's control block, located via the kernel's BTF.
     unsafe { bpf_probe_read_kernel(src) }.map_err(|_| ())
 }
@@ -68,9 +70,20 @@ fn message_offset(ctx: &SkBuffContext) -> Result<u32, ()> {
 /// Loads `N` bytes at `offset` into the front of `window`; `N` is a constant, which is what
 /// the verifier needs for the helper's size argument.
 #[inline(always)]
-fn load_front<const N: usize>(ctx: &SkBuffContext, offset: u32, window: &mut [u8; MAX_HEADER_LEN]) -> Result<(), ()> {
+fn load_front<const N: usize>(
+    ctx: &SkBuffContext,
+    offset: u32,
+    window: &mut [u8; MAX_HEADER_LEN],
+) -> Result<(), ()> {
     // SAFETY: `window` holds 14 >= N bytes.
-    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), offset, window.as_mut_ptr().cast(), N as u32) };
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset,
+            window.as_mut_ptr().cast(),
+            N as u32,
+        )
+    };
     if rc == 0 { Ok(()) } else { Err(()) }
 }
 
@@ -159,7 +172,12 @@ fn try_ws_forward(ctx: &SkBuffContext) -> Result<u32, ()> {
             let mut code = [0u8; 2];
             // SAFETY: `code` has room for the 2 bytes requested.
             let rc = unsafe {
-                bpf_skb_load_bytes(ctx.skb.skb.cast(), offset + h.header_len as u32, code.as_mut_ptr().cast(), 2)
+                bpf_skb_load_bytes(
+                    ctx.skb.skb.cast(),
+                    offset + h.header_len as u32,
+                    code.as_mut_ptr().cast(),
+                    2,
+                )
             };
             if rc != 0 {
                 return Err(());

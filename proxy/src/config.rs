@@ -8,15 +8,24 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), reason: reason.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -213,10 +222,14 @@ fn default_on_exceed() -> OnExceed {
 
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config: Config = toml::from_str(&text)
-            .map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(source),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -224,13 +237,19 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         if s.tls_listen.is_some() || s.tls_cert.is_some() || s.tls_key.is_some() {
-            return Err(invalid("server.tls_listen", "wss:// is not implemented yet"));
+            return Err(invalid(
+                "server.tls_listen",
+                "wss:// is not implemented yet",
+            ));
         }
         if s.max_header_bytes < 1024 {
             return Err(invalid("server.max_header_bytes", "must be at least 1024"));
         }
         if s.handshake_timeout_ms == 0 || s.instance_timeout_ms == 0 {
-            return Err(invalid("server.handshake_timeout_ms", "timeouts must be positive"));
+            return Err(invalid(
+                "server.handshake_timeout_ms",
+                "timeouts must be positive",
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for (i, f) in self.functions.iter().enumerate() {
@@ -260,14 +279,20 @@ impl Config {
                 return Err(invalid(at("idle_timeout_s"), "must be within 10..=7200"));
             }
             if f.execution_timeout_s < f.idle_timeout_s {
-                return Err(invalid(at("execution_timeout_s"), "must be >= idle_timeout_s"));
+                return Err(invalid(
+                    at("execution_timeout_s"),
+                    "must be >= idle_timeout_s",
+                ));
             }
             if f.instance_concurrency == 0 || f.max_instances == 0 {
                 return Err(invalid(at("instance_concurrency"), "must be at least 1"));
             }
             let max = proxy_common::maps::MAX_FRAME_WIRE_LEN - 14;
             if f.limits.max_message_bytes == 0 || f.limits.max_message_bytes > max {
-                return Err(invalid(at("limits.max_message_bytes"), format!("must be 1..={max}")));
+                return Err(invalid(
+                    at("limits.max_message_bytes"),
+                    format!("must be 1..={max}"),
+                ));
             }
             if let Some(auth) = &f.auth
                 && auth.as_str() != Some("none")
@@ -296,8 +321,14 @@ mod tests {
     fn defaults_match_the_spec() {
         let c = parse(MINIMAL).unwrap();
         let f = &c.functions[0];
-        assert_eq!((f.port, f.idle_timeout_s, f.execution_timeout_s), (9000, 600, 7200));
-        assert_eq!((f.limits.max_message_bytes, f.limits.messages_per_s), (262144, 10));
+        assert_eq!(
+            (f.port, f.idle_timeout_s, f.execution_timeout_s),
+            (9000, 600, 7200)
+        );
+        assert_eq!(
+            (f.limits.max_message_bytes, f.limits.messages_per_s),
+            (262144, 10)
+        );
         assert_eq!(f.limits.bytes_per_s, 131072);
         assert_eq!(c.server.data_plane, DataPlaneMode::Auto);
         assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9901");

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use wsedge::{Config, Server};
 
 #[derive(Parser)]
-#[command(name = "wsedge", version, about = "eBPF-accelerated WebSocket edge proxy")]
+#[command(
+    name = "wsedge",
+    version,
+    about = "eBPF-accelerated WebSocket edge proxy"
+)]
 struct Cli {
     /// Configuration file.
     #[arg(short, long, global = true, default_value = "/etc/wsedge/wsedge.toml")]
@@ -41,7 +45,10 @@ fn main() -> anyhow::Result<()> {
     let config = Config::load(&cli.config)?;
     match cli.command {
         Command::Check => {
-            print!("{}", toml::to_string_pretty(&config).context("printing the config")?);
+            print!(
+                "{}",
+                toml::to_string_pretty(&config).context("printing the config")?
+            );
             Ok(())
         }
         Command::Run => run(config),
@@ -52,7 +59,9 @@ fn main() -> anyhow::Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -80,19 +89,44 @@ async fn shutdown_signal() {
 async fn conns(config: &Config) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = config.server.admin_listen;
-    let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("admin API at {addr}"))?;
-    s.write_all(b"GET /connections HTTP/1.1\r\nHost: wsedge\r\nConnection: close\r\n\r\n").await?;
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("admin API at {addr}"))?;
+    s.write_all(b"GET /connections HTTP/1.1\r\nHost: wsedge\r\nConnection: close\r\n\r\n")
+        .await?;
     let mut body = Vec::new();
     s.read_to_end(&mut body).await?;
     let text = String::from_utf8_lossy(&body);
-    let json = text.split_once("\r\n\r\n").map(|(_, b)| b).context("malformed admin response")?;
+    let json = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .context("malformed admin response")?;
     let rows: Vec<wsedge::registry::ConnectionView> = serde_json::from_str(json)?;
-    println!("{:<18} {:<10} {:<22} {:<22} {:<10} {:>10} {:>10} {:>7} {:>7}",
-             "ID", "FUNCTION", "INSTANCE", "CLIENT", "PLANE", "BYTES_IN", "BYTES_OUT", "MSG_IN", "MSG_OUT");
+    println!(
+        "{:<18} {:<10} {:<22} {:<22} {:<10} {:>10} {:>10} {:>7} {:>7}",
+        "ID",
+        "FUNCTION",
+        "INSTANCE",
+        "CLIENT",
+        "PLANE",
+        "BYTES_IN",
+        "BYTES_OUT",
+        "MSG_IN",
+        "MSG_OUT"
+    );
     for r in rows {
-        println!("{:<18} {:<10} {:<22} {:<22} {:<10} {:>10} {:>10} {:>7} {:>7}",
-                 r.id, r.function, r.instance, r.client, r.data_plane, r.bytes_in, r.bytes_out,
-                 r.messages_in, r.messages_out);
+        println!(
+            "{:<18} {:<10} {:<22} {:<22} {:<10} {:>10} {:>10} {:>7} {:>7}",
+            r.id,
+            r.function,
+            r.instance,
+            r.client,
+            r.data_plane,
+            r.bytes_in,
+            r.bytes_out,
+            r.messages_in,
+            r.messages_out
+        );
     }
     Ok(())
 }

@@ -69,7 +69,10 @@ impl Connection {
         let by_userspace = inbound.bytes + outbound.bytes;
         if let (Some(kernel), Some(pair)) = (kernel, self.spliced.get()) {
             add(&mut inbound, kernel.side(pair.client).unwrap_or_default());
-            add(&mut outbound, kernel.side(pair.instance).unwrap_or_default());
+            add(
+                &mut outbound,
+                kernel.side(pair.instance).unwrap_or_default(),
+            );
         }
         ([inbound, outbound], by_userspace)
     }
@@ -87,7 +90,11 @@ impl Connection {
             DataPlane::Userspace => None,
         };
         let ([i, o], by_userspace) = self.totals(kernel);
-        let relayed = if self.data_plane == "userspace" { i.bytes + o.bytes } else { by_userspace };
+        let relayed = if self.data_plane == "userspace" {
+            i.bytes + o.bytes
+        } else {
+            by_userspace
+        };
         ConnectionView {
             id: self.id.clone(),
             function: self.function.clone(),
@@ -132,7 +139,11 @@ pub struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.registry.open.lock().expect("registry lock").remove(&self.key);
+        self.registry
+            .open
+            .lock()
+            .expect("registry lock")
+            .remove(&self.key);
     }
 }
 
@@ -146,7 +157,10 @@ impl Registry {
     ) -> Registered<'_> {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let started_at = SystemTime::now();
-        let epoch_ms = started_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+        let epoch_ms = started_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
         let conn = Arc::new(Connection {
             id: format!("{epoch_ms:x}-{key}"),
             function: function.to_string(),
@@ -157,12 +171,24 @@ impl Registry {
             sides: Mutex::default(),
             spliced: OnceLock::new(),
         });
-        self.open.lock().expect("registry lock").insert(key, conn.clone());
-        Registered { registry: self, key, conn }
+        self.open
+            .lock()
+            .expect("registry lock")
+            .insert(key, conn.clone());
+        Registered {
+            registry: self,
+            key,
+            conn,
+        }
     }
 
     pub fn snapshot(&self) -> Vec<Arc<Connection>> {
-        self.open.lock().expect("registry lock").values().cloned().collect()
+        self.open
+            .lock()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -26,9 +26,14 @@ impl Routes {
     pub fn new(functions: &[FunctionConfig]) -> Routes {
         let mut routes: Vec<Route> = functions
             .iter()
-            .map(|f| Route { function: f.clone(), next_upstream: AtomicUsize::new(0) })
+            .map(|f| Route {
+                function: f.clone(),
+                next_upstream: AtomicUsize::new(0),
+            })
             .collect();
-        routes.sort_by_key(|r| std::cmp::Reverse((r.function.route.len(), r.function.host.is_some())));
+        routes.sort_by_key(|r| {
+            std::cmp::Reverse((r.function.route.len(), r.function.host.is_some()))
+        });
         Routes { routes }
     }
 
@@ -37,7 +42,10 @@ impl Routes {
         let path = target.split(['?', '#']).next().unwrap_or(target);
         self.routes.iter().find(|r| {
             let f = &r.function;
-            f.host.as_deref().is_none_or(|h| h.eq_ignore_ascii_case(host)) && prefix_matches(&f.route, path)
+            f.host
+                .as_deref()
+                .is_none_or(|h| h.eq_ignore_ascii_case(host))
+                && prefix_matches(&f.route, path)
         })
     }
 }
@@ -55,7 +63,8 @@ mod tests {
     use super::*;
 
     fn function(name: &str, route: &str, host: Option<&str>) -> FunctionConfig {
-        let text = format!("name = \"{name}\"\nroute = \"{route}\"\nupstreams = [\"127.0.0.1:1\"]\n");
+        let text =
+            format!("name = \"{name}\"\nroute = \"{route}\"\nupstreams = [\"127.0.0.1:1\"]\n");
         let mut f: FunctionConfig = toml::from_str(&text).unwrap();
         f.host = host.map(String::from);
         f

@@ -31,7 +31,11 @@ pub struct AppState {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("binding {what} on {addr}: {source}")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("data_plane = \"kernel\" but the eBPF programs cannot be loaded: {0}")]
     DataPlane(#[from] LoadError),
 }
@@ -48,7 +52,9 @@ impl Server {
         let data_plane = DataPlane::select(config.server.data_plane)?;
         info!(data_plane = data_plane.name(), "data plane ready");
         let bind = |what, addr| async move {
-            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, addr, source })
         };
         let listener = bind("listen", config.server.listen).await?;
         let admin = bind("admin_listen", config.server.admin_listen).await?;
@@ -59,7 +65,11 @@ impl Server {
             registry: Registry::default(),
             draining: AtomicBool::new(false),
         });
-        Ok(Server { state, listener, admin })
+        Ok(Server {
+            state,
+            listener,
+            admin,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -77,7 +87,11 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops accepting and gives open connections
     /// `drain_timeout_s` to finish before cutting them.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { state, listener, admin } = self;
+        let Server {
+            state,
+            listener,
+            admin,
+        } = self;
         info!(listen = %listener.local_addr().expect("bound"), admin = %admin.local_addr().expect("bound"), "wsedge serving");
         let admin_task = tokio::spawn({
             let router = services::admin::router(state.clone());
@@ -109,9 +123,15 @@ impl Server {
         drop(listener);
         let drain = Duration::from_secs(state.config.server.drain_timeout_s);
         info!(open = state.registry.len(), ?drain, "draining");
-        let finished = tokio::time::timeout(drain, async { while connections.join_next().await.is_some() {} }).await;
+        let finished = tokio::time::timeout(drain, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
         if finished.is_err() {
-            warn!(cut = connections.len(), "drain window over; closing remaining connections");
+            warn!(
+                cut = connections.len(),
+                "drain window over; closing remaining connections"
+            );
             connections.shutdown().await;
         }
         admin_task.abort();

@@ -26,16 +26,30 @@ use wsedge::config::DataPlaneMode;
 const SIZES: [usize; 7] = [0, 1, 125, 126, 65535, 65536, 262144];
 
 fn payload(size: usize, seed: u8) -> Vec<u8> {
-    (0..size).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..size)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
-async fn recv(ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin)) -> Message {
-    tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("reply in time").unwrap().unwrap()
+async fn recv(
+    ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+) -> Message {
+    tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("reply in time")
+        .unwrap()
+        .unwrap()
 }
 
 /// Wire bytes of an unmasked server frame with `len` payload bytes.
 fn server_wire(len: usize) -> u64 {
-    (len + if len < 126 { 2 } else if len < 65536 { 4 } else { 10 }) as u64
+    (len + if len < 126 {
+        2
+    } else if len < 65536 {
+        4
+    } else {
+        10
+    }) as u64
 }
 
 async fn echoes_every_size_as_text_and_binary_byte_for_byte(plane: DataPlaneMode) {
@@ -46,7 +60,9 @@ async fn echoes_every_size_as_text_and_binary_byte_for_byte(plane: DataPlaneMode
         let data = payload(size, i as u8);
         ws.send(Message::binary(data.clone())).await.unwrap();
         assert_eq!(recv(&mut ws).await, Message::binary(data), "binary {size}");
-        let text: String = (0..size).map(|j| char::from(b'a' + (j % 26) as u8)).collect();
+        let text: String = (0..size)
+            .map(|j| char::from(b'a' + (j % 26) as u8))
+            .collect();
         ws.send(Message::text(text.clone())).await.unwrap();
         assert_eq!(recv(&mut ws).await, Message::text(text), "text {size}");
         expected_out += 2 * server_wire(size);
@@ -60,7 +76,10 @@ async fn echoes_every_size_as_text_and_binary_byte_for_byte(plane: DataPlaneMode
     let client_wire: u64 = SIZES.iter().map(|&s| 2 * (server_wire(s) + 4)).sum();
     assert_eq!(c.bytes_in, client_wire, "{c:?}");
     if plane == DataPlaneMode::Kernel {
-        assert_eq!(c.bytes_relayed_by_userspace, 0, "the proxy read no payload byte: {c:?}");
+        assert_eq!(
+            c.bytes_relayed_by_userspace, 0,
+            "the proxy read no payload byte: {c:?}"
+        );
     } else {
         assert_eq!(c.bytes_relayed_by_userspace, c.bytes_in + c.bytes_out);
     }
@@ -78,14 +97,36 @@ fn plane_name(plane: DataPlaneMode) -> &'static str {
     }
 }
 
-async fn fragmented_message_with_interleaved_ping_is_reassembled_and_counted_once(plane: DataPlaneMode) {
+async fn fragmented_message_with_interleaved_ping_is_reassembled_and_counted_once(
+    plane: DataPlaneMode,
+) {
     let proxy = start(plane).await;
     let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
     let parts: [&[u8]; 3] = [b"frag", b"mented ", b"message"];
-    ws.send(Message::Frame(Frame::message(parts[0].to_vec(), OpCode::Data(Data::Text), false))).await.unwrap();
-    ws.send(Message::Ping(b"mid".to_vec().into())).await.unwrap();
-    ws.send(Message::Frame(Frame::message(parts[1].to_vec(), OpCode::Data(Data::Continue), false))).await.unwrap();
-    ws.send(Message::Frame(Frame::message(parts[2].to_vec(), OpCode::Data(Data::Continue), true))).await.unwrap();
+    ws.send(Message::Frame(Frame::message(
+        parts[0].to_vec(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    ws.send(Message::Ping(b"mid".to_vec().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Frame(Frame::message(
+        parts[1].to_vec(),
+        OpCode::Data(Data::Continue),
+        false,
+    )))
+    .await
+    .unwrap();
+    ws.send(Message::Frame(Frame::message(
+        parts[2].to_vec(),
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await
+    .unwrap();
     assert_eq!(recv(&mut ws).await, Message::Pong(b"mid".to_vec().into()));
     assert_eq!(recv(&mut ws).await, Message::text("fragmented message"));
     let c = &proxy.connections().await[0];
@@ -98,7 +139,12 @@ async fn close_code_passes_through_both_ways(plane: DataPlaneMode) {
     let proxy = start(plane).await;
     // Client closes with 4001: the function's reply close carries the same code back.
     let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
-    ws.close(Some(CloseFrame { code: CloseCode::from(4001), reason: "client done".into() })).await.unwrap();
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4001),
+        reason: "client done".into(),
+    }))
+    .await
+    .unwrap();
     match recv(&mut ws).await {
         Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 4001),
         other => panic!("expected close, got {other:?}"),
@@ -108,11 +154,15 @@ async fn close_code_passes_through_both_ways(plane: DataPlaneMode) {
     let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
     ws.send(Message::text("close:4000")).await.unwrap();
     match recv(&mut ws).await {
-        Message::Close(Some(f)) => assert_eq!((u16::from(f.code), f.reason.as_str()), (4000, "bye")),
+        Message::Close(Some(f)) => {
+            assert_eq!((u16::from(f.code), f.reason.as_str()), (4000, "bye"))
+        }
         other => panic!("expected close, got {other:?}"),
     }
     // The stream then ends: the proxy propagated the function's FIN.
-    let end = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("stream ends");
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("stream ends");
     assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
     drop(ws);
     proxy.wait_no_connections().await;
@@ -140,7 +190,12 @@ async fn two_hundred_concurrent_connections_each_get_their_own_echoes(plane: Dat
     }
     let conns = proxy.connections().await;
     assert_eq!(conns.len(), 200);
-    assert!(conns.iter().all(|c| c.messages_in == 5 && c.messages_out == 5), "{conns:?}");
+    assert!(
+        conns
+            .iter()
+            .all(|c| c.messages_in == 5 && c.messages_out == 5),
+        "{conns:?}"
+    );
     for mut ws in sockets {
         ws.close(None).await.unwrap();
         assert!(matches!(recv(&mut ws).await, Message::Close(_)));
@@ -164,12 +219,21 @@ async fn frames_pipelined_with_the_handshake_are_forwarded_in_order(plane: DataP
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     s.write_all(&third[1000..]).await.unwrap();
-    assert_eq!(read_server_frame(&mut s, &mut pending).await, (1, b"one".to_vec()));
-    assert_eq!(read_server_frame(&mut s, &mut pending).await, (1, b"two".to_vec()));
+    assert_eq!(
+        read_server_frame(&mut s, &mut pending).await,
+        (1, b"one".to_vec())
+    );
+    assert_eq!(
+        read_server_frame(&mut s, &mut pending).await,
+        (1, b"two".to_vec())
+    );
     assert_eq!(read_server_frame(&mut s, &mut pending).await, (2, big));
     // A frame sent once the splice is in place still works.
     s.write_all(&masked_frame(true, 1, b"after")).await.unwrap();
-    assert_eq!(read_server_frame(&mut s, &mut pending).await, (1, b"after".to_vec()));
+    assert_eq!(
+        read_server_frame(&mut s, &mut pending).await,
+        (1, b"after".to_vec())
+    );
     let c = &proxy.connections().await[0];
     assert_eq!(c.messages_in, 4, "{c:?}");
     proxy.stop().await;
@@ -182,8 +246,13 @@ async fn a_frame_sent_alone_right_after_the_101_is_not_stranded(plane: DataPlane
     let (head, mut pending) = read_response_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     // Sent at once, possibly before the sockets are in the map, and nothing after it.
-    s.write_all(&masked_frame(true, 1, b"lonely")).await.unwrap();
-    assert_eq!(read_server_frame(&mut s, &mut pending).await, (1, b"lonely".to_vec()));
+    s.write_all(&masked_frame(true, 1, b"lonely"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_server_frame(&mut s, &mut pending).await,
+        (1, b"lonely".to_vec())
+    );
     proxy.stop().await;
 }
 
@@ -194,7 +263,10 @@ async fn a_client_that_vanishes_mid_frame_is_torn_down_cleanly(plane: DataPlaneM
     let (head, mut pending) = read_response_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     s.write_all(&masked_frame(true, 1, b"whole")).await.unwrap();
-    assert_eq!(read_server_frame(&mut s, &mut pending).await, (1, b"whole".to_vec()));
+    assert_eq!(
+        read_server_frame(&mut s, &mut pending).await,
+        (1, b"whole".to_vec())
+    );
     let partial = masked_frame(true, 2, &payload(5000, 1));
     s.write_all(&partial[..2000]).await.unwrap();
     drop(s);

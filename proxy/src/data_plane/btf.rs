@@ -40,13 +40,21 @@ fn parse(data: &[u8]) -> Result<Structs, BtfError> {
     let hdr_len = u32_at(data, 4)? as usize;
     let (type_off, type_len) = (u32_at(data, 8)? as usize, u32_at(data, 12)? as usize);
     let (str_off, str_len) = (u32_at(data, 16)? as usize, u32_at(data, 20)? as usize);
-    let types = data.get(hdr_len + type_off..hdr_len + type_off + type_len).ok_or(BtfError::Malformed("types"))?;
-    let strings = data.get(hdr_len + str_off..hdr_len + str_off + str_len).ok_or(BtfError::Malformed("strings"))?;
+    let types = data
+        .get(hdr_len + type_off..hdr_len + type_off + type_len)
+        .ok_or(BtfError::Malformed("types"))?;
+    let strings = data
+        .get(hdr_len + str_off..hdr_len + str_off + str_len)
+        .ok_or(BtfError::Malformed("strings"))?;
     let name = |off: u32| -> String {
         let s = &strings[(off as usize).min(strings.len())..];
-        String::from_utf8_lossy(&s[..s.iter().position(|&b| b == 0).unwrap_or(s.len())]).into_owned()
+        String::from_utf8_lossy(&s[..s.iter().position(|&b| b == 0).unwrap_or(s.len())])
+            .into_owned()
     };
-    let mut structs = Structs { members: HashMap::new(), names: HashMap::new() };
+    let mut structs = Structs {
+        members: HashMap::new(),
+        names: HashMap::new(),
+    };
     let (mut at, mut id) = (0usize, 1u32);
     while at < types.len() {
         let name_off = u32_at(types, at)?;
@@ -54,11 +62,11 @@ fn parse(data: &[u8]) -> Result<Structs, BtfError> {
         let (vlen, kind, kflag) = ((info & 0xffff) as usize, (info >> 24) & 0x1f, info >> 31);
         at += 12;
         let extra = match kind {
-            1 | 14 | 17 => 4,                  // INT, VAR, DECL_TAG
-            3 => 12,                           // ARRAY
-            4 | 5 | 15 | 19 => 12 * vlen,      // STRUCT, UNION, DATASEC, ENUM64
-            6 | 13 => 8 * vlen,                // ENUM, FUNC_PROTO
-            2 | 7..=12 | 16 | 18 => 0,         // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
+            1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
+            3 => 12,                      // ARRAY
+            4 | 5 | 15 | 19 => 12 * vlen, // STRUCT, UNION, DATASEC, ENUM64
+            6 | 13 => 8 * vlen,           // ENUM, FUNC_PROTO
+            2 | 7..=12 | 16 | 18 => 0,    // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
             _ => return Err(BtfError::Malformed("unknown type kind")),
         };
         if kind == KIND_STRUCT || kind == KIND_UNION {
@@ -67,7 +75,10 @@ fn parse(data: &[u8]) -> Result<Structs, BtfError> {
                 let base = at + 12 * m;
                 let bits = u32_at(types, base + 8)?;
                 let bit_offset = if kflag == 1 { bits & 0xff_ffff } else { bits };
-                members.insert(name(u32_at(types, base)?), (bit_offset / 8, u32_at(types, base + 4)?));
+                members.insert(
+                    name(u32_at(types, base)?),
+                    (bit_offset / 8, u32_at(types, base + 4)?),
+                );
             }
             let struct_name = name(name_off);
             structs.names.insert(id, struct_name.clone());

@@ -14,8 +14,8 @@
 
 use std::{
     io,
-    os::fd::AsRawFd,
     net::TcpStream,
+    os::fd::AsRawFd,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -90,9 +90,12 @@ impl KernelDataPlane {
             return Err(LoadError::NotBuilt);
         }
         let strp_offset_at = super::btf::strp_offset_location()?;
-        let mut ebpf = EbpfLoader::new().set_global("STRP_OFFSET_AT", &strp_offset_at, true).load(OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .set_global("STRP_OFFSET_AT", &strp_offset_at, true)
+            .load(OBJECT)?;
         let mut take = |name: &'static str| {
-            ebpf.take_map(name).ok_or_else(|| LoadError::Map(name, "missing from object".into()))
+            ebpf.take_map(name)
+                .ok_or_else(|| LoadError::Map(name, "missing from object".into()))
         };
         let spliced = SockHash::try_from(take("SPLICED")?)
             .map_err(|e| LoadError::Map("SPLICED", e.to_string()))?;
@@ -105,28 +108,66 @@ impl KernelDataPlane {
                 .program_mut(name)
                 .ok_or_else(|| LoadError::Program(name, "missing from object".into()))?
                 .try_into()
-                .map_err(|e: aya::programs::ProgramError| LoadError::Program(name, e.to_string()))?;
-            program.load().map_err(|e| LoadError::Program(name, verifier_summary(&e)))?;
-            program.attach(spliced.fd()).map_err(|e| LoadError::Program(name, e.to_string()))?;
+                .map_err(|e: aya::programs::ProgramError| {
+                    LoadError::Program(name, e.to_string())
+                })?;
+            program
+                .load()
+                .map_err(|e| LoadError::Program(name, verifier_summary(&e)))?;
+            program
+                .attach(spliced.fd())
+                .map_err(|e| LoadError::Program(name, e.to_string()))?;
         }
-        Ok(KernelDataPlane { maps: Mutex::new(Maps { spliced, targets, sides }), _ebpf: ebpf })
+        Ok(KernelDataPlane {
+            maps: Mutex::new(Maps {
+                spliced,
+                targets,
+                sides,
+            }),
+            _ebpf: ebpf,
+        })
     }
 
     /// Kernel counters of one direction, keyed by the cookie of the receiving socket.
     pub fn side(&self, cookie: u64) -> Option<SideState> {
-        self.maps.lock().expect("maps lock").sides.get(&cookie, 0).ok()
+        self.maps
+            .lock()
+            .expect("maps lock")
+            .sides
+            .get(&cookie, 0)
+            .ok()
     }
 
-    fn insert(&self, client: &TcpStream, instance: &TcpStream, pair: SplicedPair) -> io::Result<()> {
+    fn insert(
+        &self,
+        client: &TcpStream,
+        instance: &TcpStream,
+        pair: SplicedPair,
+    ) -> io::Result<()> {
         let mut m = self.maps.lock().expect("maps lock");
         let to_io = |e: aya::maps::MapError| io::Error::other(e.to_string());
-        let side = |peer| SideState { peer_cookie: peer, ..SideState::default() };
-        m.sides.insert(pair.client, side(pair.instance), 0).map_err(to_io)?;
-        m.sides.insert(pair.instance, side(pair.client), 0).map_err(to_io)?;
-        m.targets.insert(pair.client, client.as_raw_fd(), 0).map_err(to_io)?;
-        m.targets.insert(pair.instance, instance.as_raw_fd(), 0).map_err(to_io)?;
-        m.spliced.insert(pair.instance, instance.as_raw_fd(), 0).map_err(to_io)?;
-        m.spliced.insert(pair.client, client.as_raw_fd(), 0).map_err(to_io)?;
+        let side = |peer| SideState {
+            peer_cookie: peer,
+            ..SideState::default()
+        };
+        m.sides
+            .insert(pair.client, side(pair.instance), 0)
+            .map_err(to_io)?;
+        m.sides
+            .insert(pair.instance, side(pair.client), 0)
+            .map_err(to_io)?;
+        m.targets
+            .insert(pair.client, client.as_raw_fd(), 0)
+            .map_err(to_io)?;
+        m.targets
+            .insert(pair.instance, instance.as_raw_fd(), 0)
+            .map_err(to_io)?;
+        m.spliced
+            .insert(pair.instance, instance.as_raw_fd(), 0)
+            .map_err(to_io)?;
+        m.spliced
+            .insert(pair.client, client.as_raw_fd(), 0)
+            .map_err(to_io)?;
         Ok(())
     }
 
@@ -158,7 +199,10 @@ impl KernelDataPlane {
     ) -> io::Result<(SpliceEnd, SideState, SideState)> {
         let client = client.into_std()?;
         let instance = instance.into_std()?;
-        let pair = SplicedPair { client: socket::cookie(&client)?, instance: socket::cookie(&instance)? };
+        let pair = SplicedPair {
+            client: socket::cookie(&client)?,
+            instance: socket::cookie(&instance)?,
+        };
         for s in [&client, &instance] {
             socket::set_receive_buffer(s, MAX_FRAME_WIRE_LEN as usize)?;
         }
@@ -223,7 +267,10 @@ impl KernelDataPlane {
                 return Err(e);
             }
             if Instant::now() > deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "redirected bytes not flushed"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "redirected bytes not flushed",
+                ));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
@@ -236,7 +283,11 @@ fn verifier_summary(e: &aya::programs::ProgramError) -> String {
     let text = format!("{e:#}");
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines.len().saturating_sub(4);
-    format!("{} ... {}", lines.first().copied().unwrap_or_default(), lines[tail..].join(" | "))
+    format!(
+        "{} ... {}",
+        lines.first().copied().unwrap_or_default(),
+        lines[tail..].join(" | ")
+    )
 }
 
 /// Registers a spliced socket with the runtime for read readiness, which is how epoll

@@ -29,8 +29,20 @@ pub async fn relay(
     let [inbound, outbound] = cursors;
     let (client_read, client_write) = client.into_split();
     let (instance_read, instance_write) = instance.into_split();
-    let up = pump(client_read, instance_write, conn, Direction::ClientToInstance, inbound);
-    let down = pump(instance_read, client_write, conn, Direction::InstanceToClient, outbound);
+    let up = pump(
+        client_read,
+        instance_write,
+        conn,
+        Direction::ClientToInstance,
+        inbound,
+    );
+    let down = pump(
+        instance_read,
+        client_write,
+        conn,
+        Direction::InstanceToClient,
+        outbound,
+    );
     // try_join drops (closes) the other direction as soon as one fails.
     tokio::try_join!(up, down).map(|_| ())
 }
@@ -49,8 +61,10 @@ async fn pump(
             // Half-close: the peer learns of the FIN, the other direction goes on.
             return to.shutdown().await;
         }
-        conn.account(direction, |side| cursor.feed(&buf[..n], side, monotonic_ns()))
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        conn.account(direction, |side| {
+            cursor.feed(&buf[..n], side, monotonic_ns())
+        })
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         to.write_all(&buf[..n]).await?;
     }
 }

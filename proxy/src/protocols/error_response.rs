@@ -12,25 +12,49 @@ pub struct HandshakeError {
 
 impl HandshakeError {
     pub fn new(status: u16, error_type: &'static str, message: impl Into<String>) -> Self {
-        HandshakeError { status, error_type, message: message.into() }
+        HandshakeError {
+            status,
+            error_type,
+            message: message.into(),
+        }
     }
     pub fn malformed(message: impl Into<String>) -> Self {
         Self::new(400, "malformed_upgrade", message)
     }
     pub fn headers_too_large(limit: usize) -> Self {
-        Self::new(431, "headers_too_large", format!("request head exceeds {limit} bytes"))
+        Self::new(
+            431,
+            "headers_too_large",
+            format!("request head exceeds {limit} bytes"),
+        )
     }
     pub fn method_not_allowed(method: &str) -> Self {
-        Self::new(403, "method_not_allowed", format!("method {method} is not GET"))
+        Self::new(
+            403,
+            "method_not_allowed",
+            format!("method {method} is not GET"),
+        )
     }
     pub fn no_route(host: &str, path: &str) -> Self {
-        Self::new(404, "no_function", format!("no function for host {host:?} path {path:?}"))
+        Self::new(
+            404,
+            "no_function",
+            format!("no function for host {host:?} path {path:?}"),
+        )
     }
     pub fn unsupported_version(version: &str) -> Self {
-        Self::new(426, "unsupported_version", format!("Sec-WebSocket-Version {version:?} is not 13"))
+        Self::new(
+            426,
+            "unsupported_version",
+            format!("Sec-WebSocket-Version {version:?} is not 13"),
+        )
     }
     pub fn handshake_timeout() -> Self {
-        Self::new(408, "handshake_timeout", "the upgrade request did not arrive in time")
+        Self::new(
+            408,
+            "handshake_timeout",
+            "the upgrade request did not arrive in time",
+        )
     }
     pub fn bad_gateway(message: impl Into<String>) -> Self {
         Self::new(502, "bad_instance_response", message)
@@ -52,7 +76,11 @@ impl HandshakeError {
     pub fn to_response(&self) -> Vec<u8> {
         let body = serde_json::json!({ "error_type": self.error_type, "message": self.message })
             .to_string();
-        let extra = if self.status == 426 { "Sec-WebSocket-Version: 13\r\n" } else { "" };
+        let extra = if self.status == 426 {
+            "Sec-WebSocket-Version: 13\r\n"
+        } else {
+            ""
+        };
         format!(
             "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
              X-Wsedge-Error-Type: {}\r\n{extra}Connection: close\r\n\r\n{body}",
@@ -88,8 +116,12 @@ mod tests {
 
     #[test]
     fn response_carries_status_json_body_and_type_header() {
-        let text = String::from_utf8(HandshakeError::unsupported_version("8").to_response()).unwrap();
-        assert!(text.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "{text}");
+        let text =
+            String::from_utf8(HandshakeError::unsupported_version("8").to_response()).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+            "{text}"
+        );
         assert!(text.contains("\r\nX-Wsedge-Error-Type: unsupported_version\r\n"));
         assert!(text.contains("\r\nSec-WebSocket-Version: 13\r\n"));
         let body = text.split("\r\n\r\n").nth(1).unwrap();

@@ -39,7 +39,11 @@ impl FrameCursor {
     /// or the rest of the header when only part of it was seen (more may follow then).
     pub fn needed_for_boundary(&self) -> u64 {
         if self.header_have > 0 {
-            let needed = if self.header_have >= 2 { header_len(self.header[1]) as usize } else { 2 };
+            let needed = if self.header_have >= 2 {
+                header_len(self.header[1]) as usize
+            } else {
+                2
+            };
             (needed - self.header_have) as u64
         } else {
             self.payload_left
@@ -47,7 +51,12 @@ impl FrameCursor {
     }
 
     /// Walks `chunk`, accounting every frame whose header completes in it.
-    pub fn feed(&mut self, mut chunk: &[u8], side: &mut SideState, now_ns: u64) -> Result<(), FrameError> {
+    pub fn feed(
+        &mut self,
+        mut chunk: &[u8],
+        side: &mut SideState,
+        now_ns: u64,
+    ) -> Result<(), FrameError> {
         while !chunk.is_empty() {
             if self.payload_left > 0 {
                 let take = (self.payload_left.min(chunk.len() as u64)) as usize;
@@ -72,7 +81,11 @@ impl FrameCursor {
                     self.payload_left = h.payload_len;
                     if side.account(&h, now_ns) == FrameKind::Close {
                         if h.payload_len >= 2 {
-                            self.close = Some(CloseCode { mask: h.mask, bytes: [0; 2], have: 0 });
+                            self.close = Some(CloseCode {
+                                mask: h.mask,
+                                bytes: [0; 2],
+                                have: 0,
+                            });
                         } else {
                             side.record_close(1005);
                         }
@@ -84,7 +97,9 @@ impl FrameCursor {
     }
 
     fn take_close_bytes(&mut self, payload: &[u8], side: &mut SideState) {
-        let Some(close) = self.close.as_mut() else { return };
+        let Some(close) = self.close.as_mut() else {
+            return;
+        };
         for &b in payload.iter().take(2 - close.have) {
             close.bytes[close.have] = b;
             close.have += 1;
@@ -115,7 +130,10 @@ mod tests {
                 cursor.feed(part, &mut side, 7).unwrap();
             }
             assert!(cursor.at_boundary());
-            assert_eq!((side.frames, side.messages, side.bytes), (4, 1, stream.len() as u64));
+            assert_eq!(
+                (side.frames, side.messages, side.bytes),
+                (4, 1, stream.len() as u64)
+            );
             assert_eq!(side.close_code, 1000, "split {split}");
         }
     }

@@ -70,13 +70,17 @@ pub fn accept_for(key: &str) -> String {
 }
 
 fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
-    headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
 }
 
 /// True when a comma-separated header value lists `token` (case-insensitive).
 fn has_token(value: Option<&[u8]>, token: &str) -> bool {
     value.is_some_and(|v| {
-        v.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        v.split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
     })
 }
 
@@ -86,16 +90,29 @@ pub fn parse_upgrade(head: &[u8]) -> Result<UpgradeRequest, HandshakeError> {
     let mut req = httparse::Request::new(&mut raw);
     match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(HandshakeError::malformed("incomplete request")),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(HandshakeError::new(431, "headers_too_large", "too many headers"));
+        Ok(httparse::Status::Partial) => {
+            return Err(HandshakeError::malformed("incomplete request"));
         }
-        Err(e) => return Err(HandshakeError::malformed(format!("not an HTTP request: {e}"))),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HandshakeError::new(
+                431,
+                "headers_too_large",
+                "too many headers",
+            ));
+        }
+        Err(e) => {
+            return Err(HandshakeError::malformed(format!(
+                "not an HTTP request: {e}"
+            )));
+        }
     }
     let method = req.method.unwrap_or_default().to_string();
     let path = req.path.unwrap_or_default().to_string();
-    let headers: Vec<(String, Vec<u8>)> =
-        req.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect();
+    let headers: Vec<(String, Vec<u8>)> = req
+        .headers
+        .iter()
+        .map(|h| (h.name.to_string(), h.value.to_vec()))
+        .collect();
     if req.version != Some(1) {
         return Err(HandshakeError::malformed("the upgrade needs HTTP/1.1"));
     }
@@ -103,7 +120,9 @@ pub fn parse_upgrade(head: &[u8]) -> Result<UpgradeRequest, HandshakeError> {
         return Err(HandshakeError::method_not_allowed(&method));
     }
     if !path.starts_with('/') {
-        return Err(HandshakeError::malformed("request target must be an absolute path"));
+        return Err(HandshakeError::malformed(
+            "request target must be an absolute path",
+        ));
     }
     let host = header(&headers, "host")
         .and_then(|h| std::str::from_utf8(h).ok())
@@ -120,15 +139,27 @@ pub fn parse_upgrade(head: &[u8]) -> Result<UpgradeRequest, HandshakeError> {
         .map(str::trim)
         .ok_or_else(|| HandshakeError::malformed("missing Sec-WebSocket-Key"))?;
     if BASE64.decode(key).map(|k| k.len()) != Ok(16) {
-        return Err(HandshakeError::malformed("Sec-WebSocket-Key is not 16 base64 bytes"));
+        return Err(HandshakeError::malformed(
+            "Sec-WebSocket-Key is not 16 base64 bytes",
+        ));
     }
     let key = key.to_string();
     match header(&headers, "sec-websocket-version") {
         Some(v) if v.trim_ascii() == b"13" => {}
-        Some(v) => return Err(HandshakeError::unsupported_version(&String::from_utf8_lossy(v))),
+        Some(v) => {
+            return Err(HandshakeError::unsupported_version(
+                &String::from_utf8_lossy(v),
+            ));
+        }
         None => return Err(HandshakeError::unsupported_version("")),
     }
-    Ok(UpgradeRequest { method, path, host, key, headers })
+    Ok(UpgradeRequest {
+        method,
+        path,
+        host,
+        key,
+        headers,
+    })
 }
 
 fn strip_port(host: &str) -> &str {
@@ -136,7 +167,11 @@ fn strip_port(host: &str) -> &str {
         return rest.split(']').next().unwrap_or(rest);
     }
     host.rsplit_once(':').map_or(host, |(h, port)| {
-        if port.bytes().all(|b| b.is_ascii_digit()) { h } else { host }
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
     })
 }
 
@@ -146,22 +181,35 @@ pub fn validate_response(head: &[u8], request: &UpgradeRequest) -> Result<(), Ha
     let mut resp = httparse::Response::new(&mut raw);
     match resp.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
-        _ => return Err(HandshakeError::bad_gateway("instance sent an invalid HTTP response")),
+        _ => {
+            return Err(HandshakeError::bad_gateway(
+                "instance sent an invalid HTTP response",
+            ));
+        }
     }
     let code = resp.code.unwrap_or(0);
     if code != 101 {
-        return Err(HandshakeError::bad_gateway(format!("instance answered {code}, not 101")));
+        return Err(HandshakeError::bad_gateway(format!(
+            "instance answered {code}, not 101"
+        )));
     }
-    let headers: Vec<(String, Vec<u8>)> =
-        resp.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect();
+    let headers: Vec<(String, Vec<u8>)> = resp
+        .headers
+        .iter()
+        .map(|h| (h.name.to_string(), h.value.to_vec()))
+        .collect();
     if !has_token(header(&headers, "upgrade"), "websocket")
         || !has_token(header(&headers, "connection"), "upgrade")
     {
-        return Err(HandshakeError::bad_gateway("instance's 101 lacks Upgrade/Connection"));
+        return Err(HandshakeError::bad_gateway(
+            "instance's 101 lacks Upgrade/Connection",
+        ));
     }
     let accept = header(&headers, "sec-websocket-accept").map(<[u8]>::trim_ascii);
     if accept != Some(request.expected_accept().as_bytes()) {
-        return Err(HandshakeError::bad_gateway("instance's Sec-WebSocket-Accept is wrong"));
+        return Err(HandshakeError::bad_gateway(
+            "instance's Sec-WebSocket-Accept is wrong",
+        ));
     }
     Ok(())
 }
@@ -177,7 +225,10 @@ mod tests {
     #[test]
     fn accepts_a_valid_upgrade_and_computes_the_rfc_accept() {
         let r = parse_upgrade(GOOD.as_bytes()).unwrap();
-        assert_eq!((r.path.as_str(), r.host.as_str()), ("/echo/x?y=1", "example.com"));
+        assert_eq!(
+            (r.path.as_str(), r.host.as_str()),
+            ("/echo/x?y=1", "example.com")
+        );
         // The example from RFC 6455 section 1.3.
         assert_eq!(r.expected_accept(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
@@ -187,8 +238,14 @@ mod tests {
         let r = parse_upgrade(GOOD.as_bytes()).unwrap();
         let out = String::from_utf8(r.forwarded("192.0.2.7".parse().unwrap(), false)).unwrap();
         assert!(out.starts_with("GET /echo/x?y=1 HTTP/1.1\r\n"));
-        assert!(out.contains("X-Forwarded-For: 10.1.1.1, 192.0.2.7\r\n"), "{out}");
-        assert!(out.contains("X-Forwarded-Proto: http\r\n") && !out.contains("https"), "{out}");
+        assert!(
+            out.contains("X-Forwarded-For: 10.1.1.1, 192.0.2.7\r\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("X-Forwarded-Proto: http\r\n") && !out.contains("https"),
+            "{out}"
+        );
         assert!(out.ends_with("\r\n\r\n"));
     }
 
@@ -198,8 +255,14 @@ mod tests {
         assert_eq!(status(GOOD.replace("GET", "POST")), 403);
         assert_eq!(status(GOOD.replace("Version: 13", "Version: 8")), 426);
         assert_eq!(status(GOOD.replace("Upgrade: websocket\r\n", "")), 400);
-        assert_eq!(status(GOOD.replace("keep-alive, Upgrade", "keep-alive")), 400);
-        assert_eq!(status(GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short")), 400);
+        assert_eq!(
+            status(GOOD.replace("keep-alive, Upgrade", "keep-alive")),
+            400
+        );
+        assert_eq!(
+            status(GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short")),
+            400
+        );
         assert_eq!(status(GOOD.replace("HTTP/1.1", "HTTP/1.0")), 400);
         assert_eq!(status("\x16\x03\x01garbage\r\n\r\n".into()), 400);
     }
@@ -211,8 +274,14 @@ mod tests {
                   Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
         validate_response(ok.as_bytes(), &r).unwrap();
         let wrong = ok.replace("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", "AAAA");
-        assert_eq!(validate_response(wrong.as_bytes(), &r).unwrap_err().status, 502);
+        assert_eq!(
+            validate_response(wrong.as_bytes(), &r).unwrap_err().status,
+            502
+        );
         let not101 = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        assert_eq!(validate_response(not101.as_bytes(), &r).unwrap_err().status, 502);
+        assert_eq!(
+            validate_response(not101.as_bytes(), &r).unwrap_err().status,
+            502
+        );
     }
 }

@@ -23,7 +23,10 @@ pub enum HeadError {
 }
 
 /// Reads until the end of the head (`\r\n\r\n`) or until `limit` bytes without one.
-pub async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, limit: usize) -> Result<Head, HeadError> {
+pub async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: usize,
+) -> Result<Head, HeadError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {

@@ -23,5 +23,12 @@ async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str)
 }
 
 async fn connections(State(state): State<Arc<AppState>>) -> Json<Vec<ConnectionView>> {
-    Json(state.registry.snapshot().iter().map(|c| c.view(&state.data_plane)).collect())
+    Json(
+        state
+            .registry
+            .snapshot()
+            .iter()
+            .map(|c| c.view(&state.data_plane))
+            .collect(),
+    )
 }

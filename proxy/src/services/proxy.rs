@@ -72,7 +72,12 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
         }
     };
     let data_plane = state.data_plane.clone();
-    let registered = state.registry.register(&upgraded.function, &upgraded.instance_addr, peer, data_plane.name());
+    let registered = state.registry.register(
+        &upgraded.function,
+        &upgraded.instance_addr,
+        peer,
+        data_plane.name(),
+    );
     let conn = registered.conn.clone();
     info!(id = %conn.id, function = %conn.function, instance = %conn.instance, client = %peer,
           data_plane = conn.data_plane, "connection upgraded");
@@ -81,12 +86,18 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
     match result {
         Ok(()) => info!(id = %conn.id, bytes_in = view.bytes_in, bytes_out = view.bytes_out,
                         messages_in = view.messages_in, messages_out = view.messages_out, "connection ended"),
-        Err(e) => warn!(id = %conn.id, error = %e, bytes_in = view.bytes_in, bytes_out = view.bytes_out,
-                        "connection ended abnormally"),
+        Err(e) => {
+            warn!(id = %conn.id, error = %e, bytes_in = view.bytes_in, bytes_out = view.bytes_out,
+                        "connection ended abnormally")
+        }
     }
 }
 
-async fn upgrade(state: &AppState, client: &mut TcpStream, peer: SocketAddr) -> Result<Upgraded, Failure> {
+async fn upgrade(
+    state: &AppState,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+) -> Result<Upgraded, Failure> {
     let server = &state.config.server;
     let head = match timeout(
         Duration::from_millis(server.handshake_timeout_ms),
@@ -95,7 +106,9 @@ async fn upgrade(state: &AppState, client: &mut TcpStream, peer: SocketAddr) -> 
     .await
     {
         Err(_) => return Err(HandshakeError::handshake_timeout().into()),
-        Ok(Err(HeadError::TooLarge(limit))) => return Err(HandshakeError::headers_too_large(limit).into()),
+        Ok(Err(HeadError::TooLarge(limit))) => {
+            return Err(HandshakeError::headers_too_large(limit).into());
+        }
         Ok(Err(HeadError::Closed | HeadError::Io(_))) => return Err(Failure::ClientGone),
         Ok(Ok(head)) => head,
     };
@@ -109,8 +122,12 @@ async fn upgrade(state: &AppState, client: &mut TcpStream, peer: SocketAddr) -> 
     }
     let instance_addr = route.next_upstream().to_string();
     let forwarded = request.forwarded(peer.ip(), false);
-    let (instance, response) = connect_instance(state, &instance_addr, &request, &forwarded).await?;
-    client.write_all(&response.head).await.map_err(|_| Failure::ClientGone)?;
+    let (instance, response) =
+        connect_instance(state, &instance_addr, &request, &forwarded).await?;
+    client
+        .write_all(&response.head)
+        .await
+        .map_err(|_| Failure::ClientGone)?;
     Ok(Upgraded {
         instance,
         function: route.function.name.clone(),
@@ -132,14 +149,13 @@ async fn connect_instance(
     forwarded: &[u8],
 ) -> Result<(TcpStream, Head), HandshakeError> {
     let exchange = async {
-        let mut instance = TcpStream::connect(addr)
-            .await
-            .map_err(|e| HandshakeError::instance_unreachable(format!("connecting to {addr}: {e}")))?;
+        let mut instance = TcpStream::connect(addr).await.map_err(|e| {
+            HandshakeError::instance_unreachable(format!("connecting to {addr}: {e}"))
+        })?;
         let _ = instance.set_nodelay(true);
-        instance
-            .write_all(forwarded)
-            .await
-            .map_err(|e| HandshakeError::instance_unreachable(format!("sending the upgrade: {e}")))?;
+        instance.write_all(forwarded).await.map_err(|e| {
+            HandshakeError::instance_unreachable(format!("sending the upgrade: {e}"))
+        })?;
         let response = read_head(&mut instance, MAX_RESPONSE_HEAD)
             .await
             .map_err(|e| HandshakeError::bad_gateway(format!("instance response: {e}")))?;
@@ -147,9 +163,9 @@ async fn connect_instance(
         Ok((instance, response))
     };
     let limit = Duration::from_millis(state.config.server.instance_timeout_ms);
-    timeout(limit, exchange)
-        .await
-        .map_err(|_| HandshakeError::gateway_timeout(format!("no 101 from {addr} within {limit:?}")))?
+    timeout(limit, exchange).await.map_err(|_| {
+        HandshakeError::gateway_timeout(format!("no 101 from {addr} within {limit:?}"))
+    })?
 }
 
 /// Carries the WebSocket on the chosen data plane until it ends.
@@ -167,16 +183,43 @@ async fn carry(
         // pipelined bytes ended inside, in userspace, before the splice.
         let limit = Duration::from_millis(state.config.server.handshake_timeout_ms);
         timeout(limit, async {
-            complete_frame(&mut client, &mut up.client_rest, &mut cursors[0], conn, Direction::ClientToInstance)
-                .await?;
-            complete_frame(&mut up.instance, &mut up.instance_rest, &mut cursors[1], conn, Direction::InstanceToClient)
-                .await
+            complete_frame(
+                &mut client,
+                &mut up.client_rest,
+                &mut cursors[0],
+                conn,
+                Direction::ClientToInstance,
+            )
+            .await?;
+            complete_frame(
+                &mut up.instance,
+                &mut up.instance_rest,
+                &mut cursors[1],
+                conn,
+                Direction::InstanceToClient,
+            )
+            .await
         })
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "partial frame around the handshake"))??;
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "partial frame around the handshake",
+            )
+        })??;
     } else {
-        account(&mut cursors[0], &up.client_rest, conn, Direction::ClientToInstance)?;
-        account(&mut cursors[1], &up.instance_rest, conn, Direction::InstanceToClient)?;
+        account(
+            &mut cursors[0],
+            &up.client_rest,
+            conn,
+            Direction::ClientToInstance,
+        )?;
+        account(
+            &mut cursors[1],
+            &up.instance_rest,
+            conn,
+            Direction::InstanceToClient,
+        )?;
     }
     up.instance.write_all(&up.client_rest).await?;
     client.write_all(&up.instance_rest).await?;
@@ -185,8 +228,11 @@ async fn carry(
     match data_plane {
         DataPlane::Userspace => relay::relay(client, up.instance, conn, cursors).await,
         DataPlane::Kernel(k) => {
-            let (end, inbound, outbound) =
-                k.splice(client, up.instance, up.written, |pair| conn.set_spliced(pair)).await?;
+            let (end, inbound, outbound) = k
+                .splice(client, up.instance, up.written, |pair| {
+                    conn.set_spliced(pair)
+                })
+                .await?;
             conn.absorb_kernel(inbound, outbound);
             debug!(id = %conn.id, ?end, "splice ended");
             match end {
@@ -197,7 +243,12 @@ async fn carry(
     }
 }
 
-fn account(cursor: &mut FrameCursor, bytes: &[u8], conn: &Connection, dir: Direction) -> std::io::Result<()> {
+fn account(
+    cursor: &mut FrameCursor,
+    bytes: &[u8],
+    conn: &Connection,
+    dir: Direction,
+) -> std::io::Result<()> {
     conn.account(dir, |side| cursor.feed(bytes, side, monotonic_ns()))
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

@@ -24,15 +24,22 @@ pub async fn start_echo() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
                 while let Some(Ok(msg)) = ws.next().await {
                     if let Message::Text(t) = &msg
                         && let Some(code) = t.strip_prefix("close:")
                     {
                         let code: u16 = code.parse().unwrap();
-                        let frame = CloseFrame { code: CloseCode::from(code), reason: "bye".into() };
+                        let frame = CloseFrame {
+                            code: CloseCode::from(code),
+                            reason: "bye".into(),
+                        };
                         let _ = ws.close(Some(frame)).await;
                         while ws.next().await.is_some() {}
                         return;
@@ -98,13 +105,20 @@ pub fn config(plane: DataPlaneMode, upstream: SocketAddr, extra_server: &str) ->
 
 /// Starts wsedge; with `DataPlaneMode::Kernel` this fails the test if eBPF cannot load.
 pub async fn start_proxy(config: Config) -> Proxy {
-    let server = Server::bind(config).await.expect("wsedge starts (as root, eBPF must load)");
+    let server = Server::bind(config)
+        .await
+        .expect("wsedge starts (as root, eBPF must load)");
     let (addr, admin) = (server.local_addr(), server.admin_addr());
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
-    Proxy { addr, admin, stop: Some(stop), task: Some(task) }
+    Proxy {
+        addr,
+        admin,
+        stop: Some(stop),
+        task: Some(task),
+    }
 }
 
 pub async fn start(plane: DataPlaneMode) -> Proxy {
@@ -121,8 +135,15 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, dechunk(&body))
 }
 
@@ -131,8 +152,12 @@ fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     loop {
-        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_string() };
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return body.to_string();
+        };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_string();
+        };
         if n == 0 {
             return out;
         }
@@ -172,8 +197,15 @@ pub async fn read_response_head(s: &mut TcpStream) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await.unwrap().unwrap();
-        assert!(n > 0, "closed before a response head: {:?}", String::from_utf8_lossy(&buf));
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let rest = buf.split_off(end + 4);
@@ -187,10 +219,13 @@ pub async fn read_server_frame(s: &mut TcpStream, pending: &mut Vec<u8>) -> (u8,
     loop {
         if pending.len() >= 2 {
             let (hlen, len) = match pending[1] & 0x7f {
-                126 if pending.len() >= 4 => (4, u16::from_be_bytes([pending[2], pending[3]]) as usize),
-                127 if pending.len() >= 10 => {
-                    (10, u64::from_be_bytes(pending[2..10].try_into().unwrap()) as usize)
+                126 if pending.len() >= 4 => {
+                    (4, u16::from_be_bytes([pending[2], pending[3]]) as usize)
                 }
+                127 if pending.len() >= 10 => (
+                    10,
+                    u64::from_be_bytes(pending[2..10].try_into().unwrap()) as usize,
+                ),
                 126 | 127 => (usize::MAX, 0),
                 n => (2, n as usize),
             };
@@ -202,7 +237,10 @@ pub async fn read_server_frame(s: &mut TcpStream, pending: &mut Vec<u8>) -> (u8,
             }
         }
         let mut chunk = [0u8; 65536];
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0, "stream closed mid-frame");
         pending.extend_from_slice(&chunk[..n]);
     }

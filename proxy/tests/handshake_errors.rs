@@ -1,0 +1,241 @@
+//! Bad upgrades and bad instances get the status SPEC.md prescribes, with the JSON body and
+//! `X-Wsedge-Error-Type`, and the connection is closed; nothing panics and the proxy keeps
+//! serving.
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use wsedge::config::DataPlaneMode;
+
+/// Sends `request`, reads until the proxy closes: (status, error type header, JSON body).
+async fn exchange(addr: SocketAddr, request: &[u8]) -> (u16, String, serde_json::Value) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy answers and closes")
+        .unwrap();
+    parse_error_response(&out)
+}
+
+fn parse_error_response(out: &[u8]) -> (u16, String, serde_json::Value) {
+    let text = String::from_utf8_lossy(out);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head: {text:?}"));
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let error_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Wsedge-Error-Type: "))
+        .unwrap_or_default()
+        .to_string();
+    let json: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    assert_eq!(
+        json["error_type"],
+        error_type.as_str(),
+        "body and header agree"
+    );
+    assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+    (status, error_type, json)
+}
+
+fn request_with(replace: &str, with: &str) -> Vec<u8> {
+    UPGRADE.replace(replace, with).into_bytes()
+}
+
+async fn proxy_with(extra: &str) -> Proxy {
+    let echo = start_echo().await;
+    start_proxy(config(DataPlaneMode::Kernel, echo, extra)).await
+}
+
+#[tokio::test]
+async fn malformed_upgrades_get_400() {
+    let proxy = proxy_with("").await;
+    for request in [
+        b"\x16\x03\x01\x02\x00garbage\r\n\r\n".to_vec(),
+        request_with("Upgrade: websocket\r\n", ""),
+        request_with("Connection: Upgrade", "Connection: keep-alive"),
+        request_with("dGhlIHNhbXBsZSBub25jZQ==", "not-a-key"),
+        request_with("Host: test\r\n", ""),
+    ] {
+        let (status, kind, _) = exchange(proxy.addr, &request).await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (400, "malformed_upgrade"),
+            "{:?}",
+            String::from_utf8_lossy(&request)
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_method_gets_403_and_unknown_route_404() {
+    let proxy = proxy_with("").await;
+    assert_eq!(
+        exchange(proxy.addr, &request_with("GET", "POST")).await.0,
+        403
+    );
+    let (status, kind, _) = exchange(proxy.addr, &request_with("/echo", "/nothing-here")).await;
+    assert_eq!((status, kind.as_str()), (404, "no_function"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn unsupported_version_gets_426_naming_13() {
+    let proxy = proxy_with("").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&request_with("Version: 13", "Version: 8"))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{text}");
+    assert_eq!(parse_error_response(&out).0, 426);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let proxy = proxy_with("max_header_bytes = 4096").await;
+    let huge = format!("X-Padding: {}\r\n\r\n", "a".repeat(8000));
+    let request = UPGRADE.replace("\r\n\r\n", &format!("\r\n{huge}"));
+    let (status, kind, _) = exchange(proxy.addr, request.as_bytes()).await;
+    assert_eq!((status, kind.as_str()), (431, "headers_too_large"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn slow_headers_time_out_with_408() {
+    let proxy = proxy_with("handshake_timeout_ms = 300").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: te")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let (status, kind, _) = parse_error_response(&out);
+    assert_eq!((status, kind.as_str()), (408, "handshake_timeout"));
+    proxy.stop().await;
+}
+
+/// An "instance" that accepts and then does `behaviour` with the request.
+async fn fake_instance(behaviour: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                match behaviour {
+                    "http-200" => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+                            .await;
+                    }
+                    "bad-accept" => {
+                        let _ = s
+                            .write_all(
+                                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                                  Connection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",
+                            )
+                            .await;
+                    }
+                    "crash" => {}
+                    _ => tokio::time::sleep(Duration::from_secs(30)).await,
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn instances_that_do_not_answer_with_a_valid_101_get_502_or_504() {
+    for (behaviour, status) in [
+        ("http-200", 502),
+        ("bad-accept", 502),
+        ("crash", 502),
+        ("silent", 504),
+    ] {
+        let instance = fake_instance(behaviour).await;
+        let proxy = start_proxy(config(
+            DataPlaneMode::Kernel,
+            instance,
+            "instance_timeout_ms = 500",
+        ))
+        .await;
+        let (got, kind, _) = exchange(proxy.addr, UPGRADE.as_bytes()).await;
+        assert_eq!(got, status, "{behaviour}: {kind}");
+        proxy.stop().await;
+    }
+    // Nothing listening at all.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = start_proxy(config(DataPlaneMode::Kernel, closed, "")).await;
+    let (status, kind, _) = exchange(proxy.addr, UPGRADE.as_bytes()).await;
+    assert_eq!((status, kind.as_str()), (502, "instance_unreachable"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn after_bad_input_the_proxy_still_upgrades_and_admin_reports_ready() {
+    let proxy = proxy_with("").await;
+    let _ = exchange(proxy.addr, b"\r\n\r\n").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let (head, _) = read_response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    assert_eq!(http_get(proxy.admin, "/live").await.0, 200);
+    assert_eq!(http_get(proxy.admin, "/ready").await.0, 200);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn forwarded_headers_reach_the_instance() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let instance = listener.local_addr().unwrap();
+    let proxy = start_proxy(config(DataPlaneMode::Kernel, instance, "")).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(
+            UPGRADE
+                .replace("\r\n\r\n", "\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let request = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        request.contains("X-Forwarded-For: 203.0.113.9, 127.0.0.1\r\n"),
+        "{request}"
+    );
+    assert!(request.contains("X-Forwarded-Proto: http\r\n"), "{request}");
+    proxy.stop().await;
+}
