@@ -91,7 +91,7 @@ impl KernelDataPlane {
         }
         let strp_offset_at = super::btf::strp_offset_location()?;
         let mut ebpf = EbpfLoader::new()
-            .set_global("STRP_OFFSET_AT", &strp_offset_at, true)
+            .override_global("STRP_OFFSET_AT", &strp_offset_at, true)
             .load(OBJECT)?;
         let mut take = |name: &'static str| {
             ebpf.take_map(name)

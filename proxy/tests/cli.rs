@@ -1,0 +1,149 @@
+//! The `wsedge` binary: `check` prints the effective config or names the bad field, and the
+//! data-plane choice behaves as documented when eBPF cannot load (run as an unprivileged
+//! user, where the kernel really refuses the programs).
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsedge");
+
+fn write_config(dir: &tempfile::TempDir, data_plane: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.path().join("wsedge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_plane = \"{data_plane}\"\n\
+             [[function]]\nname = \"echo\"\nroute = \"/echo\"\nupstreams = [\"127.0.0.1:9\"]\n{extra}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A temp dir the unprivileged user can read.
+fn readable_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Runs a copy of the binary (the checkout may sit where nobody cannot reach) as `nobody`.
+fn as_nobody(dir: &tempfile::TempDir, args: &[&str]) -> Command {
+    let bin = dir.path().join("wsedge");
+    std::fs::copy(BIN, &bin).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ]);
+    cmd.arg(&bin);
+    cmd.args(args);
+    cmd
+}
+
+#[test]
+fn check_prints_the_effective_config_with_defaults() {
+    let dir = readable_dir();
+    let path = write_config(&dir, "auto", "");
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("max_message_bytes = 262144"), "{text}");
+    assert!(text.contains("idle_timeout_s = 600"), "{text}");
+}
+
+#[test]
+fn check_names_the_bad_field_and_fails() {
+    let dir = readable_dir();
+    let path = write_config(&dir, "auto", "execution_timeout_s = 5\n");
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("function[0] (echo).execution_timeout_s"),
+        "{err}"
+    );
+    let path = write_config(&dir, "sometimes", "");
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("data_plane"));
+}
+
+#[test]
+fn kernel_data_plane_fails_at_start_when_ebpf_cannot_load() {
+    let dir = readable_dir();
+    let path = write_config(&dir, "kernel", "");
+    let out = as_nobody(&dir, &["run", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("data_plane = \"kernel\" but the eBPF programs cannot be loaded"),
+        "{err}"
+    );
+}
+
+#[test]
+fn auto_falls_back_to_userspace_with_one_log_line_saying_why() {
+    let dir = readable_dir();
+    let path = write_config(&dir, "auto", "");
+    let mut child = as_nobody(
+        &dir,
+        &["run", "--log-format", "json", "-c", path.to_str().unwrap()],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut fallback_lines = 0;
+    let mut plane = None;
+    while Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        let json: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let message = json["fields"]["message"].as_str().unwrap_or_default();
+        if message.contains("kernel data plane unavailable") {
+            fallback_lines += 1;
+            assert!(
+                json["fields"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| !r.is_empty()),
+                "{line}"
+            );
+        }
+        if message == "data plane ready" {
+            plane = json["fields"]["data_plane"].as_str().map(String::from);
+        }
+        if message == "wsedge serving" {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(fallback_lines, 1);
+    assert_eq!(plane.as_deref(), Some("userspace"));
+}
