@@ -24,6 +24,7 @@ use proxy_common::{
     frame::{close_code, header_len},
     maps::{FLAG_CLOSE_SEEN, FLAG_PROTOCOL_ERROR, MAX_CONNECTIONS},
     parse_header,
+    policy::check_frame,
 };
 
 /// Sockets whose incoming frames these programs parse and redirect (programs attached).
@@ -39,10 +40,6 @@ static TARGETS: SockHash<u64> = SockHash::with_max_entries(2 * MAX_CONNECTIONS, 
 /// Per-direction state, keyed by the cookie of the socket the frames arrive on.
 #[map]
 static SIDES: HashMap<u64, SideState> = HashMap::with_max_entries(2 * MAX_CONNECTIONS, 0);
-
-/// Largest frame the parser will assemble: a frame that does not fit the socket's receive
-/// buffer would make the strparser fail the socket anyway. Userspace sizes SO_RCVBUF above it.
-const MAX_FRAME_WIRE_LEN: u64 = proxy_common::maps::MAX_FRAME_WIRE_LEN;
 
 /// Byte offset from the `struct sk_buff` to its `strp_msg.offset`, found by userspace in the
 /// kernel's BTF and set at load time. The stream parser may hand us a head skb in which the
@@ -127,15 +124,13 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
     let (window, avail, _) = load_window(ctx).map_err(|()| EBADMSG)?;
     match parse_header(&window, avail) {
         HeaderParse::Incomplete { .. } => Ok(0),
-        HeaderParse::Complete(h) => {
-            let wire = h.wire_len();
-            if wire > MAX_FRAME_WIRE_LEN {
+        HeaderParse::Complete(h) => match check_frame(&h) {
+            Ok(()) => Ok(h.wire_len() as u32),
+            Err(_) => {
                 mark_side(ctx, FLAG_PROTOCOL_ERROR);
                 Err(EMSGSIZE)
-            } else {
-                Ok(wire as u32)
             }
-        }
+        },
         HeaderParse::Invalid(_) => {
             mark_side(ctx, FLAG_PROTOCOL_ERROR);
             Err(EBADMSG)

@@ -278,6 +278,28 @@ async fn a_client_that_vanishes_mid_frame_is_torn_down_cleanly(plane: DataPlaneM
     proxy.stop().await;
 }
 
+async fn a_frame_over_the_frame_limit_ends_the_connection(plane: DataPlaneMode) {
+    let proxy = start(plane).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let (head, _) = read_response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Let the splice settle, then announce a 1 MiB frame and start sending it.
+    s.write_all(&masked_frame(true, 1, b"ok")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let huge = masked_frame(true, 2, &payload(1 << 20, 3));
+    let _ = s.write_all(&huge[..64 * 1024]).await;
+    proxy.wait_no_connections().await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut rest),
+    )
+    .await;
+    assert!(read.is_ok(), "the client's connection was closed");
+    proxy.stop().await;
+}
+
 macro_rules! on_both_planes {
     ($($name:ident),* $(,)?) => {
         mod kernel {
@@ -307,4 +329,5 @@ on_both_planes!(
     frames_pipelined_with_the_handshake_are_forwarded_in_order,
     a_frame_sent_alone_right_after_the_101_is_not_stranded,
     a_client_that_vanishes_mid_frame_is_torn_down_cleanly,
+    a_frame_over_the_frame_limit_ends_the_connection,
 );

@@ -6,11 +6,16 @@ use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, SideState,
     frame::{HeaderError, close_code, header_len},
     parse_header,
+    policy::{FrameViolation, check_frame},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("invalid WebSocket frame header: {0:?}")]
-pub struct FrameError(pub HeaderError);
+pub enum FrameError {
+    #[error("invalid WebSocket frame header: {0:?}")]
+    Header(HeaderError),
+    #[error("frame refused: {0:?}")]
+    Policy(FrameViolation),
+}
 
 /// Where a stream stands between frame boundaries.
 #[derive(Debug, Default, Clone)]
@@ -73,8 +78,9 @@ impl FrameCursor {
                     self.header_have = avail;
                     return Ok(());
                 }
-                HeaderParse::Invalid(e) => return Err(FrameError(e)),
+                HeaderParse::Invalid(e) => return Err(FrameError::Header(e)),
                 HeaderParse::Complete(h) => {
+                    check_frame(&h).map_err(FrameError::Policy)?;
                     let consumed = h.header_len as usize - self.header_have;
                     chunk = &chunk[consumed..];
                     self.header_have = 0;
