@@ -47,15 +47,19 @@ fn as_nobody(dir: &tempfile::TempDir, args: &[&str]) -> Command {
     cmd
 }
 
+fn check(config: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_prints_the_effective_config_with_defaults() {
     let dir = readable_dir();
     let path = write_config(&dir, "auto", "");
-    let out = Command::new(BIN)
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert!(
         out.status.success(),
         "{}",
@@ -70,11 +74,7 @@ fn check_prints_the_effective_config_with_defaults() {
 fn check_names_the_bad_field_and_fails() {
     let dir = readable_dir();
     let path = write_config(&dir, "auto", "execution_timeout_s = 5\n");
-    let out = Command::new(BIN)
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -82,11 +82,7 @@ fn check_names_the_bad_field_and_fails() {
         "{err}"
     );
     let path = write_config(&dir, "sometimes", "");
-    let out = Command::new(BIN)
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("data_plane"));
 }

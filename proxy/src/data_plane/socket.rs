@@ -20,16 +20,16 @@ fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::R
     }
 }
 
-/// The kernel's unique, never-reused id of a socket: the key of the kernel maps.
-pub fn cookie(fd: &impl AsRawFd) -> io::Result<u64> {
-    let mut value: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the pointer and length describe a live u64.
+/// Reads a fixed-size socket option.
+fn getsockopt<T: Default>(fd: &impl AsRawFd, level: i32, name: i32) -> io::Result<T> {
+    let mut value = T::default();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe a live, writable T.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
+            level,
+            name,
             (&raw mut value).cast(),
             &mut len,
         )
@@ -39,6 +39,11 @@ pub fn cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The kernel's unique, never-reused id of a socket: the key of the kernel maps.
+pub fn cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
 /// Sizes the receive buffer so the stream parser can hold a whole maximal frame (the
@@ -85,19 +90,10 @@ pub fn bytes_queued_to_tcp(fd: &impl AsRawFd) -> io::Result<u64> {
 
 /// The pending socket error (SO_ERROR), if any.
 pub fn take_error(fd: &impl AsRawFd) -> Option<io::Error> {
-    let mut value: i32 = 0;
-    let mut len = size_of::<i32>() as libc::socklen_t;
-    // SAFETY: the pointer and length describe a live i32.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&raw mut value).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && value != 0).then(|| io::Error::from_raw_os_error(value))
+    match getsockopt::<i32>(fd, libc::SOL_SOCKET, libc::SO_ERROR) {
+        Ok(0) | Err(_) => None,
+        Ok(errno) => Some(io::Error::from_raw_os_error(errno)),
+    }
 }
 
 pub fn shutdown_write(fd: &impl AsRawFd) {
