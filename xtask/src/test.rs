@@ -27,7 +27,50 @@ pub fn run(harness_args: &[String]) -> Result<()> {
         // Node test peers `require("ws")` from here.
         test.env("NODE_PATH", dir);
     }
-    cmd::run(&mut test)
+    run_and_tally(&mut test)
+}
+
+/// Runs `cargo test`, echoing its output, and ends with one plain `N passed, N failed` line
+/// summed over every test binary (cargo's own last line is often an empty doc-test run).
+fn run_and_tally(test: &mut std::process::Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    println!("xtask: running `{}`", cmd::display(test));
+    let mut child = test
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(summary) = line.strip_prefix("test result: ") {
+            passed += count_before(summary, " passed");
+            failed += count_before(summary, " failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("xtask: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("`cargo test` failed ({status})");
+    }
+    if passed == 0 {
+        bail!("`cargo test` ran no test");
+    }
+    Ok(())
+}
+
+/// The number just before `label` in a libtest summary ("ok. 14 passed; 0 failed; ...").
+fn count_before(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(label)
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Where `npm install ws` puts the Node peer (tests use `NODE_PATH=<this>/node_modules`).
