@@ -70,9 +70,31 @@ fn init_logging(format: LogFormat) {
 
 #[tokio::main]
 async fn run(config: Config) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let server = Server::bind(config).await?;
     server.run(shutdown_signal()).await;
     Ok(())
+}
+
+/// Every WebSocket holds two descriptors; the default soft limit (often 1024) would cap a
+/// proxy at a few hundred connections, so take what the hard limit allows.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("could not raise the open-files limit");
+            }
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    tracing::info!(open_files = limit.rlim_cur, "open-files limit");
 }
 
 async fn shutdown_signal() {

@@ -2,8 +2,9 @@
 //!
 //! - `cargo xtask test [-- ARGS]`: set up what is missing, build everything, run every test.
 //! - `cargo xtask demo`: set up, build, run wsedge with `deploy/demo.toml` and the echo function.
-//! - `cargo xtask bench [--quick]`: not implemented yet.
+//! - `cargo xtask bench [--quick]`: wsedge against nginx and HAProxy, side by side.
 
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -34,9 +35,9 @@ enum Task {
     },
     /// Set up, build, and run wsedge with deploy/demo.toml and the demo echo function.
     Demo,
-    /// The side-by-side benchmark (not implemented yet).
+    /// The side-by-side benchmark: wsedge (kernel, userspace) against nginx and HAProxy.
     Bench {
-        /// A short run.
+        /// Only the edge and bulk workloads, 5 s each (under 5 minutes).
         #[arg(long)]
         quick: bool,
     },
@@ -47,7 +48,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Test { harness_args } => test::run(&harness_args),
         Task::Demo => demo::run(),
-        Task::Bench { quick: _ } => Err(anyhow::anyhow!("bench: not implemented yet: see issue 3")),
+        Task::Bench { quick } => bench::run(quick),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -54,7 +54,9 @@ async fn pump(
     direction: Direction,
     mut cursor: FrameCursor,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
+    // Per direction and connection: small enough that thousands of idle WebSockets stay
+    // cheap, large enough that a 64 KiB message moves in a few reads.
+    let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {

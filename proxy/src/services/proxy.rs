@@ -262,6 +262,9 @@ async fn complete_frame(
     dir: Direction,
 ) -> std::io::Result<()> {
     account(cursor, rest, conn, dir)?;
+    if cursor.at_boundary() {
+        return Ok(());
+    }
     let mut buf = vec![0u8; 64 * 1024];
     while !cursor.at_boundary() {
         let want = (cursor.needed_for_boundary() as usize).min(buf.len());
