@@ -1,1 +1,135 @@
-fn main() {}
+//! `bench echo` serves as the backend; `bench load` drives a URL and prints one JSON report.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use bench::{LoadConfig, Workload, run_echo, run_load, sys};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "WebSocket echo backend and load generator for wsedge")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a WebSocket echo server until killed.
+    Echo(EchoArgs),
+    /// Drive a WebSocket URL and print a JSON report.
+    Load(LoadArgs),
+}
+
+#[derive(Args)]
+struct EchoArgs {
+    /// Address to listen on; port 0 picks a free port (printed on stdout).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Event loops, each with its own SO_REUSEPORT listener.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// ws://IP:PORT/PATH
+    #[arg(long)]
+    url: String,
+    #[arg(long, value_enum)]
+    workload: Workload,
+    /// Connections (edge, bulk) or concurrent workers (handshake).
+    #[arg(long)]
+    connections: usize,
+    /// Messages per second per connection (edge).
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    #[arg(long)]
+    duration_s: f64,
+    #[arg(long, default_value_t = 2.0)]
+    warmup_s: f64,
+    /// Processes whose summed VmRSS is reported before and after connecting.
+    #[arg(long, num_args = 1..)]
+    rss_pid: Vec<u32>,
+    /// New connections per second while ramping up.
+    #[arg(long, default_value_t = 2000.0)]
+    connect_rate: f64,
+}
+
+fn secs(v: f64, name: &str) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(v).map_err(|_| format!("--{name} must be a non-negative number"))
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().cmd {
+        Cmd::Echo(a) => {
+            let nofile = sys::raise_nofile();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let stop = Arc::new(AtomicBool::new(false));
+            let server = std::thread::spawn(move || run_echo(a.listen, a.threads, tx, stop));
+            if let Ok(addr) = rx.recv() {
+                println!("listening on {addr}");
+                eprintln!("nofile limit {nofile}");
+                let _ = std::io::stdout().flush();
+            }
+            match server.join() {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => {
+                    eprintln!("echo: {e}");
+                    ExitCode::FAILURE
+                }
+                Err(_) => ExitCode::FAILURE,
+            }
+        }
+        Cmd::Load(a) => {
+            let cfg = match (
+                secs(a.duration_s, "duration-s"),
+                secs(a.warmup_s, "warmup-s"),
+            ) {
+                (Ok(duration), Ok(warmup)) => LoadConfig {
+                    url: a.url,
+                    workload: a.workload,
+                    connections: a.connections,
+                    rate: a.rate,
+                    size: a.size,
+                    duration,
+                    warmup,
+                    rss_pids: a.rss_pid,
+                    connect_rate: a.connect_rate,
+                },
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match run_load(&cfg) {
+                Ok(report) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&report).expect("report serializes")
+                    );
+                    if report.connections_established == 0 {
+                        eprintln!("error: no connection could be established");
+                        return ExitCode::FAILURE;
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

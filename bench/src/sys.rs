@@ -1,0 +1,140 @@
+//! Host facts the benchmark reports alongside its own numbers: descriptor limit, whole-machine
+//! CPU from /proc/stat (the proxy's cost includes softirq and kworker time no per-process
+//! counter shows) and the resident memory of the processes under test.
+
+use std::fs;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force.
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Aggregate CPU jiffies from the first `cpu` line of /proc/stat.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuTimes {
+    pub busy: u64,
+    pub total: u64,
+}
+
+pub fn cpu_times() -> CpuTimes {
+    fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| parse_cpu_line(s.lines().next()?))
+        .unwrap_or_default()
+}
+
+fn parse_cpu_line(line: &str) -> Option<CpuTimes> {
+    let mut it = line.split_ascii_whitespace();
+    if it.next()? != "cpu" {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is
+    // already included in user/nice, so it is left out of both sums.
+    let f: Vec<u64> = it.take(8).map(|v| v.parse().unwrap_or(0)).collect();
+    if f.len() < 4 {
+        return None;
+    }
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
+    Some(CpuTimes {
+        busy,
+        total: busy + get(3) + get(4),
+    })
+}
+
+pub fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// Sum of VmRSS (kB) over `pids`; a process that is gone counts as 0.
+pub fn rss_kb(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_ascii_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// xorshift64*: handshake keys and mask keys need unpredictability across runs, not
+/// cryptographic strength, and must not cost a syscall per frame.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn seeded() -> Rng {
+        let mut b = [0u8; 8];
+        // SAFETY: writes at most 8 bytes into `b`.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        let mut seed = u64::from_ne_bytes(b);
+        if n != 8 {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            seed = t ^ (std::process::id() as u64) << 32;
+        }
+        Rng(seed | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_ne_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+
+    /// A mask key; never all-zero, so masking always changes the bytes on the wire.
+    pub fn mask(&mut self) -> [u8; 4] {
+        let v = (self.next_u64() >> 32) as u32;
+        (if v == 0 { 0x5A5A_5A5A } else { v }).to_ne_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_line_sums_exclude_guest() {
+        let t = parse_cpu_line("cpu  10 1 5 100 4 2 3 1 50 50").unwrap();
+        assert_eq!((t.busy, t.total), (22, 126));
+        assert!(parse_cpu_line("intr 1 2 3").is_none());
+    }
+
+    #[test]
+    fn own_rss_is_visible() {
+        assert!(rss_kb(&[std::process::id()]) > 0);
+        assert_eq!(rss_kb(&[u32::MAX]), 0);
+    }
+}
