@@ -27,16 +27,20 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     stream: &mut S,
     limit: usize,
 ) -> Result<Head, HeadError> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
+    // Starts small and grows: upgrade heads are a few hundred bytes, and thousands of
+    // handshakes may be in flight at once.
+    let mut buf = Vec::with_capacity(512);
     loop {
-        let n = stream.read(&mut chunk).await?;
+        if buf.len() == buf.capacity() {
+            buf.reserve(buf.len().clamp(512, 8192));
+        }
+        let before = buf.len();
+        let n = stream.read_buf(&mut buf).await?;
         if n == 0 {
             return Err(HeadError::Closed);
         }
         // Only the new bytes and the 3 before them can complete a terminator.
-        let search_from = buf.len().saturating_sub(3);
-        buf.extend_from_slice(&chunk[..n]);
+        let search_from = before.saturating_sub(3);
         if let Some(end) = find_terminator(&buf[search_from..]) {
             let end = search_from + end + 4;
             if end > limit {

@@ -61,7 +61,9 @@ impl From<HandshakeError> for Failure {
 
 pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
-    let upgraded = match upgrade(&state, &mut client, peer).await {
+    // Boxed phases: the handshake's buffers live in their own allocation, freed before the
+    // connection's long life starts, instead of sizing this task's future for its whole life.
+    let upgraded = match Box::pin(upgrade(&state, &mut client, peer)).await {
         Ok(upgraded) => upgraded,
         Err(Failure::ClientGone) => return,
         Err(Failure::Respond(e)) => {
@@ -81,7 +83,7 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
     let conn = registered.conn.clone();
     info!(id = %conn.id, function = %conn.function, instance = %conn.instance, client = %peer,
           data_plane = conn.data_plane, "connection upgraded");
-    let result = carry(&data_plane, client, upgraded, &conn, &state).await;
+    let result = Box::pin(carry(&data_plane, client, upgraded, &conn, &state)).await;
     let view = conn.view(&DataPlane::Userspace);
     match result {
         Ok(()) => info!(id = %conn.id, bytes_in = view.bytes_in, bytes_out = view.bytes_out,
