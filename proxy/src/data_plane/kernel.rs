@@ -7,16 +7,16 @@
 //!    whichever side sends first, its peer is already a valid redirect target;
 //! 3. a receive-path kick makes the parser look at bytes that arrived before insertion.
 //!
-//! Teardown: FIN on one side is noticed by polling only for read-hangup (the parser consumes
-//! the data, so the socket never turns readable for it); the peer's write side is shut only
-//! once everything the kernel redirected has reached the peer's TCP send queue; map entries
-//! go only when both directions are done, because a redirect to a removed socket drops data.
+//! Teardown: FIN on one side is noticed by the hang-up watcher (the parser consumes the data,
+//! so the socket never turns readable for it); the peer's write side is shut only once
+//! everything the kernel redirected has reached the peer's TCP send queue; map entries go
+//! only when both directions are done, because a redirect to a removed socket drops data.
 
 use std::{
     io,
     net::TcpStream,
     os::fd::AsRawFd,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -26,9 +26,11 @@ use aya::{
     programs::SkSkb,
 };
 use proxy_common::{SideState, maps::MAX_FRAME_WIRE_LEN};
-use tokio::io::{Interest, unix::AsyncFd};
 
-use super::socket;
+use super::{
+    hangup::{Hangup, HangupWatcher},
+    socket,
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
@@ -44,6 +46,8 @@ pub enum LoadError {
     Map(&'static str, String),
     #[error("eBPF program {0}: {1}")]
     Program(&'static str, String),
+    #[error("starting the hang-up watcher: {0}")]
+    Runtime(String),
 }
 
 struct Maps {
@@ -53,7 +57,8 @@ struct Maps {
 }
 
 pub struct KernelDataPlane {
-    maps: Mutex<Maps>,
+    maps: Arc<Mutex<Maps>>,
+    hangups: HangupWatcher<Spliced>,
     /// Owns the loaded programs and their attachments for the process lifetime.
     _ebpf: Ebpf,
 }
@@ -118,24 +123,30 @@ impl KernelDataPlane {
                 .attach(spliced.fd())
                 .map_err(|e| LoadError::Program(name, e.to_string()))?;
         }
+        let maps = Arc::new(Mutex::new(Maps {
+            spliced,
+            targets,
+            sides,
+        }));
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|e| LoadError::Runtime(e.to_string()))?;
+        let hangups = HangupWatcher::start({
+            let maps = maps.clone();
+            move |hangup: Hangup<Spliced>| {
+                runtime.spawn(half_close(maps.clone(), hangup.conn, hangup.from_client));
+            }
+        })
+        .map_err(|e| LoadError::Runtime(e.to_string()))?;
         Ok(KernelDataPlane {
-            maps: Mutex::new(Maps {
-                spliced,
-                targets,
-                sides,
-            }),
+            maps,
+            hangups,
             _ebpf: ebpf,
         })
     }
 
     /// Kernel counters of one direction, keyed by the cookie of the receiving socket.
     pub fn side(&self, cookie: u64) -> Option<SideState> {
-        self.maps
-            .lock()
-            .expect("maps lock")
-            .sides
-            .get(&cookie, 0)
-            .ok()
+        side_of(&self.maps, cookie)
     }
 
     fn insert(
@@ -213,68 +224,129 @@ impl KernelDataPlane {
             socket::kick_receive_path(s)?;
         }
         on_spliced(pair);
-        let end = self.supervise(client, instance, pair, written).await;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let conn = Arc::new(Spliced {
+            client,
+            instance,
+            pair,
+            written,
+            progress: Mutex::new(Progress {
+                client_done: false,
+                instance_done: false,
+                done: Some(done_tx),
+            }),
+        });
+        let watched = self
+            .hangups
+            .watch(pair.client, conn.client.as_raw_fd(), conn.clone(), true)
+            .and_then(|()| {
+                self.hangups.watch(
+                    pair.instance,
+                    conn.instance.as_raw_fd(),
+                    conn.clone(),
+                    false,
+                )
+            });
+        let end = match watched {
+            Ok(()) => done_rx
+                .await
+                .unwrap_or_else(|_| SpliceEnd::Aborted(io::Error::other("teardown lost"))),
+            Err(e) => SpliceEnd::Aborted(e),
+        };
+        self.hangups.forget(pair.client);
+        self.hangups.forget(pair.instance);
         let (inbound, outbound) = self.remove(pair);
         Ok((end, inbound, outbound))
     }
+}
 
-    async fn supervise(
-        &self,
-        client: TcpStream,
-        instance: TcpStream,
-        pair: SplicedPair,
-        written: WrittenByHand,
-    ) -> SpliceEnd {
-        let (client, instance) = match (watch_hangup(client), watch_hangup(instance)) {
-            (Ok(c), Ok(i)) => (c, i),
-            (Err(e), _) | (_, Err(e)) => return SpliceEnd::Aborted(e),
-        };
-        let (mut client_done, mut instance_done) = (false, false);
-        while !(client_done && instance_done) {
-            let closed = tokio::select! {
-                r = read_hangup(&client), if !client_done => r.map(|()| true),
-                r = read_hangup(&instance), if !instance_done => r.map(|()| false),
-            };
-            let from_client = match closed {
-                Ok(from_client) => from_client,
-                Err(e) => return SpliceEnd::Aborted(e),
-            };
-            let (from, to, to_written) = if from_client {
-                client_done = true;
-                (pair.client, instance.get_ref(), written.to_instance)
-            } else {
-                instance_done = true;
-                (pair.instance, client.get_ref(), written.to_client)
-            };
-            if let Err(e) = self.flush(from, to, to_written).await {
-                return SpliceEnd::Aborted(e);
-            }
-            socket::shutdown_write(to);
+/// A spliced connection while the kernel carries it; its sockets close when the last
+/// reference (the splice or a teardown task) goes.
+pub struct Spliced {
+    client: TcpStream,
+    instance: TcpStream,
+    pair: SplicedPair,
+    written: WrittenByHand,
+    progress: Mutex<Progress>,
+}
+
+struct Progress {
+    client_done: bool,
+    instance_done: bool,
+    /// Wakes the splice once both directions are done, or one failed.
+    done: Option<tokio::sync::oneshot::Sender<SpliceEnd>>,
+}
+
+impl Spliced {
+    fn finish(&self, end: SpliceEnd) {
+        if let Some(done) = self.progress.lock().expect("progress").done.take() {
+            let _ = done.send(end);
         }
-        SpliceEnd::Closed
     }
+}
 
-    /// Waits until every byte the kernel redirected from `from` sits in `to`'s TCP queue.
-    async fn flush(&self, from: u64, to: &TcpStream, to_written: u64) -> io::Result<()> {
-        let deadline = Instant::now() + FLUSH_TIMEOUT;
-        let mut pause = Duration::from_micros(200);
-        loop {
-            let redirected = self.side(from).map_or(0, |s| s.bytes);
-            if socket::bytes_queued_to_tcp(to)? >= to_written + redirected {
-                return Ok(());
-            }
-            if let Some(e) = socket::take_error(to) {
-                return Err(e);
-            }
-            if Instant::now() > deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "redirected bytes not flushed",
-                ));
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
+fn side_of(maps: &Mutex<Maps>, cookie: u64) -> Option<SideState> {
+    maps.lock().expect("maps lock").sides.get(&cookie, 0).ok()
+}
+
+/// One side sent FIN (or failed): pass the FIN on once the kernel's redirected bytes are out.
+async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_client: bool) {
+    let (from, from_cookie, to, to_written) = if from_client {
+        (
+            &conn.client,
+            conn.pair.client,
+            &conn.instance,
+            conn.written.to_instance,
+        )
+    } else {
+        (
+            &conn.instance,
+            conn.pair.instance,
+            &conn.client,
+            conn.written.to_client,
+        )
+    };
+    if let Some(e) = socket::take_error(from) {
+        return conn.finish(SpliceEnd::Aborted(e));
+    }
+    if let Err(e) = flush(&maps, from_cookie, to, to_written).await {
+        return conn.finish(SpliceEnd::Aborted(e));
+    }
+    socket::shutdown_write(to);
+    let both = {
+        let mut p = conn.progress.lock().expect("progress");
+        if from_client {
+            p.client_done = true
+        } else {
+            p.instance_done = true
         }
+        p.client_done && p.instance_done
+    };
+    if both {
+        conn.finish(SpliceEnd::Closed);
+    }
+}
+
+/// Waits until every byte the kernel redirected from `from` sits in `to`'s TCP queue.
+async fn flush(maps: &Mutex<Maps>, from: u64, to: &TcpStream, to_written: u64) -> io::Result<()> {
+    let deadline = Instant::now() + FLUSH_TIMEOUT;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        let redirected = side_of(maps, from).map_or(0, |s| s.bytes);
+        if socket::bytes_queued_to_tcp(to)? >= to_written + redirected {
+            return Ok(());
+        }
+        if let Some(e) = socket::take_error(to) {
+            return Err(e);
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "redirected bytes not flushed",
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -288,27 +360,4 @@ fn verifier_summary(e: &aya::programs::ProgramError) -> String {
         lines.first().copied().unwrap_or_default(),
         lines[tail..].join(" | ")
     )
-}
-
-/// Registers a spliced socket with the runtime for read readiness, which is how epoll
-/// reports a FIN (EPOLLRDHUP) or an error.
-fn watch_hangup(socket: TcpStream) -> io::Result<AsyncFd<TcpStream>> {
-    // SAFETY: the AsyncFd owns the socket; nothing else closes or replaces its descriptor.
-    unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }.map_err(io::Error::from)
-}
-
-/// Resolves when the peer has shut its write side (FIN); errors on reset or socket error.
-async fn read_hangup(fd: &AsyncFd<TcpStream>) -> io::Result<()> {
-    loop {
-        let mut guard = fd.readable().await?;
-        if let Some(e) = socket::take_error(fd.get_ref()) {
-            return Err(e);
-        }
-        if guard.ready().is_read_closed() {
-            return Ok(());
-        }
-        // Readable without a hangup: the parser consumes data without waking readers, so
-        // this is a wake-up for something else; wait for the next one.
-        guard.clear_ready();
-    }
 }

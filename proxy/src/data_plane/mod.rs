@@ -1,6 +1,7 @@
 //! The two data planes that carry frames after the handshake, and how one is chosen.
 
 pub mod btf;
+pub mod hangup;
 pub mod kernel;
 pub mod relay;
 pub mod socket;

@@ -173,11 +173,41 @@ async fn connect_instance(
 /// Carries the WebSocket on the chosen data plane until it ends.
 async fn carry(
     data_plane: &DataPlane,
+    client: TcpStream,
+    up: Upgraded,
+    conn: &Connection,
+    state: &AppState,
+) -> std::io::Result<()> {
+    // Boxed so its buffers and timers are freed before the connection's long life; what
+    // stays alive while the kernel carries frames is only the small splice wait.
+    let (client, up, cursors) = Box::pin(hand_over(data_plane, client, up, conn, state)).await?;
+    match data_plane {
+        DataPlane::Userspace => Box::pin(relay::relay(client, up.instance, conn, cursors)).await,
+        DataPlane::Kernel(k) => {
+            let (end, inbound, outbound) = k
+                .splice(client, up.instance, up.written, |pair| {
+                    conn.set_spliced(pair)
+                })
+                .await?;
+            conn.absorb_kernel(inbound, outbound);
+            debug!(id = %conn.id, ?end, "splice ended");
+            match end {
+                SpliceEnd::Closed => Ok(()),
+                SpliceEnd::Aborted(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// Forwards, by hand, what either side sent past its handshake head (on the kernel path up
+/// to a frame boundary, so the parser starts on a header), accounting it.
+async fn hand_over(
+    data_plane: &DataPlane,
     mut client: TcpStream,
     mut up: Upgraded,
     conn: &Connection,
     state: &AppState,
-) -> std::io::Result<()> {
+) -> std::io::Result<(TcpStream, Upgraded, [FrameCursor; 2])> {
     let mut cursors = [FrameCursor::default(), FrameCursor::default()];
     let kernel = matches!(data_plane, DataPlane::Kernel(_));
     if kernel {
@@ -227,22 +257,9 @@ async fn carry(
     client.write_all(&up.instance_rest).await?;
     up.written.to_instance += up.client_rest.len() as u64;
     up.written.to_client += up.instance_rest.len() as u64;
-    match data_plane {
-        DataPlane::Userspace => relay::relay(client, up.instance, conn, cursors).await,
-        DataPlane::Kernel(k) => {
-            let (end, inbound, outbound) = k
-                .splice(client, up.instance, up.written, |pair| {
-                    conn.set_spliced(pair)
-                })
-                .await?;
-            conn.absorb_kernel(inbound, outbound);
-            debug!(id = %conn.id, ?end, "splice ended");
-            match end {
-                SpliceEnd::Closed => Ok(()),
-                SpliceEnd::Aborted(e) => Err(e),
-            }
-        }
-    }
+    up.client_rest = Vec::new();
+    up.instance_rest = Vec::new();
+    Ok((client, up, cursors))
 }
 
 fn account(
