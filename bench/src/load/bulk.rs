@@ -4,25 +4,9 @@
 use std::io;
 use std::time::Instant;
 
-use mio::Registry;
-
 use super::meter::{Meter, Stage};
 use super::payload::Payloads;
-use super::{Client, Ctx, LoadConfig, drain, poll_once, pump};
-
-fn send_one(registry: &Registry, m: &mut Meter, payloads: &mut Payloads, c: &mut Client) {
-    let frame = payloads.frame(m.now_ns());
-    match c.send(registry, &frame) {
-        Ok(()) => {
-            c.in_flight += 1;
-            m.on_sent();
-        }
-        Err(_) => {
-            m.errors += 1;
-            c.kill();
-        }
-    }
-}
+use super::{Client, Ctx, LoadConfig, drain, poll_once, pump, send_one};
 
 pub(super) fn run(
     ctx: &mut Ctx,
@@ -33,7 +17,8 @@ pub(super) fn run(
     let mut payloads = Payloads::new(cfg.size, &mut ctx.rng);
     m.tick(Instant::now());
     for c in clients.iter_mut().filter(|c| c.is_open()) {
-        send_one(ctx.poll.registry(), m, &mut payloads, c);
+        let sent_ns = m.now_ns();
+        send_one(ctx.poll.registry(), m, &mut payloads, c, sent_ns);
     }
     loop {
         let now = Instant::now();
@@ -47,7 +32,8 @@ pub(super) fn run(
             };
             pump(c, ev, ctx.poll.registry(), &mut ctx.scratch, m);
             if c.is_open() && c.in_flight == 0 {
-                send_one(ctx.poll.registry(), m, &mut payloads, c);
+                let sent_ns = m.now_ns();
+                send_one(ctx.poll.registry(), m, &mut payloads, c, sent_ns);
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::meter::{Meter, Stage};
 use super::payload::Payloads;
-use super::{Client, Ctx, LoadConfig, drain, poll_once, pump};
+use super::{Client, Ctx, LoadConfig, drain, poll_once, pump, send_one};
 
 /// A send this far behind its slot counts as late (the poll timer has 1 ms resolution).
 const LATE: Duration = Duration::from_millis(2);
@@ -42,17 +42,8 @@ pub(super) fn run(
                 if at.saturating_duration_since(due(k)) > LATE {
                     m.on_late();
                 }
-                let frame = payloads.frame(m.ns(at));
-                match c.send(ctx.poll.registry(), &frame) {
-                    Ok(()) => {
-                        c.in_flight += 1;
-                        m.on_sent();
-                    }
-                    Err(_) => {
-                        m.errors += 1;
-                        c.kill();
-                    }
-                }
+                let sent_ns = m.ns(at);
+                send_one(ctx.poll.registry(), m, &mut payloads, c, sent_ns);
             }
             k += 1;
         }

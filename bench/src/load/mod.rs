@@ -257,6 +257,27 @@ fn report(
     }
 }
 
+/// Sends one timestamped frame; a failed send ends that connection and counts as an error.
+fn send_one(
+    registry: &Registry,
+    m: &mut Meter,
+    payloads: &mut payload::Payloads,
+    c: &mut Client,
+    sent_ns: u64,
+) {
+    let frame = payloads.frame(sent_ns);
+    match c.send(registry, &frame) {
+        Ok(()) => {
+            c.in_flight += 1;
+            m.on_sent();
+        }
+        Err(_) => {
+            m.errors += 1;
+            c.kill();
+        }
+    }
+}
+
 fn poll_once(ctx: &mut Ctx, timeout: Duration) -> io::Result<()> {
     match ctx.poll.poll(&mut ctx.events, Some(timeout)) {
         Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
