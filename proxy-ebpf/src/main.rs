@@ -153,7 +153,8 @@ pub fn ws_forward(ctx: SkBuffContext) -> u32 {
 /// Accounts one whole frame and redirects it to the peer's egress.
 fn try_ws_forward(ctx: &SkBuffContext) -> Result<u32, ()> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    // A socket without state was not spliced by us: leave its bytes to userspace.
+    // Every spliced socket gets its state before it enters SPLICED and keeps it until it has
+    // left, so a frame without state cannot occur; if one did, it would be dropped.
     let side = SIDES.get_ptr_mut(cookie).ok_or(())?;
     let side = unsafe { &mut *side };
     let (window, avail, offset) = load_window(ctx)?;

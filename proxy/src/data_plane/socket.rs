@@ -20,9 +20,16 @@ fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::R
     }
 }
 
-/// Reads a fixed-size socket option.
-fn getsockopt<T: Default>(fd: &impl AsRawFd, level: i32, name: i32) -> io::Result<T> {
-    let mut value = T::default();
+/// Reads a socket option into `value`.
+///
+/// # Safety
+/// `T` must be plain data for which any bytes the kernel writes are a valid value.
+unsafe fn getsockopt_into<T>(
+    fd: &impl AsRawFd,
+    level: i32,
+    name: i32,
+    value: &mut T,
+) -> io::Result<()> {
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: the pointer and length describe a live, writable T.
     let rc = unsafe {
@@ -30,15 +37,27 @@ fn getsockopt<T: Default>(fd: &impl AsRawFd, level: i32, name: i32) -> io::Resul
             fd.as_raw_fd(),
             level,
             name,
-            (&raw mut value).cast(),
+            std::ptr::from_mut(value).cast(),
             &mut len,
         )
     };
     if rc == 0 {
-        Ok(value)
+        Ok(())
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Reads an integer socket option.
+fn getsockopt<T: Default + Copy + Into<i128>>(
+    fd: &impl AsRawFd,
+    level: i32,
+    name: i32,
+) -> io::Result<T> {
+    let mut value = T::default();
+    // SAFETY: integers are valid for any bit pattern.
+    unsafe { getsockopt_into(fd, level, name, &mut value) }?;
+    Ok(value)
 }
 
 /// The kernel's unique, never-reused id of a socket: the key of the kernel maps.
@@ -64,21 +83,9 @@ pub fn kick_receive_path(fd: &impl AsRawFd) -> io::Result<()> {
 
 /// Bytes handed to this socket's TCP send path so far: acknowledged plus still queued.
 pub fn bytes_queued_to_tcp(fd: &impl AsRawFd) -> io::Result<u64> {
-    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes.
+    // SAFETY: tcp_info is plain integers; zero is valid and so is whatever the kernel writes.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { getsockopt_into(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info) }?;
     let mut unacked: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut unacked) };

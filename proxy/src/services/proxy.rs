@@ -80,16 +80,17 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
         peer,
         data_plane.name(),
     );
-    let conn = registered.conn.clone();
+    let conn = &registered.conn;
     info!(id = %conn.id, function = %conn.function, instance = %conn.instance, client = %peer,
           data_plane = conn.data_plane, "connection upgraded");
-    let result = Box::pin(carry(&data_plane, client, upgraded, &conn, &state)).await;
-    let view = conn.view(&DataPlane::Userspace);
+    let result = Box::pin(carry(&data_plane, client, upgraded, conn, &state)).await;
+    // The kernel's final counters were absorbed when the splice ended: only userspace's now.
+    let ([inbound, outbound], _) = conn.totals(None);
     match result {
-        Ok(()) => info!(id = %conn.id, bytes_in = view.bytes_in, bytes_out = view.bytes_out,
-                        messages_in = view.messages_in, messages_out = view.messages_out, "connection ended"),
+        Ok(()) => info!(id = %conn.id, bytes_in = inbound.bytes, bytes_out = outbound.bytes,
+                        messages_in = inbound.messages, messages_out = outbound.messages, "connection ended"),
         Err(e) => {
-            warn!(id = %conn.id, error = %e, bytes_in = view.bytes_in, bytes_out = view.bytes_out,
+            warn!(id = %conn.id, error = %e, bytes_in = inbound.bytes, bytes_out = outbound.bytes,
                         "connection ended abnormally")
         }
     }
