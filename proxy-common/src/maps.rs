@@ -23,6 +23,9 @@ pub struct SideState {
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last frame.
     pub last_activity_ns: u64,
     pub tracker: MessageTracker,
+    /// `bpf_ktime_get_ns` of the first close frame: which side closed first decides the
+    /// function status.
+    pub close_at_ns: u64,
     /// Status code of the first close frame seen, 1005 when it carried none.
     pub close_code: u32,
     pub flags: u32,
@@ -61,6 +64,8 @@ impl SideState {
         if self.flags & FLAG_CLOSE_SEEN == 0 {
             self.flags |= FLAG_CLOSE_SEEN;
             self.close_code = code as u32;
+            // `account` ran for this frame just before: its time is the close's time.
+            self.close_at_ns = self.last_activity_ns;
         }
     }
 }

@@ -1,7 +1,74 @@
-//! Decisions both data planes take the same way. Today: which frames are accepted at all.
-//! (Per-function quotas, 1009/1008 closes and throttling build on this module.)
+//! Decisions both data planes take the same way: which frames are accepted at all, what the
+//! client is told when the function's side ends, and the function status of an ended
+//! connection (SPEC.md "Behaviour"). Per-function quotas build on this module.
 
-use crate::{FrameHeader, maps::MAX_FRAME_WIRE_LEN};
+use crate::{
+    FrameHeader, SideState,
+    maps::{FLAG_CLOSE_SEEN, MAX_FRAME_WIRE_LEN},
+};
+
+/// Close code the proxy sends the client when the instance's side ended (TCP FIN or reset)
+/// without a close frame of its own: the instance crashed, was killed or dropped the socket.
+pub const CLOSE_INSTANCE_FAILED: u16 = 1011;
+
+/// `Some(code)` when the proxy must close the client itself because the instance's side ended
+/// before the instance sent a close frame (`function_side` counts instance -> client).
+#[inline(always)]
+pub fn close_for_instance_end(function_side: &SideState) -> Option<u16> {
+    if function_side.flags & FLAG_CLOSE_SEEN == 0 {
+        Some(CLOSE_INSTANCE_FAILED)
+    } else {
+        None
+    }
+}
+
+/// What ended a connection, apart from the close frames each side sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The sockets closed: by close handshake, or by one side dropping TCP.
+    Closed,
+    /// The instance's side ended without the instance sending a close frame.
+    InstanceFailed,
+    /// No frame either way for `idle_timeout_s`.
+    IdleTimeout,
+    /// Open longer than `execution_timeout_s`.
+    ExecutionTimeout,
+    /// The proxy closed it for a quota (1008 rate, 1009 size).
+    Quota,
+}
+
+/// The function status of an ended connection (SPEC.md's second table), from how it ended
+/// and the first close frame of each direction (`client_side` counts client -> instance).
+pub fn function_status(ending: Ending, client_side: &SideState, function_side: &SideState) -> u16 {
+    match ending {
+        Ending::Quota => return 429,
+        Ending::ExecutionTimeout => return 433,
+        Ending::IdleTimeout => return 455,
+        Ending::InstanceFailed => return 439,
+        Ending::Closed => {}
+    }
+    let client_closed = client_side.flags & FLAG_CLOSE_SEEN != 0;
+    let function_closed = function_side.flags & FLAG_CLOSE_SEEN != 0;
+    let client_first = match (client_closed, function_closed) {
+        (true, true) => client_side.close_at_ns <= function_side.close_at_ns,
+        (true, false) => true,
+        (false, true) => false,
+        // Neither sent a close frame: the client dropped TCP (a function dropping it is
+        // `InstanceFailed`).
+        (false, false) => return 456,
+    };
+    if client_first {
+        match client_side.close_code {
+            1000 | 1010 => 200,
+            _ => 456,
+        }
+    } else {
+        match function_side.close_code {
+            1000 | 1011 => 200,
+            _ => 439,
+        }
+    }
+}
 
 /// Why a frame ends the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +91,39 @@ pub fn check_frame(h: &FrameHeader) -> Result<(), FrameViolation> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn closed(code: u16, at: u64) -> SideState {
+        let mut side = SideState {
+            last_activity_ns: at,
+            ..SideState::default()
+        };
+        side.record_close(code);
+        side
+    }
+
+    #[test]
+    fn status_follows_whoever_closed_first_and_their_code() {
+        let none = SideState::default();
+        let s = |c: &SideState, f: &SideState| function_status(Ending::Closed, c, f);
+        assert_eq!(s(&closed(1000, 1), &closed(1000, 2)), 200);
+        assert_eq!(s(&closed(1010, 1), &none), 200);
+        assert_eq!(s(&closed(4000, 1), &closed(1000, 2)), 456);
+        assert_eq!(s(&closed(1000, 3), &closed(1011, 2)), 200);
+        assert_eq!(s(&closed(1000, 3), &closed(4001, 2)), 439);
+        assert_eq!(s(&none, &closed(1010, 2)), 439);
+        assert_eq!(s(&none, &none), 456);
+        let f = |e| function_status(e, &none, &none);
+        assert_eq!(f(Ending::InstanceFailed), 439);
+        assert_eq!(f(Ending::IdleTimeout), 455);
+        assert_eq!(f(Ending::ExecutionTimeout), 433);
+        assert_eq!(f(Ending::Quota), 429);
+    }
+
+    #[test]
+    fn the_client_is_closed_with_1011_only_when_the_instance_sent_no_close() {
+        assert_eq!(close_for_instance_end(&SideState::default()), Some(1011));
+        assert_eq!(close_for_instance_end(&closed(1000, 1)), None);
+    }
 
     #[test]
     fn a_256_kib_message_in_one_frame_is_accepted_and_a_larger_frame_is_not() {

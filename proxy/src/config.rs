@@ -36,6 +36,10 @@ pub struct Config {
     /// The functions: each a route and the instances that serve it.
     #[serde(default, rename = "function")]
     pub functions: Vec<FunctionConfig>,
+    /// Directory of the config file: relative `command` paths and instances' working
+    /// directory resolve against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -84,6 +88,10 @@ pub struct ServerConfig {
     /// On SIGTERM, how long open connections get to close before they are cut, in seconds.
     #[serde(default = "default_drain_timeout_s")]
     pub drain_timeout_s: u64,
+    /// Most open connections (handshakes included) from one client IP; beyond, 429.
+    /// Unset: no per-IP limit.
+    #[serde(default)]
+    pub max_connections_per_ip: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -96,39 +104,92 @@ pub struct FunctionConfig {
     /// Optional Host header (without port) the route also requires.
     #[serde(default)]
     pub host: Option<String>,
-    /// Command that starts an instance (a WebSocket server on $PORT).
+    /// Command that starts an instance (a WebSocket server on 0.0.0.0:$PORT); a relative
+    /// program path resolves against the config file's directory.
     #[serde(default)]
     pub command: Option<Vec<String>>,
     /// Fixed instances ("host:port"), instead of `command`.
     #[serde(default)]
     pub upstreams: Vec<String>,
-    /// Port spawned instances listen on, passed as $PORT.
+    /// Port spawned instances listen on, passed as $PORT (with isolation "none" each
+    /// instance gets a free port instead).
     #[serde(default = "default_port")]
     pub port: u16,
-    /// "netns" (an instance per network namespace) or "none".
+    /// Where spawned instances run: "netns" (each in its own network namespace; the default
+    /// when wsedge runs as root) or "none" (the host's network, a distinct $PORT each).
     #[serde(default)]
-    pub isolation: Option<String>,
+    pub isolation: Option<Isolation>,
     /// Instance memory, for GB-s billing.
     #[serde(default = "default_memory_mb")]
     pub memory_mb: u32,
-    /// Connections one instance serves at once.
+    /// Connections one spawned instance serves at once.
     #[serde(default = "default_instance_concurrency")]
     pub instance_concurrency: u32,
-    /// Most instances at once; beyond, new connections get 429.
+    /// Most spawned instances at once; when all are busy, new connections get 429.
     #[serde(default = "default_max_instances")]
     pub max_instances: u32,
+    /// Time a spawned instance has to listen on its port, in milliseconds; then 504.
+    #[serde(default = "default_start_timeout_ms")]
+    pub start_timeout_ms: u64,
+    /// Seconds an instance without connections is kept running for the next one (then it
+    /// is stopped: scale to zero).
+    #[serde(default = "default_keep_warm_s")]
+    pub keep_warm_s: u64,
     /// Seconds without a frame either way before the connection is closed (10..=7200).
     #[serde(default = "default_idle_timeout_s")]
     pub idle_timeout_s: u64,
     /// Longest a connection may stay open, in seconds (>= idle_timeout_s).
     #[serde(default = "default_execution_timeout_s")]
     pub execution_timeout_s: u64,
-    /// "none", or { hmac_key_env = "VAR" } for signed upgrades.
+    /// "none", or { hmac_key_env = "VAR" }: upgrades must be signed with the key in $VAR.
     #[serde(default)]
-    pub auth: Option<toml::Value>,
+    pub auth: Auth,
+    /// Origins allowed to connect (exact, case-insensitive); empty allows any. Requests
+    /// without an Origin header (non-browser clients) are always allowed.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
     /// Per-connection quotas.
     #[serde(default)]
     pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Each instance in its own network namespace, listening on `port`.
+    Netns,
+    /// Instances share the host's network, each on a distinct free port.
+    None,
+}
+
+/// How upgrades to a function are authenticated.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Auth {
+    /// `auth = "none"`.
+    Named(AuthName),
+    /// `auth = { hmac_key_env = "VAR" }`.
+    Hmac(HmacAuth),
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth::Named(AuthName::None)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthName {
+    /// Anyone may connect.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HmacAuth {
+    /// Environment variable that holds the HMAC-SHA256 key (read at start).
+    pub hmac_key_env: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -201,6 +262,12 @@ fn default_instance_concurrency() -> u32 {
 fn default_max_instances() -> u32 {
     100
 }
+fn default_start_timeout_ms() -> u64 {
+    10_000
+}
+fn default_keep_warm_s() -> u64 {
+    300
+}
 fn default_idle_timeout_s() -> u64 {
     600
 }
@@ -226,10 +293,14 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.into(),
             source: Box::new(source),
         })?;
+        config.base_dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         config.validate()?;
         Ok(config)
     }
@@ -261,14 +332,31 @@ impl Config {
                 return Err(invalid(at("route"), "must be a path starting with '/'"));
             }
             match (&f.command, f.upstreams.is_empty()) {
-                (Some(_), _) => {
+                (Some(_), false) => {
+                    return Err(invalid(at("command"), "give command or upstreams, not both"));
+                }
+                (Some(command), true) if command.first().is_none_or(|p| p.is_empty()) => {
+                    return Err(invalid(at("command"), "needs a program to run"));
+                }
+                (None, true) => return Err(invalid(at("command"), "give command or upstreams")),
+                (None, false) if f.isolation.is_some() => {
                     return Err(invalid(
-                        at("command"),
-                        "spawned instances are not implemented yet; use upstreams",
+                        at("isolation"),
+                        "applies to spawned instances (command), not upstreams",
                     ));
                 }
-                (None, true) => return Err(invalid(at("upstreams"), "needs at least one")),
-                (None, false) => {}
+                _ => {}
+            }
+            if f.port == 0 {
+                return Err(invalid(at("port"), "must be 1..=65535"));
+            }
+            if f.start_timeout_ms == 0 {
+                return Err(invalid(at("start_timeout_ms"), "must be positive"));
+            }
+            if let Auth::Hmac(h) = &f.auth
+                && h.hmac_key_env.is_empty()
+            {
+                return Err(invalid(at("auth.hmac_key_env"), "must name a variable"));
             }
             for u in &f.upstreams {
                 if std::net::ToSocketAddrs::to_socket_addrs(u.as_str()).is_err() {
@@ -293,11 +381,6 @@ impl Config {
                     at("limits.max_message_bytes"),
                     format!("must be 1..={max}"),
                 ));
-            }
-            if let Some(auth) = &f.auth
-                && auth.as_str() != Some("none")
-            {
-                return Err(invalid(at("auth"), "only \"none\" is implemented yet"));
             }
         }
         Ok(())

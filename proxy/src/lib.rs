@@ -2,11 +2,14 @@
 //! programs in the kernel. See SPEC.md for the contract and README.md for a tour.
 //!
 //! Layout: `config` (the TOML contract), `protocols` (handshake, error responses, framing),
-//! `routing`, `data_plane` (kernel splice and userspace relay), `services` (proxy, admin),
-//! `registry` (open connections), `server` (the main loop).
+//! `routing`, `instances` (spawned function instances), `data_plane` (kernel splice and
+//! userspace relay), `services` (proxy, admin), `registry` (open connections), `metrics`,
+//! `server` (the main loop).
 
 pub mod config;
 pub mod data_plane;
+pub mod instances;
+pub mod metrics;
 pub mod protocols;
 pub mod registry;
 pub mod routing;

@@ -120,6 +120,7 @@ fn add(total: &mut SideState, more: SideState) {
     total.last_activity_ns = total.last_activity_ns.max(more.last_activity_ns);
     if total.flags & proxy_common::maps::FLAG_CLOSE_SEEN == 0 {
         total.close_code = more.close_code;
+        total.close_at_ns = more.close_at_ns;
     }
     total.flags |= more.flags;
 }
@@ -197,5 +198,42 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Open connections per client IP (handshakes included), for `max_connections_per_ip`.
+#[derive(Default)]
+pub struct ClientCounts {
+    open: Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
+}
+
+/// One client connection counted against its IP; uncounted when dropped.
+pub struct ClientSlot<'a> {
+    counts: &'a ClientCounts,
+    ip: std::net::IpAddr,
+}
+
+impl ClientCounts {
+    /// Counts a connection from `ip`; `None` when `ip` already has `limit` open.
+    pub fn admit(&self, ip: std::net::IpAddr, limit: Option<u32>) -> Option<ClientSlot<'_>> {
+        let mut open = self.open.lock().expect("client counts lock");
+        let n = open.entry(ip).or_default();
+        if limit.is_some_and(|limit| *n >= limit) {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { counts: self, ip })
+    }
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self.counts.open.lock().expect("client counts lock");
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }

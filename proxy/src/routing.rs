@@ -1,19 +1,69 @@
-//! Maps a request's host and path to a function, and picks the function's instance.
+//! Maps a request's host and path to a function, and the function to its instances.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
-use crate::config::FunctionConfig;
+use crate::{
+    config::FunctionConfig,
+    instances::{Lease, Pool, Target},
+    protocols::error_response::HandshakeError,
+};
+
+/// Where a function's connections go.
+pub enum Backend {
+    /// Fixed instances somebody else runs and scales, picked round-robin; wsedge does not
+    /// limit their concurrency.
+    Upstreams {
+        addrs: Vec<SocketAddr>,
+        next: AtomicUsize,
+    },
+    /// Instances wsedge starts, scales and stops.
+    Spawned(Arc<Pool>),
+}
+
+/// The instance chosen for one connection; a spawned instance's slot is held until drop.
+pub struct Assigned {
+    pub target: Target,
+    /// Instance id (spawned) or "host:port" (upstream), for logs and `/connections`.
+    pub instance: String,
+    pub lease: Option<Lease>,
+}
 
 pub struct Route {
     pub function: FunctionConfig,
-    next_upstream: AtomicUsize,
+    /// HMAC key read from `auth.hmac_key_env` at start.
+    pub hmac_key: Option<Vec<u8>>,
+    pub backend: Backend,
 }
 
 impl Route {
-    /// Round-robin over the fixed upstreams.
-    pub fn next_upstream(&self) -> &str {
-        let n = self.next_upstream.fetch_add(1, Ordering::Relaxed);
-        &self.function.upstreams[n % self.function.upstreams.len()]
+    pub async fn assign(&self) -> Result<Assigned, HandshakeError> {
+        match &self.backend {
+            Backend::Upstreams { addrs, next } => {
+                let addr = addrs[next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
+                Ok(Assigned {
+                    target: Target::fixed(addr),
+                    instance: addr.to_string(),
+                    lease: None,
+                })
+            }
+            Backend::Spawned(pool) => {
+                let lease = pool.acquire().await?;
+                let target = lease
+                    .target()
+                    .ok_or_else(|| HandshakeError::internal("ready instance without a process"))?;
+                Ok(Assigned {
+                    target,
+                    instance: lease.instance_id().to_string(),
+                    lease: Some(lease),
+                })
+            }
+        }
     }
 }
 
@@ -23,14 +73,7 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn new(functions: &[FunctionConfig]) -> Routes {
-        let mut routes: Vec<Route> = functions
-            .iter()
-            .map(|f| Route {
-                function: f.clone(),
-                next_upstream: AtomicUsize::new(0),
-            })
-            .collect();
+    pub fn new(mut routes: Vec<Route>) -> Routes {
         routes.sort_by_key(|r| {
             std::cmp::Reverse((r.function.route.len(), r.function.host.is_some()))
         });
@@ -48,6 +91,17 @@ impl Routes {
                 && prefix_matches(&f.route, path)
         })
     }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter()
+    }
+
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.routes.iter().filter_map(|r| match &r.backend {
+            Backend::Spawned(pool) => Some(pool),
+            Backend::Upstreams { .. } => None,
+        })
+    }
 }
 
 /// "/echo" matches "/echo" and "/echo/x", not "/echoes".
@@ -62,27 +116,34 @@ fn prefix_matches(route: &str, path: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn function(name: &str, route: &str, host: Option<&str>) -> FunctionConfig {
+    fn route(name: &str, route: &str, host: Option<&str>) -> Route {
         let text =
             format!("name = \"{name}\"\nroute = \"{route}\"\nupstreams = [\"127.0.0.1:1\"]\n");
-        let mut f: FunctionConfig = toml::from_str(&text).unwrap();
-        f.host = host.map(String::from);
-        f
+        let mut function: FunctionConfig = toml::from_str(&text).unwrap();
+        function.host = host.map(String::from);
+        Route {
+            function,
+            hmac_key: None,
+            backend: Backend::Upstreams {
+                addrs: vec!["127.0.0.1:1".parse().unwrap()],
+                next: AtomicUsize::new(0),
+            },
+        }
     }
 
     #[test]
     fn longest_prefix_and_host_win() {
-        let routes = Routes::new(&[
-            function("root", "/", None),
-            function("echo", "/echo", None),
-            function("chat", "/echo/chat", Some("chat.example")),
+        let routes = Routes::new(vec![
+            route("root", "/", None),
+            route("echo", "/echo", None),
+            route("chat", "/echo/chat", Some("chat.example")),
         ]);
         let name = |host, path| routes.find(host, path).map(|r| r.function.name.as_str());
         assert_eq!(name("a", "/echo?x=1"), Some("echo"));
         assert_eq!(name("a", "/echo/chat/1"), Some("echo"));
         assert_eq!(name("chat.example", "/echo/chat/1"), Some("chat"));
         assert_eq!(name("a", "/echoes"), Some("root"));
-        let no_root = Routes::new(&[function("echo", "/echo", None)]);
+        let no_root = Routes::new(vec![route("echo", "/echo", None)]);
         assert!(no_root.find("a", "/echoes").is_none());
     }
 }

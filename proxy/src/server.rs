@@ -12,10 +12,12 @@ use tokio::{net::TcpListener, task::JoinSet};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::Config,
+    config::{Auth, Config, FunctionConfig, Isolation},
     data_plane::{DataPlane, LoadError},
-    registry::Registry,
-    routing::Routes,
+    instances::{Pool, SpawnSpec, cgroup},
+    metrics::Metrics,
+    registry::{ClientCounts, Registry},
+    routing::{Backend, Route, Routes},
     services,
 };
 
@@ -25,6 +27,8 @@ pub struct AppState {
     pub routes: Routes,
     pub data_plane: DataPlane,
     pub registry: Registry,
+    pub clients: ClientCounts,
+    pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
 }
 
@@ -38,6 +42,8 @@ pub enum StartError {
     },
     #[error("data_plane = \"kernel\" but the eBPF programs cannot be loaded: {0}")]
     DataPlane(#[from] LoadError),
+    #[error("function {function}: {reason}")]
+    Function { function: String, reason: String },
 }
 
 pub struct Server {
@@ -58,11 +64,15 @@ impl Server {
         };
         let listener = bind("listen", config.server.listen).await?;
         let admin = bind("admin_listen", config.server.admin_listen).await?;
+        let metrics = Arc::new(Metrics::default());
+        let routes = build_routes(&config, &metrics)?;
         let state = Arc::new(AppState {
-            routes: Routes::new(&config.functions),
+            routes,
             config,
             data_plane,
             registry: Registry::default(),
+            clients: ClientCounts::default(),
+            metrics,
             draining: AtomicBool::new(false),
         });
         Ok(Server {
@@ -134,7 +144,95 @@ impl Server {
             );
             connections.shutdown().await;
         }
+        futures_util::future::join_all(state.routes.pools().map(|p| p.stop_all())).await;
         admin_task.abort();
         info!("wsedge stopped");
     }
+}
+
+/// One route per function: HMAC keys read from the environment, pools for spawned ones.
+fn build_routes(config: &Config, metrics: &Arc<Metrics>) -> Result<Routes, StartError> {
+    let root = is_root();
+    let spawns = config.functions.iter().any(|f| f.command.is_some());
+    let cgroup_root = if spawns && root { cgroup::root() } else { None };
+    if let Some(dir) = &cgroup_root {
+        cgroup::clean_leftovers(dir);
+    }
+    let key_vars: Vec<String> = config
+        .functions
+        .iter()
+        .filter_map(|f| match &f.auth {
+            Auth::Hmac(h) => Some(h.hmac_key_env.clone()),
+            Auth::Named(_) => None,
+        })
+        .collect();
+    let mut routes = Vec::new();
+    for f in &config.functions {
+        let fail = |reason: String| StartError::Function {
+            function: f.name.clone(),
+            reason,
+        };
+        let hmac_key = match &f.auth {
+            Auth::Hmac(h) => match std::env::var(&h.hmac_key_env) {
+                Ok(key) if !key.is_empty() => Some(key.into_bytes()),
+                _ => {
+                    return Err(fail(format!(
+                        "auth.hmac_key_env: ${} is not set",
+                        h.hmac_key_env
+                    )));
+                }
+            },
+            Auth::Named(_) => None,
+        };
+        let backend = match &f.command {
+            Some(command) => {
+                let isolation = match (f.isolation, root) {
+                    (Some(Isolation::Netns), false) => {
+                        return Err(fail("isolation = \"netns\" needs root".into()));
+                    }
+                    (Some(i), _) => i,
+                    (None, true) => Isolation::Netns,
+                    (None, false) => Isolation::None,
+                };
+                let spec = SpawnSpec {
+                    function: f.name.clone(),
+                    command: command.clone(),
+                    base_dir: config.base_dir.clone(),
+                    isolation,
+                    port: f.port,
+                    env_remove: key_vars.clone(),
+                };
+                info!(function = %f.name, ?isolation, cgroups = cgroup_root.is_some(), "function with spawned instances");
+                Backend::Spawned(Pool::new(spec, f, cgroup_root.clone(), metrics.clone()))
+            }
+            None => Backend::Upstreams {
+                addrs: resolve_upstreams(f).map_err(fail)?,
+                next: Default::default(),
+            },
+        };
+        routes.push(Route {
+            function: f.clone(),
+            hmac_key,
+            backend,
+        });
+    }
+    Ok(Routes::new(routes))
+}
+
+/// Upstream names are resolved once, at start.
+fn resolve_upstreams(f: &FunctionConfig) -> Result<Vec<SocketAddr>, String> {
+    f.upstreams
+        .iter()
+        .map(|u| {
+            std::net::ToSocketAddrs::to_socket_addrs(u.as_str())
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| format!("upstream {u:?} does not resolve"))
+        })
+        .collect()
+}
+
+fn is_root() -> bool {
+    // SAFETY: plain syscall.
+    unsafe { libc::geteuid() == 0 }
 }

@@ -13,40 +13,6 @@ use tokio::{
 };
 use wsedge::config::DataPlaneMode;
 
-/// Sends `request`, reads until the proxy closes: (status, error type header, JSON body).
-async fn exchange(addr: SocketAddr, request: &[u8]) -> (u16, String, serde_json::Value) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("the proxy answers and closes")
-        .unwrap();
-    parse_error_response(&out)
-}
-
-fn parse_error_response(out: &[u8]) -> (u16, String, serde_json::Value) {
-    let text = String::from_utf8_lossy(out);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no head: {text:?}"));
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let error_type = head
-        .lines()
-        .find_map(|l| l.strip_prefix("X-Wsedge-Error-Type: "))
-        .unwrap_or_default()
-        .to_string();
-    let json: serde_json::Value =
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
-    assert_eq!(
-        json["error_type"],
-        error_type.as_str(),
-        "body and header agree"
-    );
-    assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
-    (status, error_type, json)
-}
-
 fn request_with(replace: &str, with: &str) -> Vec<u8> {
     UPGRADE.replace(replace, with).into_bytes()
 }

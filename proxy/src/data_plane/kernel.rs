@@ -25,12 +25,14 @@ use aya::{
     maps::{HashMap, MapData, SockHash},
     programs::SkSkb,
 };
-use proxy_common::{SideState, maps::MAX_FRAME_WIRE_LEN};
+use proxy_common::{SideState, maps::MAX_FRAME_WIRE_LEN, policy::close_for_instance_end};
 
 use super::{
     hangup::{Hangup, HangupWatcher},
+    relay::CLOSE_GRACE,
     socket,
 };
+use crate::protocols::frames::close_frame;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
@@ -82,6 +84,8 @@ pub struct WrittenByHand {
 pub enum SpliceEnd {
     /// Both sides finished with FIN.
     Closed,
+    /// The instance's side ended without a close frame; the client was sent one (1011).
+    InstanceFailed,
     /// A socket failed (reset, parser error); both were closed.
     Aborted(io::Error),
 }
@@ -233,6 +237,7 @@ impl KernelDataPlane {
             progress: Mutex::new(Progress {
                 client_done: false,
                 instance_done: false,
+                instance_failed: false,
                 done: Some(done_tx),
             }),
         });
@@ -273,6 +278,8 @@ pub struct Spliced {
 struct Progress {
     client_done: bool,
     instance_done: bool,
+    /// The instance ended without a close frame: the client's bytes have nowhere to go.
+    instance_failed: bool,
     /// Wakes the splice once both directions are done, or one failed.
     done: Option<tokio::sync::oneshot::Sender<SpliceEnd>>,
 }
@@ -290,7 +297,14 @@ fn side_of(maps: &Mutex<Maps>, cookie: u64) -> Option<SideState> {
 }
 
 /// One side sent FIN (or failed): pass the FIN on once the kernel's redirected bytes are out.
+/// An instance that ended without a close frame gets the client a close frame instead.
 async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_client: bool) {
+    if !from_client {
+        let function_side = side_of(&maps, conn.pair.instance).unwrap_or_default();
+        if let Some(code) = close_for_instance_end(&function_side) {
+            return instance_failed(&maps, &conn, code).await;
+        }
+    }
     let (from, from_cookie, to, to_written) = if from_client {
         (
             &conn.client,
@@ -306,6 +320,10 @@ async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_client: boo
             conn.written.to_client,
         )
     };
+    if from_client && conn.progress.lock().expect("progress").instance_failed {
+        // The client answered the close the proxy sent for the failed instance.
+        return conn.finish(SpliceEnd::InstanceFailed);
+    }
     if let Some(e) = socket::take_error(from) {
         return conn.finish(SpliceEnd::Aborted(e));
     }
@@ -325,6 +343,49 @@ async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_client: boo
     if both {
         conn.finish(SpliceEnd::Closed);
     }
+}
+
+/// The instance's side ended (FIN or reset) before the instance sent a close frame: what it
+/// sent before still reaches the client, then a close frame with `code`, then FIN; the client
+/// gets [`CLOSE_GRACE`] to answer before the connection ends.
+async fn instance_failed(maps: &Mutex<Maps>, conn: &Arc<Spliced>, code: u16) {
+    let client_already_done = {
+        let mut p = conn.progress.lock().expect("progress");
+        p.instance_failed = true;
+        p.instance_done = true;
+        p.client_done
+    };
+    // Best effort: a reset instance socket does not change what was already redirected.
+    let _ = flush(maps, conn.pair.instance, &conn.client, conn.written.to_client).await;
+    let frame = close_frame(code, "function instance failed");
+    if let Err(e) = write_all_nonblocking(&conn.client, &frame).await {
+        tracing::debug!(error = %e, "could not tell the client the instance failed");
+    }
+    socket::shutdown_write(&conn.client);
+    if client_already_done {
+        return conn.finish(SpliceEnd::InstanceFailed);
+    }
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(CLOSE_GRACE).await;
+        conn.finish(SpliceEnd::InstanceFailed);
+    });
+}
+
+/// Writes a few bytes to a non-blocking socket, waiting (bounded) for send-buffer space.
+async fn write_all_nonblocking(mut to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let deadline = Instant::now() + FLUSH_TIMEOUT;
+    while !bytes.is_empty() {
+        match to.write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Waits until every byte the kernel redirected from `from` sits in `to`'s TCP queue.

@@ -156,3 +156,33 @@ mod tests {
         assert_eq!(cursor.needed_for_boundary(), 254);
     }
 }
+
+/// An unmasked close frame (server to client) with `code` and a short UTF-8 `reason`.
+pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    // Control frame payloads are at most 125 bytes: 2 for the code, the rest for the reason.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let reason = &reason.as_bytes()[..end];
+    let mut frame = vec![0x88, (2 + reason.len()) as u8];
+    frame.extend_from_slice(&code.to_be_bytes());
+    frame.extend_from_slice(reason);
+    frame
+}
+
+#[cfg(test)]
+mod close_frame_tests {
+    use super::*;
+
+    #[test]
+    fn a_close_frame_parses_back_to_its_code_and_is_accounted_as_a_close() {
+        let frame = close_frame(1011, "function instance failed");
+        let mut side = SideState::default();
+        let mut cursor = FrameCursor::default();
+        cursor.feed(&frame, &mut side, 1).unwrap();
+        assert!(cursor.at_boundary());
+        assert_eq!(side.close_code, 1011);
+        assert_eq!(close_frame(1000, &"é".repeat(100)).len(), 2 + 2 + 122);
+    }
+}

@@ -1,5 +1,7 @@
-//! Wire protocols: the HTTP/1.1 upgrade handshake, error responses and WebSocket framing.
+//! Wire protocols: the HTTP/1.1 upgrade handshake, its authentication, error responses and
+//! WebSocket framing.
 
+pub mod auth;
 pub mod error_response;
 pub mod frames;
 pub mod handshake;

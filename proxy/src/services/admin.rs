@@ -1,16 +1,18 @@
-//! The admin API: `/live`, `/ready`, `/connections`.
+//! The admin API: `/live`, `/ready`, `/connections`, `/instances`, `/metrics`.
 
 use std::sync::{Arc, atomic::Ordering};
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 
-use crate::{registry::ConnectionView, server::AppState};
+use crate::{instances::InstanceView, registry::ConnectionView, server::AppState};
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(ready))
         .route("/connections", get(connections))
+        .route("/instances", get(instances))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -30,5 +32,44 @@ async fn connections(State(state): State<Arc<AppState>>) -> Json<Vec<ConnectionV
             .iter()
             .map(|c| c.view(&state.data_plane))
             .collect(),
+    )
+}
+
+async fn instances(State(state): State<Arc<AppState>>) -> Json<Vec<InstanceView>> {
+    Json(state.routes.pools().flat_map(|p| p.views()).collect())
+}
+
+async fn metrics(
+    State(state): State<Arc<AppState>>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    let mut gauges = vec![(
+        "wsedge_connections_open",
+        "Open (upgraded) WebSocket connections.",
+        vec![],
+        state.registry.len() as u64,
+    )];
+    for route in state.routes.iter() {
+        let crate::routing::Backend::Spawned(pool) = &route.backend else {
+            continue;
+        };
+        let views = pool.views();
+        for wanted in ["starting", "ready"] {
+            gauges.push((
+                "wsedge_instances",
+                "Spawned instances by function and state.",
+                vec![
+                    ("function", route.function.name.clone()),
+                    ("state", wanted.to_string()),
+                ],
+                views.iter().filter(|v| v.state == wanted).count() as u64,
+            ));
+        }
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(&gauges),
     )
 }

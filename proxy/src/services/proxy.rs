@@ -4,7 +4,12 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
-    time::Duration,
+    time::{Duration, SystemTime},
+};
+
+use proxy_common::{
+    maps::FLAG_CLOSE_SEEN,
+    policy::{Ending, function_status},
 };
 
 use tokio::{
@@ -21,13 +26,16 @@ use crate::{
         relay::{self, Direction},
         socket::monotonic_ns,
     },
+    instances::Lease,
     protocols::{
+        auth,
         error_response::HandshakeError,
         frames::FrameCursor,
         handshake::{UpgradeRequest, parse_upgrade, validate_response},
         head::{Head, HeadError, read_head},
     },
     registry::Connection,
+    routing::{Assigned, Route},
     server::AppState,
 };
 
@@ -39,6 +47,8 @@ struct Upgraded {
     instance: TcpStream,
     function: String,
     instance_addr: String,
+    /// The instance slot this connection holds (spawned instances), released at its end.
+    _lease: Option<Lease>,
     /// Bytes the client sent after its request head (pipelined frames).
     client_rest: Vec<u8>,
     /// Bytes the instance sent after its 101.
@@ -61,13 +71,20 @@ impl From<HandshakeError> for Failure {
 
 pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
+    let client_slot = state
+        .clients
+        .admit(peer.ip(), state.config.server.max_connections_per_ip);
+    let over_ip_limit = client_slot.is_none();
+    let mut function = None;
     // Boxed phases: the handshake's buffers live in their own allocation, freed before the
     // connection's long life starts, instead of sizing this task's future for its whole life.
-    let upgraded = match Box::pin(upgrade(&state, &mut client, peer)).await {
+    let upgraded = match Box::pin(upgrade(&state, &mut client, peer, over_ip_limit, &mut function)).await {
         Ok(upgraded) => upgraded,
         Err(Failure::ClientGone) => return,
         Err(Failure::Respond(e)) => {
-            info!(client = %peer, status = e.status, error_type = e.error_type, "handshake refused: {}", e.message);
+            let function = function.as_deref().unwrap_or_default();
+            state.metrics.handshake_error(function, e.status, e.error_type);
+            info!(client = %peer, function, status = e.status, error_type = e.error_type, "handshake refused: {}", e.message);
             let _ = timeout(Duration::from_secs(1), client.write_all(&e.to_response())).await;
             let _ = client.shutdown().await;
             return;
@@ -81,25 +98,36 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
         data_plane.name(),
     );
     let conn = &registered.conn;
+    state.metrics.connection(&conn.function, conn.data_plane);
     info!(id = %conn.id, function = %conn.function, instance = %conn.instance, client = %peer,
           data_plane = conn.data_plane, "connection upgraded");
     let result = Box::pin(carry(&data_plane, client, upgraded, conn, &state)).await;
     // The kernel's final counters were absorbed when the splice ended: only userspace's now.
     let ([inbound, outbound], _) = conn.totals(None);
     match result {
-        Ok(()) => info!(id = %conn.id, bytes_in = inbound.bytes, bytes_out = outbound.bytes,
-                        messages_in = inbound.messages, messages_out = outbound.messages, "connection ended"),
+        Ok(ending) => {
+            let status = function_status(ending, &inbound, &outbound);
+            let code = |s: &proxy_common::SideState| {
+                (s.flags & FLAG_CLOSE_SEEN != 0).then_some(s.close_code)
+            };
+            info!(id = %conn.id, status, client_close = code(&inbound), function_close = code(&outbound),
+                  bytes_in = inbound.bytes, bytes_out = outbound.bytes,
+                  messages_in = inbound.messages, messages_out = outbound.messages, "connection ended")
+        }
         Err(e) => {
             warn!(id = %conn.id, error = %e, bytes_in = inbound.bytes, bytes_out = outbound.bytes,
                         "connection ended abnormally")
         }
     }
+    drop(client_slot);
 }
 
 async fn upgrade(
     state: &AppState,
     client: &mut TcpStream,
     peer: SocketAddr,
+    over_ip_limit: bool,
+    function: &mut Option<String>,
 ) -> Result<Upgraded, Failure> {
     let server = &state.config.server;
     let head = match timeout(
@@ -120,13 +148,15 @@ async fn upgrade(
         .routes
         .find(&request.host, &request.path)
         .ok_or_else(|| HandshakeError::no_route(&request.host, &request.path))?;
+    *function = Some(route.function.name.clone());
     if state.draining.load(Ordering::Relaxed) {
         return Err(HandshakeError::draining().into());
     }
-    let instance_addr = route.next_upstream().to_string();
+    admit(route, &request, over_ip_limit, peer)?;
+    let assigned = route.assign().await?;
     let forwarded = request.forwarded(peer.ip(), false);
     let (instance, response) =
-        connect_instance(state, &instance_addr, &request, &forwarded).await?;
+        connect_instance(state, &assigned, &request, &forwarded).await?;
     client
         .write_all(&response.head)
         .await
@@ -134,7 +164,8 @@ async fn upgrade(
     Ok(Upgraded {
         instance,
         function: route.function.name.clone(),
-        instance_addr,
+        instance_addr: assigned.instance,
+        _lease: assigned.lease,
         client_rest: head.rest,
         instance_rest: response.rest,
         written: WrittenByHand {
@@ -144,15 +175,49 @@ async fn upgrade(
     })
 }
 
+/// The checks between routing and starting an instance: per-IP limit, Origin, signature.
+fn admit(
+    route: &Route,
+    request: &UpgradeRequest,
+    over_ip_limit: bool,
+    peer: SocketAddr,
+) -> Result<(), HandshakeError> {
+    if over_ip_limit {
+        return Err(HandshakeError::new(
+            429,
+            "too_many_connections",
+            format!("too many open connections from {}", peer.ip()),
+        ));
+    }
+    let allowed = &route.function.allowed_origins;
+    if let Some(origin) = request.header("origin")
+        && !allowed.is_empty()
+    {
+        let origin = String::from_utf8_lossy(origin);
+        if !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin.trim())) {
+            return Err(HandshakeError::new(
+                403,
+                "origin_refused",
+                format!("origin {origin:?} may not connect to this function"),
+            ));
+        }
+    }
+    if let Some(key) = &route.hmac_key {
+        auth::verify(request, key, SystemTime::now())?;
+    }
+    Ok(())
+}
+
 /// Connects to the instance, sends the upgrade and reads a valid 101 within the timeout.
 async fn connect_instance(
     state: &AppState,
-    addr: &str,
+    assigned: &Assigned,
     request: &UpgradeRequest,
     forwarded: &[u8],
 ) -> Result<(TcpStream, Head), HandshakeError> {
+    let addr = &assigned.instance;
     let exchange = async {
-        let mut instance = TcpStream::connect(addr).await.map_err(|e| {
+        let mut instance = assigned.target.connect().await.map_err(|e| {
             HandshakeError::instance_unreachable(format!("connecting to {addr}: {e}"))
         })?;
         let _ = instance.set_nodelay(true);
@@ -178,7 +243,7 @@ async fn carry(
     up: Upgraded,
     conn: &Connection,
     state: &AppState,
-) -> std::io::Result<()> {
+) -> std::io::Result<Ending> {
     // Boxed so its buffers and timers are freed before the connection's long life; what
     // stays alive while the kernel carries frames is only the small splice wait.
     let (client, up, cursors) = Box::pin(hand_over(data_plane, client, up, conn, state)).await?;
@@ -193,7 +258,8 @@ async fn carry(
             conn.absorb_kernel(inbound, outbound);
             debug!(id = %conn.id, ?end, "splice ended");
             match end {
-                SpliceEnd::Closed => Ok(()),
+                SpliceEnd::Closed => Ok(Ending::Closed),
+                SpliceEnd::InstanceFailed => Ok(Ending::InstanceFailed),
                 SpliceEnd::Aborted(e) => Err(e),
             }
         }

@@ -245,3 +245,94 @@ pub async fn read_server_frame(s: &mut TcpStream, pending: &mut Vec<u8>) -> (u8,
         pending.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// The Rust example function (`deploy/examples/echo-rust`), built once per test binary.
+pub fn echo_fn() -> std::path::PathBuf {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = std::process::Command::new(cargo)
+            .args(["build", "-q", "-p", "echo-fn", "--message-format=json"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("cargo runs");
+        assert!(out.status.success(), "building echo-fn: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| {
+                (v["target"]["name"] == "echo-fn")
+                    .then(|| v["executable"].as_str().map(std::path::PathBuf::from))
+                    .flatten()
+            })
+            .expect("cargo reports the echo-fn executable")
+    })
+    .clone()
+}
+
+/// A config with one function given as TOML lines (name, route and the rest).
+pub fn function_config(plane: &str, extra_server: &str, function: &str) -> Config {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_plane = \"{plane}\"\n\
+         drain_timeout_s = 1\n{extra_server}\n[[function]]\n{function}\n"
+    );
+    let mut config: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    config.base_dir = env!("CARGO_MANIFEST_DIR").into();
+    config.validate().unwrap();
+    config
+}
+
+impl Proxy {
+    pub async fn instances(&self) -> Vec<wsedge::instances::InstanceView> {
+        let body = http_get(self.admin, "/instances").await.1;
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics").await.1
+    }
+}
+
+/// Sends `request`, reads until the proxy closes: (status, error type header, JSON body).
+/// Checks the error response's shape: the JSON body and the header agree, and it has a message.
+pub async fn exchange(addr: SocketAddr, request: &[u8]) -> (u16, String, serde_json::Value) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy answers and closes")
+        .unwrap();
+    parse_error_response(&out)
+}
+
+pub fn parse_error_response(out: &[u8]) -> (u16, String, serde_json::Value) {
+    let text = String::from_utf8_lossy(out);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head: {text:?}"));
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let error_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Wsedge-Error-Type: "))
+        .unwrap_or_default()
+        .to_string();
+    let json: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    assert_eq!(
+        json["error_type"],
+        error_type.as_str(),
+        "body and header agree"
+    );
+    assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+    (status, error_type, json)
+}
+
+/// An upgrade request for `path` with extra header lines (each ending in \r\n).
+pub fn upgrade_request(path: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+    .into_bytes()
+}

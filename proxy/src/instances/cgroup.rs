@@ -1,0 +1,105 @@
+//! One cgroup (v2) per spawned instance, under `<cgroup2 mount>/wsedge/`: stopping an instance
+//! kills its whole process tree (`cgroup.kill`), and at start wsedge kills and removes what a
+//! crashed wsedge left behind. (The zero-hop data plane attaches its `sock_ops` program to the
+//! parent.) Without a writable cgroup2 mount (not root), instances are stopped through their
+//! process group instead.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use tracing::{info, warn};
+
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+/// `<cgroup2 mount>/wsedge`, created if needed; `None` when there is no writable cgroup2.
+pub fn root() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // Fields: id parent major:minor root mount-point options... - fstype source super-options
+    let mount = mounts.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (right.split(' ').next()? == "cgroup2").then(|| left.split(' ').nth(4).map(PathBuf::from))?
+    })?;
+    let root = mount.join("wsedge");
+    fs::create_dir_all(&root).ok()?;
+    // A cgroup we cannot create children in is no use (read-only mount, not root).
+    let probe = root.join(format!(".probe-{}", std::process::id()));
+    fs::create_dir(&probe).ok()?;
+    let _ = fs::remove_dir(&probe);
+    Some(root)
+}
+
+impl Cgroup {
+    /// Creates `<root>/<name>`; `name` starts with wsedge's pid (see [`clean_leftovers`]).
+    pub fn create(root: &Path, name: &str) -> io::Result<Cgroup> {
+        let path = root.join(name);
+        fs::create_dir(&path)?;
+        Ok(Cgroup { path })
+    }
+
+    /// `cgroup.procs`, opened for writing: a child writes "0" to it to join before `exec`.
+    pub fn procs_for_joining(&self) -> io::Result<fs::File> {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join("cgroup.procs"))
+    }
+
+    pub fn pids(&self) -> Vec<i32> {
+        fs::read_to_string(self.path.join("cgroup.procs"))
+            .map(|s| s.lines().filter_map(|l| l.parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        for pid in self.pids() {
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
+    /// SIGKILLs every process in the cgroup, including ones that left the process group.
+    pub fn kill(&self) -> io::Result<()> {
+        fs::write(self.path.join("cgroup.kill"), "1")
+    }
+
+    /// Waits (bounded) until the cgroup is empty, then removes it.
+    pub fn remove(&self) -> io::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match fs::remove_dir(&self.path) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+}
+
+/// Kills and removes instance cgroups whose wsedge process is gone (a crash or SIGKILL of
+/// wsedge), so their instances and namespaces do not outlive it.
+pub fn clean_leftovers(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(owner) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        let cgroup = Cgroup { path: entry.path() };
+        let processes = cgroup.pids().len();
+        let _ = cgroup.kill();
+        match cgroup.remove() {
+            Ok(()) => info!(cgroup = %name, processes, "removed an instance left by an earlier wsedge"),
+            Err(e) => warn!(cgroup = %name, error = %e, "cannot remove an instance left by an earlier wsedge"),
+        }
+    }
+}

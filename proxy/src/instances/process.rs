@@ -1,0 +1,193 @@
+//! Starting one instance process: its command, environment, namespace, cgroup and logs.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr},
+    os::fd::{AsRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    process::{Child, Command},
+};
+use tracing::info;
+
+use super::{cgroup::Cgroup, netns::NetNs};
+use crate::config::Isolation;
+
+/// What every instance of one function is started with.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    pub function: String,
+    pub command: Vec<String>,
+    /// Working directory, and the base of a relative program path.
+    pub base_dir: PathBuf,
+    pub isolation: Isolation,
+    /// `$PORT` inside a namespace; with isolation "none" every instance gets a free port.
+    pub port: u16,
+    /// Variables not passed on (the HMAC keys: a function never sees a key).
+    pub env_remove: Vec<String>,
+}
+
+/// A started instance process.
+pub struct Started {
+    pub child: Child,
+    pub pid: u32,
+    /// Where the instance listens, as seen from its namespace.
+    pub addr: SocketAddr,
+    pub netns: Option<Arc<NetNs>>,
+    pub cgroup: Option<Cgroup>,
+}
+
+/// Starts `spec.command` as instance `instance_id`; stdout and stderr become log lines.
+pub fn spawn(spec: &SpawnSpec, instance_id: &str, cgroup_root: Option<&Path>) -> io::Result<Started> {
+    let (port, netns) = match spec.isolation {
+        Isolation::Netns => (spec.port, Some(Arc::new(NetNs::create()?))),
+        Isolation::None => (free_port()?, None),
+    };
+    // Unique per process: several servers in one process (tests) may name an instance alike.
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let cgroup = match cgroup_root {
+        Some(root) => Some(Cgroup::create(
+            root,
+            &format!(
+                "{}-{}-{instance_id}",
+                std::process::id(),
+                SEQUENCE.fetch_add(1, Ordering::Relaxed)
+            ),
+        )?),
+        None => None,
+    };
+    let procs: Option<OwnedFd> = match &cgroup {
+        Some(c) => Some(c.procs_for_joining()?.into()),
+        None => None,
+    };
+    let program = resolve_program(&spec.command[0], &spec.base_dir);
+    let mut command = Command::new(program);
+    command
+        .args(&spec.command[1..])
+        .current_dir(&spec.base_dir)
+        .env("PORT", port.to_string())
+        .env("WSEDGE_FUNCTION", &spec.function)
+        .env("WSEDGE_INSTANCE", instance_id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for name in &spec.env_remove {
+        command.env_remove(name);
+    }
+    let ns_fd = netns.as_ref().map(|n| n.raw_fd());
+    let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        let parent = libc::getpid();
+        command.pre_exec(move || {
+            // Own process group: stopping an instance without cgroups reaches its children.
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // If wsedge dies, so does the instance (the cgroup clean-up catches the rest).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent
+            {
+                return Err(io::Error::other("wsedge exited during spawn"));
+            }
+            if let Some(fd) = procs_fd
+                && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(fd) = ns_fd
+                && libc::setns(fd, libc::CLONE_NEWNET) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            if let Some(c) = &cgroup {
+                let _ = c.remove();
+            }
+            return Err(e);
+        }
+    };
+    drop(procs);
+    let pid = child.id().unwrap_or_default();
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(forward_lines(out, spec.function.clone(), instance_id.to_string(), "stdout"));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(forward_lines(err, spec.function.clone(), instance_id.to_string(), "stderr"));
+    }
+    Ok(Started {
+        child,
+        pid,
+        addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        netns,
+        cgroup,
+    })
+}
+
+fn resolve_program(program: &str, base_dir: &Path) -> PathBuf {
+    let path = Path::new(program);
+    if path.is_relative() && program.contains('/') {
+        base_dir.join(path)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// A port nobody on the host listens on right now (isolation "none").
+fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+/// Each line the instance prints becomes a log event with its function and instance, as a
+/// platform's function logs.
+async fn forward_lines(
+    stream: impl AsyncRead + Unpin,
+    function: String,
+    instance: String,
+    output: &'static str,
+) {
+    let mut lines = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match lines.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                info!(target: "wsedge::function", function = %function, instance = %instance,
+                      output, "{}", text.trim_end());
+            }
+        }
+    }
+}
+
+/// True once a socket in `pid`'s network namespace listens on `port` (read from
+/// `/proc/PID/net/tcp{,6}`, so readiness is checked without connecting to the instance).
+pub fn listening(pid: u32, port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    ["tcp", "tcp6"].iter().any(|table| {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).is_ok_and(|text| {
+            text.lines().skip(1).any(|row| {
+                let mut fields = row.split_whitespace();
+                let local = fields.nth(1).unwrap_or_default();
+                let state = fields.nth(1).unwrap_or_default();
+                state == "0A" && local.ends_with(&want)
+            })
+        })
+    })
+}

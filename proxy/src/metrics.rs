@@ -1,0 +1,127 @@
+//! Counters behind `GET /metrics` (Prometheus text format, names prefixed `wsedge_`).
+
+use std::{collections::BTreeMap, fmt::Write, sync::Mutex};
+
+#[derive(Default)]
+pub struct Metrics {
+    counters: Mutex<BTreeMap<(&'static str, Labels), u64>>,
+}
+
+/// Label pairs of one series, in a fixed order.
+type Labels = Vec<(&'static str, String)>;
+
+const HELP: &[(&str, &str)] = &[
+    (
+        "wsedge_handshake_errors_total",
+        "Upgrades refused before the handshake completed, by function, status and error type.",
+    ),
+    ("wsedge_connections_total", "Upgraded WebSocket connections."),
+    ("wsedge_instance_starts_total", "Instances started (cold starts)."),
+    ("wsedge_instance_crashes_total", "Instances that exited without being stopped."),
+];
+
+impl Metrics {
+    fn add(&self, name: &'static str, labels: Labels) {
+        *self
+            .counters
+            .lock()
+            .expect("metrics lock")
+            .entry((name, labels))
+            .or_default() += 1;
+    }
+
+    /// `function` is empty when the request failed before it was routed.
+    pub fn handshake_error(&self, function: &str, status: u16, error_type: &str) {
+        self.add(
+            "wsedge_handshake_errors_total",
+            vec![
+                ("function", function.to_string()),
+                ("status", status.to_string()),
+                ("error_type", error_type.to_string()),
+            ],
+        );
+    }
+
+    pub fn connection(&self, function: &str, data_plane: &str) {
+        self.add(
+            "wsedge_connections_total",
+            vec![
+                ("function", function.to_string()),
+                ("data_plane", data_plane.to_string()),
+            ],
+        );
+    }
+
+    pub fn instance_started(&self, function: &str) {
+        self.add(
+            "wsedge_instance_starts_total",
+            vec![("function", function.to_string())],
+        );
+    }
+
+    pub fn instance_crashed(&self, function: &str) {
+        self.add(
+            "wsedge_instance_crashes_total",
+            vec![("function", function.to_string())],
+        );
+    }
+
+    /// The counters, then `gauges` (name, help, labels, value) computed by the caller.
+    pub fn render(&self, gauges: &[(&str, &str, Labels, u64)]) -> String {
+        let mut out = String::new();
+        let counters = self.counters.lock().expect("metrics lock");
+        for (name, help) in HELP {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for ((_, labels), value) in counters.iter().filter(|((n, _), _)| n == name) {
+                let _ = writeln!(out, "{name}{} {value}", format_labels(labels));
+            }
+        }
+        let mut last = "";
+        for (name, help, labels, value) in gauges {
+            if *name != last {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+                last = name;
+            }
+            let _ = writeln!(out, "{name}{} {value}", format_labels(labels));
+        }
+        out
+    }
+}
+
+fn format_labels(labels: &Labels) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let inner: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_per_label_set_in_prometheus_text() {
+        let m = Metrics::default();
+        m.handshake_error("echo", 429, "function_busy");
+        m.handshake_error("echo", 429, "function_busy");
+        m.handshake_error("", 404, "no_function");
+        m.instance_started("echo");
+        let text = m.render(&[("wsedge_connections_open", "Open connections.", vec![], 3)]);
+        assert!(text.contains(
+            "wsedge_handshake_errors_total{function=\"echo\",status=\"429\",error_type=\"function_busy\"} 2\n"
+        ), "{text}");
+        assert!(text.contains(
+            "wsedge_handshake_errors_total{function=\"\",status=\"404\",error_type=\"no_function\"} 1\n"
+        ));
+        assert!(text.contains("wsedge_instance_starts_total{function=\"echo\"} 1\n"));
+        assert!(text.contains("# TYPE wsedge_connections_open gauge\nwsedge_connections_open 3\n"));
+        assert!(!text.contains("wsedge_instance_crashes_total{"));
+    }
+}
