@@ -73,7 +73,8 @@ pub struct ServerConfig {
     /// Which data plane carries frames after the handshake.
     #[serde(default = "default_data_plane")]
     pub data_plane: DataPlaneMode,
-    /// Directory for wsedge's state (the billing ledger lives here).
+    /// Directory for wsedge's state (the billing ledger lives here); a relative path resolves
+    /// against the config file's directory.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
     /// Time a client has to send its complete upgrade request, in milliseconds.
@@ -333,7 +334,10 @@ impl Config {
             }
             match (&f.command, f.upstreams.is_empty()) {
                 (Some(_), false) => {
-                    return Err(invalid(at("command"), "give command or upstreams, not both"));
+                    return Err(invalid(
+                        at("command"),
+                        "give command or upstreams, not both",
+                    ));
                 }
                 (Some(command), true) if command.first().is_none_or(|p| p.is_empty()) => {
                     return Err(invalid(at("command"), "needs a program to run"));

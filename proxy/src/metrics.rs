@@ -15,9 +15,18 @@ const HELP: &[(&str, &str)] = &[
         "wsedge_handshake_errors_total",
         "Upgrades refused before the handshake completed, by function, status and error type.",
     ),
-    ("wsedge_connections_total", "Upgraded WebSocket connections."),
-    ("wsedge_instance_starts_total", "Instances started (cold starts)."),
-    ("wsedge_instance_crashes_total", "Instances that exited without being stopped."),
+    (
+        "wsedge_connections_total",
+        "Upgraded WebSocket connections.",
+    ),
+    (
+        "wsedge_instance_starts_total",
+        "Instances started (cold starts).",
+    ),
+    (
+        "wsedge_instance_crashes_total",
+        "Instances that exited without being stopped.",
+    ),
 ];
 
 impl Metrics {
@@ -95,7 +104,10 @@ fn format_labels(labels: &Labels) -> String {
     let inner: Vec<String> = labels
         .iter()
         .map(|(k, v)| {
-            let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
             format!("{k}=\"{v}\"")
         })
         .collect();

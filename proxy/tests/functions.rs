@@ -24,7 +24,8 @@ async fn proxy(plane: &str, function: &str) -> Proxy {
     start_proxy(function_config(plane, "", function)).await
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn echo_once(ws: &mut Ws, text: &str) {
     ws.send(Message::text(text)).await.unwrap();
@@ -60,17 +61,29 @@ fn namespace_in_use(inode: u64) -> bool {
 #[tokio::test]
 async fn first_connection_cold_starts_an_instance_in_its_own_namespace_and_echoes() {
     let p = proxy("kernel", &echo_function("keep_warm_s = 60\n")).await;
-    assert!(p.instances().await.is_empty(), "no instance before a connection");
+    assert!(
+        p.instances().await.is_empty(),
+        "no instance before a connection"
+    );
     let mut ws = open(&p).await;
     let instances = p.instances().await;
     assert_eq!(instances.len(), 1, "{instances:?}");
     let i = &instances[0];
-    assert_eq!((i.id.as_str(), i.state.as_str(), i.connections), ("echo-1", "ready", 1));
+    assert_eq!(
+        (i.id.as_str(), i.state.as_str(), i.connections),
+        ("echo-1", "ready", 1)
+    );
     assert_eq!(i.address, "127.0.0.1:9000");
     let own = std::fs::read_link("/proc/self/ns/net").unwrap();
-    assert_ne!(Some(own.to_string_lossy().into_owned()), i.netns.map(|n| format!("net:[{n}]")));
+    assert_ne!(
+        Some(own.to_string_lossy().into_owned()),
+        i.netns.map(|n| format!("net:[{n}]"))
+    );
     let conns = p.connections().await;
-    assert_eq!((conns[0].instance.as_str(), conns[0].data_plane.as_str()), ("echo-1", "kernel"));
+    assert_eq!(
+        (conns[0].instance.as_str(), conns[0].data_plane.as_str()),
+        ("echo-1", "kernel")
+    );
     for size in [0, 1, 125, 126, 65535, 65536, 262144] {
         let payload = vec![0xA5u8; size];
         ws.send(Message::binary(payload.clone())).await.unwrap();
@@ -80,23 +93,42 @@ async fn first_connection_cold_starts_an_instance_in_its_own_namespace_and_echoe
     while ws.next().await.is_some() {}
     drop(ws);
     p.wait_no_connections().await;
-    assert!(p.metrics().await.contains("wsedge_instance_starts_total{function=\"echo\"} 1\n"));
+    assert!(
+        p.metrics()
+            .await
+            .contains("wsedge_instance_starts_total{function=\"echo\"} 1\n")
+    );
     let warm = p.instances().await;
-    assert_eq!((warm.len(), warm[0].connections), (1, 0), "kept warm: {warm:?}");
+    assert_eq!(
+        (warm.len(), warm[0].connections),
+        (1, 0),
+        "kept warm: {warm:?}"
+    );
     p.stop().await;
-    assert!(!process_exists(i.pid), "stopping wsedge stops its instances");
+    assert!(
+        !process_exists(i.pid),
+        "stopping wsedge stops its instances"
+    );
 }
 
 #[tokio::test]
 async fn with_concurrency_1_each_connection_gets_an_instance_on_port_9000_until_429() {
-    let p = proxy("kernel", &echo_function("instance_concurrency = 1\nmax_instances = 3\n")).await;
+    let p = proxy(
+        "kernel",
+        &echo_function("instance_concurrency = 1\nmax_instances = 3\n"),
+    )
+    .await;
     let mut open_ws = Vec::new();
     for _ in 0..3 {
         open_ws.push(open(&p).await);
     }
     let instances = p.instances().await;
     assert_eq!(instances.len(), 3, "{instances:?}");
-    assert!(instances.iter().all(|i| i.address == "127.0.0.1:9000" && i.connections == 1));
+    assert!(
+        instances
+            .iter()
+            .all(|i| i.address == "127.0.0.1:9000" && i.connections == 1)
+    );
     let namespaces: HashSet<_> = instances.iter().map(|i| i.netns.expect("netns")).collect();
     assert_eq!(namespaces.len(), 3, "three namespaces: {instances:?}");
     let (status, error_type, _) = exchange(p.addr, &upgrade_request("/echo", "")).await;
@@ -158,7 +190,11 @@ async fn killed_instance_closes_the_client_with_1011(plane: &str) {
     let mut ws = open(&p).await;
     assert_eq!(p.connections().await[0].instance, "echo-2");
     echo_once(&mut ws, "after the crash").await;
-    assert!(p.metrics().await.contains("wsedge_instance_crashes_total{function=\"echo\"} 1\n"));
+    assert!(
+        p.metrics()
+            .await
+            .contains("wsedge_instance_crashes_total{function=\"echo\"} 1\n")
+    );
     p.stop().await;
 }
 
@@ -175,8 +211,16 @@ async fn an_instance_killed_mid_stream_closes_its_client_with_1011_on_the_relay(
 #[tokio::test]
 async fn instances_that_fail_to_start_get_500_502_or_504_and_leave_nothing_running() {
     let cases = [
-        (r#"command = ["./no-such-function"]"#, 500, "instance_start_failed"),
-        (r#"command = ["sh", "-c", "exit 3"]"#, 502, "instance_crashed"),
+        (
+            r#"command = ["./no-such-function"]"#,
+            500,
+            "instance_start_failed",
+        ),
+        (
+            r#"command = ["sh", "-c", "exit 3"]"#,
+            502,
+            "instance_crashed",
+        ),
         (r#"command = ["sleep", "30"]"#, 504, "instance_timeout"),
         (
             r#"command = ["python3", "-m", "http.server", "9000"]"#,
@@ -185,12 +229,20 @@ async fn instances_that_fail_to_start_get_500_502_or_504_and_leave_nothing_runni
         ),
     ];
     for (command, status, error_type) in cases {
-        let function = format!("name = \"f\"\nroute = \"/echo\"\n{command}\nstart_timeout_ms = 3000\n");
+        let function =
+            format!("name = \"f\"\nroute = \"/echo\"\n{command}\nstart_timeout_ms = 3000\n");
         let p = proxy("kernel", &function).await;
         let (got, got_type, body) = exchange(p.addr, &upgrade_request("/echo", "")).await;
-        assert_eq!((got, got_type.as_str()), (status, error_type), "{command}: {body}");
+        assert_eq!(
+            (got, got_type.as_str()),
+            (status, error_type),
+            "{command}: {body}"
+        );
         if status != 502 || error_type == "instance_crashed" {
-            assert!(p.instances().await.is_empty(), "{command}: failed starts are gone");
+            assert!(
+                p.instances().await.is_empty(),
+                "{command}: failed starts are gone"
+            );
         }
         p.stop().await;
     }
@@ -215,7 +267,10 @@ async fn an_idle_instance_scales_to_zero_with_its_process_and_namespace() {
         }
     }
     assert!(gone, "instance still there: {:?}", p.instances().await);
-    assert!(!namespace_in_use(netns), "no process is left in the namespace");
+    assert!(
+        !namespace_in_use(netns),
+        "no process is left in the namespace"
+    );
     // The next connection cold-starts a new instance.
     let _ws = open(&p).await;
     assert_eq!(p.instances().await[0].id, "echo-2");
@@ -246,15 +301,23 @@ async fn refused_origins_get_403_and_the_per_ip_limit_429() {
         ),
     );
     let p = start_proxy(config).await;
-    let (status, error_type, _) =
-        exchange(p.addr, &upgrade_request("/echo", "Origin: https://evil.example\r\n")).await;
-    assert_eq!((status, error_type.as_str()), (403, "origin_refused"));
-    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        p.url("/echo"),
+    let (status, error_type, _) = exchange(
+        p.addr,
+        &upgrade_request("/echo", "Origin: https://evil.example\r\n"),
     )
-    .unwrap();
-    request.headers_mut().insert("Origin", "https://APP.example".parse().unwrap());
-    let (mut held, _) = connect_async(request).await.expect("allowed origin upgrades");
+    .await;
+    assert_eq!((status, error_type.as_str()), (403, "origin_refused"));
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            p.url("/echo"),
+        )
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("Origin", "https://APP.example".parse().unwrap());
+    let (mut held, _) = connect_async(request)
+        .await
+        .expect("allowed origin upgrades");
     echo_once(&mut held, "first").await;
     let (status, error_type, _) = exchange(p.addr, &upgrade_request("/echo", "")).await;
     assert_eq!((status, error_type.as_str()), (429, "too_many_connections"));
@@ -262,7 +325,9 @@ async fn refused_origins_get_403_and_the_per_ip_limit_429() {
     while held.next().await.is_some() {}
     drop(held);
     p.wait_no_connections().await;
-    let (mut again, _) = connect_async(p.url("/echo")).await.expect("the slot is free again");
+    let (mut again, _) = connect_async(p.url("/echo"))
+        .await
+        .expect("the slot is free again");
     echo_once(&mut again, "second").await;
     p.stop().await;
 }

@@ -205,3 +205,23 @@ async fn forwarded_headers_reach_the_instance() {
     assert!(request.contains("X-Forwarded-Proto: http\r\n"), "{request}");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn an_upgrade_that_completes_while_draining_gets_503() {
+    let mut p = proxy_with("").await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let (first, rest) = UPGRADE.split_at(20);
+    s.write_all(first.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.begin_stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(rest.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, error_type, _) = parse_error_response(&out);
+    assert_eq!((status, error_type.as_str()), (503, "draining"));
+    p.stop().await;
+}

@@ -1,7 +1,7 @@
-//! `cargo xtask demo`: set up, build, start the demo echo function and wsedge in the foreground.
+//! `cargo xtask demo`: set up, build, run wsedge in the foreground with `deploy/demo.toml`;
+//! wsedge starts the Rust echo function itself on the first connection.
 
 use std::{
-    net::{SocketAddr, TcpStream},
     os::unix::process::CommandExt,
     process::{Child, Command},
     sync::{
@@ -9,7 +9,6 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread,
-    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -21,9 +20,9 @@ use nix::{
 use crate::{cmd, setup};
 
 const CONFIG: &str = "deploy/demo.toml";
-const ECHO_PORT: u16 = 9000;
 const URL: &str = "ws://127.0.0.1:8080/echo";
 const ADMIN_URL: &str = "http://127.0.0.1:9901/connections";
+const INSTANCES_URL: &str = "http://127.0.0.1:9901/instances";
 
 pub fn run() -> Result<()> {
     setup::run()?;
@@ -42,21 +41,12 @@ pub fn run() -> Result<()> {
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("blocking SIGINT/SIGTERM")?;
 
-    let echo_addr = SocketAddr::from(([127, 0, 0, 1], ECHO_PORT));
-    if TcpStream::connect_timeout(&echo_addr, Duration::from_millis(200)).is_ok() {
-        bail!("port {ECHO_PORT} is already in use: stop what listens there first");
-    }
-    let mut echo = spawn(
-        cmd::new(release.join("echo-fn")).env("PORT", ECHO_PORT.to_string()),
-        "echo-fn",
-        signals,
-    )?;
-    if let Err(err) = wait_listening(&mut echo, echo_addr) {
-        let _ = echo.kill();
-        let _ = echo.wait();
-        return Err(err);
-    }
-    println!("xtask: echo function listening on 0.0.0.0:{ECHO_PORT}");
+    let echo = release.join("echo-fn");
+    println!(
+        "xtask: wsedge starts {} on the first connection (a cold start), in its own network \
+         namespace on port 9000 when run as root",
+        echo.display()
+    );
     println!();
     println!("  connect to:  {URL}");
     println!("  try:         websocat {URL}");
@@ -65,13 +55,11 @@ pub fn run() -> Result<()> {
          c = connect(\"{URL}\"); c.send(\"hello\"); print(c.recv())'"
     );
     println!("  connections: curl {ADMIN_URL}");
+    println!("  instances:   curl {INSTANCES_URL}");
     println!("  stop:        Ctrl-C");
     println!();
 
-    let result = run_wsedge(&release, signals);
-    let _ = echo.kill();
-    let _ = echo.wait();
-    result
+    run_wsedge(&release, signals)
 }
 
 /// Runs wsedge until it exits, forwarding SIGINT/SIGTERM to it.
@@ -96,7 +84,7 @@ fn run_wsedge(release: &std::path::Path, signals: SigSet) -> Result<()> {
     if !status.success() && !stopping.load(Ordering::SeqCst) {
         bail!("wsedge exited: {status}");
     }
-    println!("xtask: wsedge stopped ({status}), stopping the echo function");
+    println!("xtask: wsedge stopped ({status}); it stopped its function instances");
     Ok(())
 }
 
@@ -112,21 +100,4 @@ fn spawn(cmd: &mut Command, name: &str, blocked: SigSet) -> Result<Child> {
     }
     cmd.spawn()
         .with_context(|| format!("could not start {name} (`{line}`)"))
-}
-
-/// Waits until the echo function accepts connections (10 s at most).
-fn wait_listening(echo: &mut Child, addr: SocketAddr) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = echo.try_wait()? {
-            bail!("echo-fn exited before listening on port {ECHO_PORT}: {status}");
-        }
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("echo-fn did not listen on port {ECHO_PORT} within 10 s");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
 }

@@ -356,7 +356,13 @@ async fn instance_failed(maps: &Mutex<Maps>, conn: &Arc<Spliced>, code: u16) {
         p.client_done
     };
     // Best effort: a reset instance socket does not change what was already redirected.
-    let _ = flush(maps, conn.pair.instance, &conn.client, conn.written.to_client).await;
+    let _ = flush(
+        maps,
+        conn.pair.instance,
+        &conn.client,
+        conn.written.to_client,
+    )
+    .await;
     let frame = close_frame(code, "function instance failed");
     if let Err(e) = write_all_nonblocking(&conn.client, &frame).await {
         tracing::debug!(error = %e, "could not tell the client the instance failed");

@@ -22,7 +22,8 @@ pub fn root() -> Option<PathBuf> {
     // Fields: id parent major:minor root mount-point options... - fstype source super-options
     let mount = mounts.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
-        (right.split(' ').next()? == "cgroup2").then(|| left.split(' ').nth(4).map(PathBuf::from))?
+        (right.split(' ').next()? == "cgroup2")
+            .then(|| left.split(' ').nth(4).map(PathBuf::from))?
     })?;
     let root = mount.join("wsedge");
     fs::create_dir_all(&root).ok()?;
@@ -98,8 +99,12 @@ pub fn clean_leftovers(root: &Path) {
         let processes = cgroup.pids().len();
         let _ = cgroup.kill();
         match cgroup.remove() {
-            Ok(()) => info!(cgroup = %name, processes, "removed an instance left by an earlier wsedge"),
-            Err(e) => warn!(cgroup = %name, error = %e, "cannot remove an instance left by an earlier wsedge"),
+            Ok(()) => {
+                info!(cgroup = %name, processes, "removed an instance left by an earlier wsedge")
+            }
+            Err(e) => {
+                warn!(cgroup = %name, error = %e, "cannot remove an instance left by an earlier wsedge")
+            }
         }
     }
 }

@@ -227,7 +227,11 @@ impl Pool {
 
     async fn start(self: Arc<Self>, instance: Arc<Instance>) {
         let begun = Instant::now();
-        let mut started = match process::spawn(&self.spec, &instance.id, self.cgroup_root.as_deref()) {
+        let mut started = match process::spawn(
+            &self.spec,
+            &instance.id,
+            self.cgroup_root.as_deref(),
+        ) {
             Ok(started) => started,
             Err(e) => {
                 warn!(function = %self.spec.function, instance = %instance.id, error = %e, "instance could not be started");
@@ -283,7 +287,11 @@ impl Pool {
 
     /// Reaps the process; an exit wsedge did not ask for is a crash: the instance is never
     /// routed to again, and connections still starting on it get 502.
-    async fn watch_exit(self: Arc<Self>, instance: Arc<Instance>, mut child: tokio::process::Child) {
+    async fn watch_exit(
+        self: Arc<Self>,
+        instance: Arc<Instance>,
+        mut child: tokio::process::Child,
+    ) {
         let status = child.wait().await;
         self.forget(&instance);
         let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
@@ -297,7 +305,10 @@ impl Pool {
         instance.fail(HandshakeError::new(
             502,
             "instance_crashed",
-            format!("instance {} exited ({status}) before it listened", instance.id),
+            format!(
+                "instance {} exited ({status}) before it listened",
+                instance.id
+            ),
         ));
         instance.exited.send_replace(true);
         let instance_ref = instance.clone();

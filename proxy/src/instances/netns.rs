@@ -71,7 +71,9 @@ impl NetNs {
 }
 
 /// Runs `f` on a fresh thread, so namespace changes never leak into runtime threads.
-fn in_thread<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+fn in_thread<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
     std::thread::spawn(f)
         .join()
         .map_err(|_| io::Error::other("namespace thread panicked"))?

@@ -46,7 +46,11 @@ pub struct Started {
 }
 
 /// Starts `spec.command` as instance `instance_id`; stdout and stderr become log lines.
-pub fn spawn(spec: &SpawnSpec, instance_id: &str, cgroup_root: Option<&Path>) -> io::Result<Started> {
+pub fn spawn(
+    spec: &SpawnSpec,
+    instance_id: &str,
+    cgroup_root: Option<&Path>,
+) -> io::Result<Started> {
     let (port, netns) = match spec.isolation {
         Isolation::Netns => (spec.port, Some(Arc::new(NetNs::create()?))),
         Isolation::None => (free_port()?, None),
@@ -123,10 +127,20 @@ pub fn spawn(spec: &SpawnSpec, instance_id: &str, cgroup_root: Option<&Path>) ->
     drop(procs);
     let pid = child.id().unwrap_or_default();
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(forward_lines(out, spec.function.clone(), instance_id.to_string(), "stdout"));
+        tokio::spawn(forward_lines(
+            out,
+            spec.function.clone(),
+            instance_id.to_string(),
+            "stdout",
+        ));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(forward_lines(err, spec.function.clone(), instance_id.to_string(), "stderr"));
+        tokio::spawn(forward_lines(
+            err,
+            spec.function.clone(),
+            instance_id.to_string(),
+            "stderr",
+        ));
     }
     Ok(Started {
         child,

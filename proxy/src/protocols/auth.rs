@@ -34,16 +34,21 @@ pub fn verify(request: &UpgradeRequest, key: &[u8], now: SystemTime) -> Result<(
         ));
     };
     let sent_at = httpdate::parse_http_date(date).map_err(|_| {
-        HandshakeError::new(400, "malformed_date", format!("Date {date:?} is not an RFC 7231 date"))
+        HandshakeError::new(
+            400,
+            "malformed_date",
+            format!("Date {date:?} is not an RFC 7231 date"),
+        )
     })?;
-    let skew = now
-        .duration_since(sent_at)
-        .unwrap_or_else(|e| e.duration());
+    let skew = now.duration_since(sent_at).unwrap_or_else(|e| e.duration());
     if skew > MAX_CLOCK_SKEW {
         return Err(HandshakeError::new(
             403,
             "stale_date",
-            format!("Date is {}s away from the proxy's clock (limit 900s)", skew.as_secs()),
+            format!(
+                "Date is {}s away from the proxy's clock (limit 900s)",
+                skew.as_secs()
+            ),
         ));
     }
     let bad = || HandshakeError::new(403, "bad_signature", "the signature does not match");
@@ -71,7 +76,10 @@ pub fn verify(request: &UpgradeRequest, key: &[u8], now: SystemTime) -> Result<(
 pub fn sign(key: &[u8], path: &str, date: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(format!("GET\n{path}\n{date}").as_bytes());
-    format!("{SCHEME} Signature={}", BASE64.encode(mac.finalize().into_bytes()))
+    format!(
+        "{SCHEME} Signature={}",
+        BASE64.encode(mac.finalize().into_bytes())
+    )
 }
 
 #[cfg(test)]
@@ -92,21 +100,45 @@ mod tests {
         let now = SystemTime::now();
         let date = httpdate::fmt_http_date(now);
         let good = sign(b"k", "/echo?room=1", &date);
-        let ok = request("/echo?room=1", &format!("Date: {date}\r\nAuthorization: {good}\r\n"));
+        let ok = request(
+            "/echo?room=1",
+            &format!("Date: {date}\r\nAuthorization: {good}\r\n"),
+        );
         assert_eq!(verify(&ok, b"k", now), Ok(()));
         let path_only = sign(b"k", "/echo", &date);
-        let r = request("/echo?room=1", &format!("Date: {date}\r\nAuthorization: {path_only}\r\n"));
+        let r = request(
+            "/echo?room=1",
+            &format!("Date: {date}\r\nAuthorization: {path_only}\r\n"),
+        );
         assert_eq!(verify(&r, b"k", now), Ok(()));
 
         let status = |r: &UpgradeRequest, key: &[u8]| verify(r, key, now).unwrap_err().status;
         assert_eq!(status(&ok, b"other key"), 403);
-        assert_eq!(status(&request("/echo", &format!("Date: {date}\r\n")), b"k"), 400);
-        assert_eq!(status(&request("/echo", &format!("Authorization: {good}\r\n")), b"k"), 400);
+        assert_eq!(
+            status(&request("/echo", &format!("Date: {date}\r\n")), b"k"),
+            400
+        );
+        assert_eq!(
+            status(
+                &request("/echo", &format!("Authorization: {good}\r\n")),
+                b"k"
+            ),
+            400
+        );
         let old = httpdate::fmt_http_date(now - Duration::from_secs(16 * 60));
         let stale = sign(b"k", "/echo", &old);
-        let r = request("/echo", &format!("Date: {old}\r\nAuthorization: {stale}\r\n"));
+        let r = request(
+            "/echo",
+            &format!("Date: {old}\r\nAuthorization: {stale}\r\n"),
+        );
         assert_eq!(verify(&r, b"k", now).unwrap_err().error_type, "stale_date");
-        let wrong_path = request("/other", &format!("Date: {date}\r\nAuthorization: {path_only}\r\n"));
-        assert_eq!(verify(&wrong_path, b"k", now).unwrap_err().error_type, "bad_signature");
+        let wrong_path = request(
+            "/other",
+            &format!("Date: {date}\r\nAuthorization: {path_only}\r\n"),
+        );
+        assert_eq!(
+            verify(&wrong_path, b"k", now).unwrap_err().error_type,
+            "bad_signature"
+        );
     }
 }

@@ -78,12 +78,22 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
     let mut function = None;
     // Boxed phases: the handshake's buffers live in their own allocation, freed before the
     // connection's long life starts, instead of sizing this task's future for its whole life.
-    let upgraded = match Box::pin(upgrade(&state, &mut client, peer, over_ip_limit, &mut function)).await {
+    let upgraded = match Box::pin(upgrade(
+        &state,
+        &mut client,
+        peer,
+        over_ip_limit,
+        &mut function,
+    ))
+    .await
+    {
         Ok(upgraded) => upgraded,
         Err(Failure::ClientGone) => return,
         Err(Failure::Respond(e)) => {
             let function = function.as_deref().unwrap_or_default();
-            state.metrics.handshake_error(function, e.status, e.error_type);
+            state
+                .metrics
+                .handshake_error(function, e.status, e.error_type);
             info!(client = %peer, function, status = e.status, error_type = e.error_type, "handshake refused: {}", e.message);
             let _ = timeout(Duration::from_secs(1), client.write_all(&e.to_response())).await;
             let _ = client.shutdown().await;
@@ -155,8 +165,7 @@ async fn upgrade(
     admit(route, &request, over_ip_limit, peer)?;
     let assigned = route.assign().await?;
     let forwarded = request.forwarded(peer.ip(), false);
-    let (instance, response) =
-        connect_instance(state, &assigned, &request, &forwarded).await?;
+    let (instance, response) = connect_instance(state, &assigned, &request, &forwarded).await?;
     client
         .write_all(&response.head)
         .await
@@ -194,7 +203,10 @@ fn admit(
         && !allowed.is_empty()
     {
         let origin = String::from_utf8_lossy(origin);
-        if !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin.trim())) {
+        if !allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(origin.trim()))
+        {
             return Err(HandshakeError::new(
                 403,
                 "origin_refused",

@@ -82,8 +82,15 @@ impl Proxy {
         panic!("connections still open: {:?}", self.connections().await);
     }
 
+    /// Starts the shutdown (as SIGTERM does) without waiting for the drain.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     pub async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
+        self.begin_stop();
         self.task.take().unwrap().await.unwrap();
     }
 }
@@ -256,7 +263,11 @@ pub fn echo_fn() -> std::path::PathBuf {
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
             .expect("cargo runs");
-        assert!(out.status.success(), "building echo-fn: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "building echo-fn: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
