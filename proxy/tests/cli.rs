@@ -2,6 +2,8 @@
 //! data-plane choice behaves as documented when eBPF cannot load (run as an unprivileged
 //! user, where the kernel really refuses the programs).
 
+mod common;
+
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
@@ -142,4 +144,103 @@ fn auto_falls_back_to_userspace_with_one_log_line_saying_why() {
     child.wait().unwrap();
     assert_eq!(fallback_lines, 1);
     assert_eq!(plane.as_deref(), Some("userspace"));
+}
+
+/// Runs `wsedge run` as root with JSON logs; returns the child, its log lines, and the
+/// listen address from the "wsedge serving" line.
+fn run_json(
+    path: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStderr>>,
+    String,
+) {
+    let mut child = Command::new(BIN)
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let listen = wait_for_log(&mut lines, "wsedge serving")["fields"]["listen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (child, lines, listen)
+}
+
+fn wait_for_log(
+    lines: &mut std::io::Lines<BufReader<std::process::ChildStderr>>,
+    message: &str,
+) -> serde_json::Value {
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if json["fields"]["message"] == message {
+            return json;
+        }
+    }
+    panic!("wsedge exited before logging {message:?}");
+}
+
+fn gone_within(pid: u32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn a_killed_wsedge_takes_its_instances_along_and_a_restart_removes_leftovers() {
+    let dir = readable_dir();
+    let path = dir.path().join("wsedge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_plane = \"kernel\"\n\
+             [[function]]\nname = \"echo\"\nroute = \"/echo\"\ncommand = [{:?}]\n",
+            common::echo_fn().display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mut wsedge, mut lines, listen) = run_json(&path);
+    let (mut ws, _) =
+        tokio_tungstenite::tungstenite::connect(format!("ws://{listen}/echo")).expect("upgrade");
+    ws.send("hi".into()).unwrap();
+    assert_eq!(ws.read().unwrap(), "hi".into());
+    let started = wait_for_log(&mut lines, "instance starting");
+    let pid = started["fields"]["pid"].as_u64().unwrap() as u32;
+    wsedge.kill().unwrap();
+    wsedge.wait().unwrap();
+    assert!(
+        gone_within(pid, Duration::from_secs(3)),
+        "instance {pid} outlived wsedge"
+    );
+
+    // What a crashed wsedge could leave: an instance cgroup, owned by a dead pid, with a
+    // process still in it. The next start kills it and removes the cgroup.
+    let root = wsedge::instances::cgroup::root().expect("cgroup2 is writable as root");
+    let mut gone_pid = Command::new("true").spawn().unwrap();
+    let dead_owner = gone_pid.id();
+    gone_pid.wait().unwrap();
+    let leftover = root.join(format!("{dead_owner}-0-echo-1"));
+    std::fs::create_dir(&leftover).unwrap();
+    let mut orphan = Command::new("sleep").arg("60").spawn().unwrap();
+    std::fs::write(leftover.join("cgroup.procs"), orphan.id().to_string()).unwrap();
+    let (mut wsedge, _lines, _) = run_json(&path);
+    assert!(
+        orphan.try_wait().unwrap().is_some() || {
+            std::thread::sleep(Duration::from_millis(200));
+            orphan.try_wait().unwrap().is_some()
+        },
+        "the leftover instance was killed"
+    );
+    assert!(!leftover.exists(), "the leftover cgroup was removed");
+    wsedge.kill().unwrap();
+    wsedge.wait().unwrap();
 }
