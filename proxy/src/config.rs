@@ -298,10 +298,15 @@ impl Config {
             path: path.into(),
             source: Box::new(source),
         })?;
-        config.base_dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
+        // Absolute: an instance's program path must not depend on its working directory.
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => std::path::Path::new("."),
         };
+        config.base_dir = dir.canonicalize().map_err(|source| ConfigError::Read {
+            path: dir.into(),
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }

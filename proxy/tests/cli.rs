@@ -196,7 +196,8 @@ fn gone_within(pid: u32, limit: Duration) -> bool {
 }
 
 #[test]
-fn a_killed_wsedge_takes_its_instances_along_and_a_restart_removes_leftovers() {
+fn instance_output_is_logged_a_killed_wsedge_takes_its_instances_along_and_a_restart_removes_leftovers()
+ {
     let dir = readable_dir();
     let path = dir.path().join("wsedge.toml");
     std::fs::write(
@@ -215,6 +216,17 @@ fn a_killed_wsedge_takes_its_instances_along_and_a_restart_removes_leftovers() {
     assert_eq!(ws.read().unwrap(), "hi".into());
     let started = wait_for_log(&mut lines, "instance starting");
     let pid = started["fields"]["pid"].as_u64().unwrap() as u32;
+    // What the instance prints is wsedge's log, with its function and instance.
+    let printed = wait_for_log(&mut lines, "echo function listening on 0.0.0.0:9000");
+    assert_eq!(printed["target"], "wsedge::function");
+    assert_eq!(
+        (
+            &printed["fields"]["function"],
+            &printed["fields"]["instance"]
+        ),
+        (&"echo".into(), &"echo-1".into()),
+        "{printed}"
+    );
     wsedge.kill().unwrap();
     wsedge.wait().unwrap();
     assert!(
