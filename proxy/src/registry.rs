@@ -19,11 +19,26 @@ use crate::data_plane::{
     relay::Direction,
 };
 
-/// One accepted (upgraded) connection.
+/// A connection's id: when it was accepted (ms since the epoch, hex) and a sequence number,
+/// formatted on demand so an idle connection does not carry the string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionId {
+    epoch_ms: u64,
+    key: u64,
+}
+
+impl std::fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}-{}", self.epoch_ms, self.key)
+    }
+}
+
+/// One accepted (upgraded) connection. Kept small: thousands stay open for hours.
 pub struct Connection {
-    pub id: String,
-    pub function: String,
-    pub instance: String,
+    pub id: ConnectionId,
+    /// Shared with the route and the instance: not a copy per connection.
+    pub function: Arc<str>,
+    pub instance: Arc<str>,
     pub client: SocketAddr,
     pub started_at: SystemTime,
     pub data_plane: &'static str,
@@ -96,9 +111,9 @@ impl Connection {
             by_userspace
         };
         ConnectionView {
-            id: self.id.clone(),
-            function: self.function.clone(),
-            instance: self.instance.clone(),
+            id: self.id.to_string(),
+            function: self.function.to_string(),
+            instance: self.instance.to_string(),
             client: self.client.to_string(),
             started_at: humantime::format_rfc3339_millis(self.started_at).to_string(),
             data_plane: self.data_plane.to_string(),
@@ -131,14 +146,14 @@ pub struct Registry {
     open: Mutex<BTreeMap<u64, Arc<Connection>>>,
 }
 
-/// Removes its connection from the registry when dropped, however the task ends.
-pub struct Registered<'a> {
-    registry: &'a Registry,
+/// Removes its connection from the registry when dropped, however the connection ends.
+pub struct Registered {
+    registry: Arc<Registry>,
     key: u64,
     pub conn: Arc<Connection>,
 }
 
-impl Drop for Registered<'_> {
+impl Drop for Registered {
     fn drop(&mut self) {
         self.registry
             .open
@@ -150,22 +165,22 @@ impl Drop for Registered<'_> {
 
 impl Registry {
     pub fn register(
-        &self,
-        function: &str,
-        instance: &str,
+        self: &Arc<Self>,
+        function: Arc<str>,
+        instance: Arc<str>,
         client: SocketAddr,
         data_plane: &'static str,
-    ) -> Registered<'_> {
+    ) -> Registered {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let started_at = SystemTime::now();
         let epoch_ms = started_at
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
-            .as_millis();
+            .as_millis() as u64;
         let conn = Arc::new(Connection {
-            id: format!("{epoch_ms:x}-{key}"),
-            function: function.to_string(),
-            instance: instance.to_string(),
+            id: ConnectionId { epoch_ms, key },
+            function,
+            instance,
             client,
             started_at,
             data_plane,
@@ -177,7 +192,7 @@ impl Registry {
             .expect("registry lock")
             .insert(key, conn.clone());
         Registered {
-            registry: self,
+            registry: self.clone(),
             key,
             conn,
         }
@@ -208,25 +223,28 @@ pub struct ClientCounts {
 }
 
 /// One client connection counted against its IP; uncounted when dropped.
-pub struct ClientSlot<'a> {
-    counts: &'a ClientCounts,
+pub struct ClientSlot {
+    counts: Arc<ClientCounts>,
     ip: std::net::IpAddr,
 }
 
 impl ClientCounts {
     /// Counts a connection from `ip`; `None` when `ip` already has `limit` open.
-    pub fn admit(&self, ip: std::net::IpAddr, limit: Option<u32>) -> Option<ClientSlot<'_>> {
+    pub fn admit(self: &Arc<Self>, ip: std::net::IpAddr, limit: Option<u32>) -> Option<ClientSlot> {
         let mut open = self.open.lock().expect("client counts lock");
         let n = open.entry(ip).or_default();
         if limit.is_some_and(|limit| *n >= limit) {
             return None;
         }
         *n += 1;
-        Some(ClientSlot { counts: self, ip })
+        Some(ClientSlot {
+            counts: self.clone(),
+            ip,
+        })
     }
 }
 
-impl Drop for ClientSlot<'_> {
+impl Drop for ClientSlot {
     fn drop(&mut self) {
         let mut open = self.counts.open.lock().expect("client counts lock");
         if let Some(n) = open.get_mut(&self.ip) {

@@ -19,7 +19,8 @@ pub enum Backend {
     /// Fixed instances somebody else runs and scales, picked round-robin; wsedge does not
     /// limit their concurrency.
     Upstreams {
-        addrs: Vec<SocketAddr>,
+        /// Each address with its "host:port" name, shared by every connection to it.
+        addrs: Vec<(SocketAddr, Arc<str>)>,
         next: AtomicUsize,
     },
     /// Instances wsedge starts, scales and stops.
@@ -30,12 +31,14 @@ pub enum Backend {
 pub struct Assigned {
     pub target: Target,
     /// Instance id (spawned) or "host:port" (upstream), for logs and `/connections`.
-    pub instance: String,
+    pub instance: Arc<str>,
     pub lease: Option<Lease>,
 }
 
 pub struct Route {
     pub function: FunctionConfig,
+    /// The function's name, shared by its connections.
+    pub name: Arc<str>,
     /// HMAC key read from `auth.hmac_key_env` at start.
     pub hmac_key: Option<Vec<u8>>,
     pub backend: Backend,
@@ -45,10 +48,10 @@ impl Route {
     pub async fn assign(&self) -> Result<Assigned, HandshakeError> {
         match &self.backend {
             Backend::Upstreams { addrs, next } => {
-                let addr = addrs[next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
+                let (addr, name) = &addrs[next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
                 Ok(Assigned {
-                    target: Target::fixed(addr),
-                    instance: addr.to_string(),
+                    target: Target::fixed(*addr),
+                    instance: name.clone(),
                     lease: None,
                 })
             }
@@ -59,7 +62,7 @@ impl Route {
                     .ok_or_else(|| HandshakeError::internal("ready instance without a process"))?;
                 Ok(Assigned {
                     target,
-                    instance: lease.instance_id().to_string(),
+                    instance: lease.instance_id().clone(),
                     lease: Some(lease),
                 })
             }
@@ -122,10 +125,11 @@ mod tests {
         let mut function: FunctionConfig = toml::from_str(&text).unwrap();
         function.host = host.map(String::from);
         Route {
+            name: function.name.as_str().into(),
             function,
             hmac_key: None,
             backend: Backend::Upstreams {
-                addrs: vec!["127.0.0.1:1".parse().unwrap()],
+                addrs: vec![("127.0.0.1:1".parse().unwrap(), "127.0.0.1:1".into())],
                 next: AtomicUsize::new(0),
             },
         }

@@ -26,8 +26,8 @@ pub struct AppState {
     pub config: Config,
     pub routes: Routes,
     pub data_plane: DataPlane,
-    pub registry: Registry,
-    pub clients: ClientCounts,
+    pub registry: Arc<Registry>,
+    pub clients: Arc<ClientCounts>,
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
 }
@@ -70,8 +70,8 @@ impl Server {
             routes,
             config,
             data_plane,
-            registry: Registry::default(),
-            clients: ClientCounts::default(),
+            registry: Arc::default(),
+            clients: Arc::default(),
             metrics,
             draining: AtomicBool::new(false),
         });
@@ -133,16 +133,23 @@ impl Server {
         drop(listener);
         let drain = Duration::from_secs(state.config.server.drain_timeout_s);
         info!(open = state.registry.len(), ?drain, "draining");
+        // Spliced connections have no task: the registry says when they are gone.
         let finished = tokio::time::timeout(drain, async {
             while connections.join_next().await.is_some() {}
+            while !state.registry.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         })
         .await;
         if finished.is_err() {
             warn!(
-                cut = connections.len(),
+                cut = state.registry.len(),
                 "drain window over; closing remaining connections"
             );
             connections.shutdown().await;
+            if let DataPlane::Kernel(kernel) = &state.data_plane {
+                kernel.abort_all();
+            }
         }
         futures_util::future::join_all(state.routes.pools().map(|p| p.stop_all())).await;
         admin_task.abort();
@@ -211,6 +218,7 @@ fn build_routes(config: &Config, metrics: &Arc<Metrics>) -> Result<Routes, Start
             },
         };
         routes.push(Route {
+            name: f.name.as_str().into(),
             function: f.clone(),
             hmac_key,
             backend,
@@ -220,13 +228,14 @@ fn build_routes(config: &Config, metrics: &Arc<Metrics>) -> Result<Routes, Start
 }
 
 /// Upstream names are resolved once, at start.
-fn resolve_upstreams(f: &FunctionConfig) -> Result<Vec<SocketAddr>, String> {
+fn resolve_upstreams(f: &FunctionConfig) -> Result<Vec<(SocketAddr, Arc<str>)>, String> {
     f.upstreams
         .iter()
         .map(|u| {
             std::net::ToSocketAddrs::to_socket_addrs(u.as_str())
                 .ok()
                 .and_then(|mut addrs| addrs.next())
+                .map(|addr| (addr, u.as_str().into()))
                 .ok_or_else(|| format!("upstream {u:?} does not resolve"))
         })
         .collect()

@@ -64,6 +64,12 @@ impl<T: Send + Sync + 'static> HangupWatcher<T> {
         Ok(())
     }
 
+    /// Everything watched right now (a connection with two watched sockets appears twice).
+    pub fn watched(&self) -> Vec<Arc<T>> {
+        let table = self.table.lock().expect("hangup table");
+        table.values().map(|(conn, _)| conn.clone()).collect()
+    }
+
     /// Drops the table entry; the epoll registration goes when the socket is closed.
     pub fn forget(&self, cookie: u64) {
         self.table.lock().expect("hangup table").remove(&cookie);

@@ -203,15 +203,66 @@ impl KernelDataPlane {
         (inbound, outbound)
     }
 
-    /// Hands both sockets to the kernel; `on_spliced` learns the cookies once frames flow.
-    /// Returns when the connection has ended, with the final kernel counters.
-    pub async fn splice(
-        &self,
+    /// Hands both sockets to the kernel and returns at once: no task waits while the kernel
+    /// carries frames (per connection, userspace then holds only the [`Spliced`] record and
+    /// two epoll registrations). `on_spliced` learns the cookies once frames flow; `on_end`
+    /// runs once, with how it ended and the final kernel counters, when both directions are
+    /// done or either failed (also when the splice could not be set up).
+    pub fn start_splice(
+        self: &Arc<Self>,
         client: tokio::net::TcpStream,
         instance: tokio::net::TcpStream,
         written: WrittenByHand,
         on_spliced: impl FnOnce(SplicedPair),
-    ) -> io::Result<(SpliceEnd, SideState, SideState)> {
+        on_end: OnEnd,
+    ) {
+        let pair = match self.enter_maps(client, instance) {
+            Ok(entered) => entered,
+            Err(e) => {
+                return on_end(
+                    SpliceEnd::Aborted(e),
+                    SideState::default(),
+                    SideState::default(),
+                );
+            }
+        };
+        let (client, instance, pair) = pair;
+        on_spliced(pair);
+        let conn = Arc::new(Spliced {
+            client,
+            instance,
+            pair,
+            written,
+            plane: self.clone(),
+            progress: Mutex::new(Progress {
+                client_done: false,
+                instance_done: false,
+                instance_failed: false,
+                on_end: Some(on_end),
+            }),
+        });
+        let watched = self
+            .hangups
+            .watch(pair.client, conn.client.as_raw_fd(), conn.clone(), true)
+            .and_then(|()| {
+                self.hangups.watch(
+                    pair.instance,
+                    conn.instance.as_raw_fd(),
+                    conn.clone(),
+                    false,
+                )
+            });
+        if let Err(e) = watched {
+            conn.finish(SpliceEnd::Aborted(e));
+        }
+    }
+
+    /// Sizes the buffers, inserts both sockets and kicks the parser.
+    fn enter_maps(
+        &self,
+        client: tokio::net::TcpStream,
+        instance: tokio::net::TcpStream,
+    ) -> io::Result<(TcpStream, TcpStream, SplicedPair)> {
         let client = client.into_std()?;
         let instance = instance.into_std()?;
         let pair = SplicedPair {
@@ -227,43 +278,24 @@ impl KernelDataPlane {
         for s in [&client, &instance] {
             socket::kick_receive_path(s)?;
         }
-        on_spliced(pair);
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let conn = Arc::new(Spliced {
-            client,
-            instance,
-            pair,
-            written,
-            progress: Mutex::new(Progress {
-                client_done: false,
-                instance_done: false,
-                instance_failed: false,
-                done: Some(done_tx),
-            }),
-        });
-        let watched = self
-            .hangups
-            .watch(pair.client, conn.client.as_raw_fd(), conn.clone(), true)
-            .and_then(|()| {
-                self.hangups.watch(
-                    pair.instance,
-                    conn.instance.as_raw_fd(),
-                    conn.clone(),
-                    false,
-                )
-            });
-        let end = match watched {
-            Ok(()) => done_rx
-                .await
-                .unwrap_or_else(|_| SpliceEnd::Aborted(io::Error::other("teardown lost"))),
-            Err(e) => SpliceEnd::Aborted(e),
-        };
-        self.hangups.forget(pair.client);
-        self.hangups.forget(pair.instance);
-        let (inbound, outbound) = self.remove(pair);
-        Ok((end, inbound, outbound))
+        Ok((client, instance, pair))
+    }
+
+    /// Ends every spliced connection now (the drain window is over); each one's `on_end`
+    /// runs with [`SpliceEnd::Aborted`].
+    pub fn abort_all(&self) {
+        for conn in self.hangups.watched() {
+            conn.finish(SpliceEnd::Aborted(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "cut at the end of the drain window",
+            )));
+        }
     }
 }
+
+/// Runs once when a spliced connection ends: how, then the final kernel counters
+/// (client -> instance, instance -> client).
+pub type OnEnd = Box<dyn FnOnce(SpliceEnd, SideState, SideState) + Send>;
 
 /// A spliced connection while the kernel carries it; its sockets close when the last
 /// reference (the splice or a teardown task) goes.
@@ -272,6 +304,7 @@ pub struct Spliced {
     instance: TcpStream,
     pair: SplicedPair,
     written: WrittenByHand,
+    plane: Arc<KernelDataPlane>,
     progress: Mutex<Progress>,
 }
 
@@ -280,15 +313,21 @@ struct Progress {
     instance_done: bool,
     /// The instance ended without a close frame: the client's bytes have nowhere to go.
     instance_failed: bool,
-    /// Wakes the splice once both directions are done, or one failed.
-    done: Option<tokio::sync::oneshot::Sender<SpliceEnd>>,
+    /// Runs once both directions are done, or one failed.
+    on_end: Option<OnEnd>,
 }
 
 impl Spliced {
+    /// Takes the connection out of the kernel and reports its end (the first call only).
+    /// The sockets close when the last reference to this record goes.
     fn finish(&self, end: SpliceEnd) {
-        if let Some(done) = self.progress.lock().expect("progress").done.take() {
-            let _ = done.send(end);
-        }
+        let Some(on_end) = self.progress.lock().expect("progress").on_end.take() else {
+            return;
+        };
+        self.plane.hangups.forget(self.pair.client);
+        self.plane.hangups.forget(self.pair.instance);
+        let (inbound, outbound) = self.plane.remove(self.pair);
+        on_end(end, inbound, outbound);
     }
 }
 

@@ -62,7 +62,7 @@ enum Readiness {
 }
 
 pub struct Instance {
-    pub id: String,
+    pub id: Arc<str>,
     pub started_at: SystemTime,
     /// Connections holding a slot; changed only under the pool's lock.
     active: AtomicU64,
@@ -115,7 +115,7 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn instance_id(&self) -> &str {
+    pub fn instance_id(&self) -> &Arc<str> {
         &self.instance.id
     }
 
@@ -185,10 +185,9 @@ impl Pool {
                 Some(instance) => (instance, false),
                 None if state.instances.len() < self.max_instances as usize => {
                     state.next_number += 1;
-                    let instance = Arc::new(Instance::new(format!(
-                        "{}-{}",
-                        self.spec.function, state.next_number
-                    )));
+                    let instance = Arc::new(Instance::new(
+                        format!("{}-{}", self.spec.function, state.next_number).into(),
+                    ));
                     state.instances.push(instance.clone());
                     (instance, true)
                 }
@@ -375,7 +374,7 @@ impl Pool {
             .map(|i| {
                 let process = i.process.get();
                 InstanceView {
-                    id: i.id.clone(),
+                    id: i.id.to_string(),
                     function: self.spec.function.clone(),
                     state: match *i.readiness.borrow() {
                         Readiness::Starting => "starting",
@@ -395,7 +394,7 @@ impl Pool {
 }
 
 impl Instance {
-    fn new(id: String) -> Instance {
+    fn new(id: Arc<str>) -> Instance {
         Instance {
             id,
             started_at: SystemTime::now(),

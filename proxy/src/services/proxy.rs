@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::{
     data_plane::{
         DataPlane,
-        kernel::{SpliceEnd, WrittenByHand},
+        kernel::{OnEnd, SpliceEnd, WrittenByHand},
         relay::{self, Direction},
         socket::monotonic_ns,
     },
@@ -34,7 +34,7 @@ use crate::{
         handshake::{UpgradeRequest, parse_upgrade, validate_response},
         head::{Head, HeadError, read_head},
     },
-    registry::Connection,
+    registry::{ClientSlot, Connection, Registered},
     routing::{Assigned, Route},
     server::AppState,
 };
@@ -45,10 +45,10 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// A completed upgrade: the instance socket, and what was read past each head.
 struct Upgraded {
     instance: TcpStream,
-    function: String,
-    instance_addr: String,
+    function: Arc<str>,
+    instance_addr: Arc<str>,
     /// The instance slot this connection holds (spawned instances), released at its end.
-    _lease: Option<Lease>,
+    lease: Option<Lease>,
     /// Bytes the client sent after its request head (pipelined frames).
     client_rest: Vec<u8>,
     /// Bytes the instance sent after its 101.
@@ -78,7 +78,7 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
     let mut function = None;
     // Boxed phases: the handshake's buffers live in their own allocation, freed before the
     // connection's long life starts, instead of sizing this task's future for its whole life.
-    let upgraded = match Box::pin(upgrade(
+    let mut upgraded = match Box::pin(upgrade(
         &state,
         &mut client,
         peer,
@@ -90,28 +90,38 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
         Ok(upgraded) => upgraded,
         Err(Failure::ClientGone) => return,
         Err(Failure::Respond(e)) => {
-            let function = function.as_deref().unwrap_or_default();
-            state
-                .metrics
-                .handshake_error(function, e.status, e.error_type);
-            info!(client = %peer, function, status = e.status, error_type = e.error_type, "handshake refused: {}", e.message);
-            let _ = timeout(Duration::from_secs(1), client.write_all(&e.to_response())).await;
-            let _ = client.shutdown().await;
-            return;
+            return Box::pin(refuse(&state, client, peer, function, e)).await;
         }
     };
-    let data_plane = state.data_plane.clone();
     let registered = state.registry.register(
-        &upgraded.function,
-        &upgraded.instance_addr,
+        upgraded.function.clone(),
+        upgraded.instance_addr.clone(),
         peer,
-        data_plane.name(),
+        state.data_plane.name(),
     );
-    let conn = &registered.conn;
+    let conn = registered.conn.clone();
     state.metrics.connection(&conn.function, conn.data_plane);
     info!(id = %conn.id, function = %conn.function, instance = %conn.instance, client = %peer,
           data_plane = conn.data_plane, "connection upgraded");
-    let result = Box::pin(carry(&data_plane, client, upgraded, conn, &state)).await;
+    // What must live exactly as long as the connection: its registry entry, its instance
+    // slot and its per-IP count.
+    let held = Held {
+        _registered: registered,
+        _lease: upgraded.lease.take(),
+        _client_slot: client_slot,
+    };
+    Box::pin(carry(state, client, upgraded, conn, held)).await;
+}
+
+/// Everything released when a connection ends.
+struct Held {
+    _registered: Registered,
+    _lease: Option<Lease>,
+    _client_slot: Option<ClientSlot>,
+}
+
+/// Logs how a connection ended, with its function status and final counters.
+fn log_end(conn: &Connection, result: std::io::Result<Ending>) {
     // The kernel's final counters were absorbed when the splice ended: only userspace's now.
     let ([inbound, outbound], _) = conn.totals(None);
     match result {
@@ -129,7 +139,23 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
                         "connection ended abnormally")
         }
     }
-    drop(client_slot);
+}
+
+/// Answers a refused handshake with its status and closes the connection.
+async fn refuse(
+    state: &AppState,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    function: Option<Arc<str>>,
+    e: HandshakeError,
+) {
+    let function = function.as_deref().unwrap_or_default();
+    state
+        .metrics
+        .handshake_error(function, e.status, e.error_type);
+    info!(client = %peer, function, status = e.status, error_type = e.error_type, "handshake refused: {}", e.message);
+    let _ = timeout(Duration::from_secs(1), client.write_all(&e.to_response())).await;
+    let _ = client.shutdown().await;
 }
 
 async fn upgrade(
@@ -137,7 +163,7 @@ async fn upgrade(
     client: &mut TcpStream,
     peer: SocketAddr,
     over_ip_limit: bool,
-    function: &mut Option<String>,
+    function: &mut Option<Arc<str>>,
 ) -> Result<Upgraded, Failure> {
     let server = &state.config.server;
     let head = match timeout(
@@ -158,7 +184,7 @@ async fn upgrade(
         .routes
         .find(&request.host, &request.path)
         .ok_or_else(|| HandshakeError::no_route(&request.host, &request.path))?;
-    *function = Some(route.function.name.clone());
+    *function = Some(route.name.clone());
     if state.draining.load(Ordering::Relaxed) {
         return Err(HandshakeError::draining().into());
     }
@@ -172,9 +198,9 @@ async fn upgrade(
         .map_err(|_| Failure::ClientGone)?;
     Ok(Upgraded {
         instance,
-        function: route.function.name.clone(),
+        function: route.name.clone(),
         instance_addr: assigned.instance,
-        _lease: assigned.lease,
+        lease: assigned.lease,
         client_rest: head.rest,
         instance_rest: response.rest,
         written: WrittenByHand {
@@ -248,32 +274,50 @@ async fn connect_instance(
     })?
 }
 
-/// Carries the WebSocket on the chosen data plane until it ends.
+/// Carries the WebSocket on the chosen data plane. The relay runs in this task until the
+/// connection ends; the kernel splice returns at once and finishes from the hang-up watcher,
+/// so a spliced connection keeps no task.
 async fn carry(
-    data_plane: &DataPlane,
+    state: Arc<AppState>,
     client: TcpStream,
     up: Upgraded,
-    conn: &Connection,
-    state: &AppState,
-) -> std::io::Result<Ending> {
-    // Boxed so its buffers and timers are freed before the connection's long life; what
-    // stays alive while the kernel carries frames is only the small splice wait.
-    let (client, up, cursors) = Box::pin(hand_over(data_plane, client, up, conn, state)).await?;
-    match data_plane {
-        DataPlane::Userspace => Box::pin(relay::relay(client, up.instance, conn, cursors)).await,
+    conn: Arc<Connection>,
+    held: Held,
+) {
+    let handed = Box::pin(hand_over(&state.data_plane, client, up, &conn, &state)).await;
+    let (client, up, cursors) = match handed {
+        Ok(handed) => handed,
+        Err(e) => return log_end(&conn, Err(e)),
+    };
+    let Upgraded {
+        instance, written, ..
+    } = up;
+    match &state.data_plane {
+        DataPlane::Userspace => {
+            let result = Box::pin(relay::relay(client, instance, &conn, cursors)).await;
+            log_end(&conn, result);
+            drop(held);
+        }
         DataPlane::Kernel(k) => {
-            let (end, inbound, outbound) = k
-                .splice(client, up.instance, up.written, |pair| {
-                    conn.set_spliced(pair)
-                })
-                .await?;
-            conn.absorb_kernel(inbound, outbound);
-            debug!(id = %conn.id, ?end, "splice ended");
-            match end {
-                SpliceEnd::Closed => Ok(Ending::Closed),
-                SpliceEnd::InstanceFailed => Ok(Ending::InstanceFailed),
-                SpliceEnd::Aborted(e) => Err(e),
-            }
+            let spliced = conn.clone();
+            let on_end: OnEnd = Box::new(move |end, inbound, outbound| {
+                conn.absorb_kernel(inbound, outbound);
+                debug!(id = %conn.id, ?end, "splice ended");
+                let result = match end {
+                    SpliceEnd::Closed => Ok(Ending::Closed),
+                    SpliceEnd::InstanceFailed => Ok(Ending::InstanceFailed),
+                    SpliceEnd::Aborted(e) => Err(e),
+                };
+                log_end(&conn, result);
+                drop(held);
+            });
+            k.start_splice(
+                client,
+                instance,
+                written,
+                |pair| spliced.set_spliced(pair),
+                on_end,
+            );
         }
     }
 }
