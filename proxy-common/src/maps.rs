@@ -6,6 +6,9 @@ use crate::message::MessageTracker;
 pub const FLAG_CLOSE_SEEN: u32 = 1;
 /// Set when a frame header could not be parsed; the stream's framing is lost.
 pub const FLAG_PROTOCOL_ERROR: u32 = 2;
+/// Set when the connection failed because its peer left more than `MAX_BACKLOG_BYTES`
+/// redirected bytes untaken (a reader that stopped reading).
+pub const FLAG_PEER_BACKLOG: u32 = 4;
 
 /// One direction of a spliced connection, keyed by the cookie of the socket the bytes
 /// arrive on. Userspace creates it before the socket enters the sockhash and reads the
@@ -15,6 +18,9 @@ pub const FLAG_PROTOCOL_ERROR: u32 = 2;
 pub struct SideState {
     /// Cookie of the socket this side's frames are redirected to.
     pub peer_cookie: u64,
+    /// Bytes userspace wrote to the peer socket itself before the splice (handshake and
+    /// pipelined bytes): with `bytes`, all the peer's TCP must take (see `MAX_BACKLOG_BYTES`).
+    pub peer_written_by_hand: u64,
     /// Wire bytes (headers included) redirected to the peer.
     pub bytes: u64,
     pub frames: u64,
@@ -33,6 +39,13 @@ pub struct SideState {
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SideState {}
+
+/// Most bytes redirected to a peer that its TCP has not taken yet. The kernel queues redirected
+/// frames for a peer whose send buffer is full without limit, and the stream parser keeps
+/// consuming the sender's socket whatever the peer does, so it cannot apply back-pressure: a
+/// connection over this bound fails instead (the parser reports ENOBUFS). Sixteen of the
+/// largest frames: far above what a peer that reads ever leaves queued.
+pub const MAX_BACKLOG_BYTES: u64 = 16 * MAX_FRAME_WIRE_LEN;
 
 /// Connections the kernel maps are sized for (two sockets, two sides each).
 pub const MAX_CONNECTIONS: u32 = 16384;

@@ -14,7 +14,11 @@
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_skb_load_bytes},
+    cty::c_void,
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_probe_read_kernel,
+        bpf_sk_release, bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
+    },
     macros::{map, stream_parser, stream_verdict},
     maps::{HashMap, SockHash},
     programs::SkBuffContext,
@@ -22,7 +26,9 @@ use aya_ebpf::{
 use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, SideState,
     frame::{close_code, header_len},
-    maps::{FLAG_CLOSE_SEEN, FLAG_PROTOCOL_ERROR, MAX_CONNECTIONS},
+    maps::{
+        FLAG_CLOSE_SEEN, FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
+    },
     parse_header,
     policy::check_frame,
 };
@@ -47,8 +53,18 @@ static SIDES: HashMap<u64, SideState> = HashMap::with_max_entries(2 * MAX_CONNEC
 #[unsafe(no_mangle)]
 static STRP_OFFSET_AT: u32 = 0;
 
+/// Offsets into `struct tcp_sock` of `bytes_acked`, `snd_una` and `write_seq`, from the
+/// kernel's BTF, set at load time.
+#[unsafe(no_mangle)]
+static TCP_BYTES_ACKED_AT: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SND_UNA_AT: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_WRITE_SEQ_AT: u32 = 0;
+
 const EMSGSIZE: i64 = 90;
 const EBADMSG: i64 = 74;
+const ENOBUFS: i64 = 105;
 
 /// Where the current message starts within the skb (`strp_msg(skb)->offset`).
 #[inline(always)]
@@ -119,8 +135,19 @@ pub fn ws_frame_len(ctx: SkBuffContext) -> u32 {
 }
 
 /// Returns the wire length of the frame at the head of the stream, 0 when more bytes are
-/// needed, or a negative errno that makes the kernel report an error on the socket.
+/// needed, or a negative errno that makes the kernel report an error on the socket: the
+/// frame is refused, or the peer has not taken `MAX_BACKLOG_BYTES` of what was redirected
+/// to it (checked here, before the frame is consumed, because the verdict cannot hold one).
 fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    if let Some(side) = SIDES.get_ptr_mut(cookie) {
+        // SAFETY: map value pointer from a successful lookup.
+        let side = unsafe { &mut *side };
+        if peer_backlog(side) > MAX_BACKLOG_BYTES {
+            side.flags |= FLAG_PEER_BACKLOG;
+            return Err(ENOBUFS);
+        }
+    }
     let (window, avail, _) = load_window(ctx).map_err(|()| EBADMSG)?;
     match parse_header(&window, avail) {
         HeaderParse::Incomplete { .. } => Ok(0),
@@ -135,6 +162,59 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
             mark_side(ctx, FLAG_PROTOCOL_ERROR);
             Err(EBADMSG)
         }
+    }
+}
+
+/// Bytes sent toward this side's peer that the peer's TCP has not taken yet: everything
+/// written to it (by userspace before the splice, then redirected) minus what its TCP holds or
+/// had acknowledged (`bytes_acked + write_seq - snd_una`). 0 when the peer cannot be read.
+#[inline(always)]
+fn peer_backlog(side: &SideState) -> u64 {
+    let key = side.peer_cookie;
+    // SAFETY: `TARGETS` is a sockhash keyed by u64; a found socket is released below.
+    let sk = unsafe {
+        bpf_map_lookup_elem(
+            core::ptr::from_ref(&TARGETS).cast_mut().cast(),
+            core::ptr::from_ref(&key).cast(),
+        )
+    };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: `sk` is a referenced socket from the lookup.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) };
+    let taken = if tp.is_null() {
+        None
+    } else {
+        taken_by_tcp(tp.cast())
+    };
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(sk) };
+    match taken {
+        Some(taken) => (side.peer_written_by_hand + side.bytes).saturating_sub(taken),
+        None => 0,
+    }
+}
+
+/// `bytes_acked + (write_seq - snd_una)` of a `struct tcp_sock`.
+#[inline(always)]
+fn taken_by_tcp(tp: *const u8) -> Option<u64> {
+    let (acked_at, una_at, seq_at) = unsafe {
+        (
+            core::ptr::read_volatile(&TCP_BYTES_ACKED_AT),
+            core::ptr::read_volatile(&TCP_SND_UNA_AT),
+            core::ptr::read_volatile(&TCP_WRITE_SEQ_AT),
+        )
+    };
+    if acked_at == 0 || acked_at > 4096 || una_at > 4096 || seq_at > 4096 {
+        return None;
+    }
+    // SAFETY: reads of plain fields of a live tcp_sock, located via the kernel's BTF.
+    unsafe {
+        let acked: u64 = bpf_probe_read_kernel(tp.wrapping_add(acked_at as usize).cast()).ok()?;
+        let una: u32 = bpf_probe_read_kernel(tp.wrapping_add(una_at as usize).cast()).ok()?;
+        let seq: u32 = bpf_probe_read_kernel(tp.wrapping_add(seq_at as usize).cast()).ok()?;
+        Some(acked + u64::from(seq.wrapping_sub(una)))
     }
 }
 

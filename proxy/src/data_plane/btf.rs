@@ -100,10 +100,30 @@ impl Structs {
     }
 }
 
-/// Byte offset from a `struct sk_buff *` to its `strp_msg.offset` (an int):
-/// sk_buff.cb -> sk_skb_cb.strp (a struct _strp_msg) -> _strp_msg.strp -> strp_msg.offset.
-pub fn strp_offset_location() -> Result<u32, BtfError> {
+/// Where the kernel programs find what `__sk_buff` and the socket context do not expose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// From a `struct sk_buff *` to its `strp_msg.offset` (an int).
+    pub strp_offset: u32,
+    /// From a `struct tcp_sock *` to `bytes_acked` (u64), `snd_una` and `write_seq` (u32):
+    /// together, every byte the socket's TCP has taken from its writers.
+    pub tcp_bytes_acked: u32,
+    pub tcp_snd_una: u32,
+    pub tcp_write_seq: u32,
+}
+
+pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
     let structs = parse(&std::fs::read("/sys/kernel/btf/vmlinux")?)?;
+    Ok(KernelOffsets {
+        strp_offset: strp_offset_location(&structs)?,
+        tcp_bytes_acked: structs.member("tcp_sock", "bytes_acked")?.0,
+        tcp_snd_una: structs.member("tcp_sock", "snd_una")?.0,
+        tcp_write_seq: structs.member("tcp_sock", "write_seq")?.0,
+    })
+}
+
+/// sk_buff.cb -> sk_skb_cb.strp (a struct _strp_msg) -> _strp_msg.strp -> strp_msg.offset.
+fn strp_offset_location(structs: &Structs) -> Result<u32, BtfError> {
     let (cb, _) = structs.member("sk_buff", "cb")?;
     let (strp, _) = structs.member("sk_skb_cb", "strp")?;
     let (inner, _) = structs.member("_strp_msg", "strp")?;
@@ -114,9 +134,14 @@ pub fn strp_offset_location() -> Result<u32, BtfError> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn finds_the_strparser_offset_in_this_kernel() {
-        let at = super::strp_offset_location().expect("kernel BTF readable");
+    fn finds_the_strparser_and_tcp_offsets_in_this_kernel() {
+        let at = super::kernel_offsets().expect("kernel BTF readable");
         // cb[] is 48 bytes starting past the list/sk/tstamp words; the offset lies inside it.
-        assert!((24..24 + 48 + 16).contains(&at), "{at}");
+        assert!((24..24 + 48 + 16).contains(&at.strp_offset), "{at:?}");
+        // tcp_sock embeds struct sock first, which alone is hundreds of bytes.
+        for off in [at.tcp_bytes_acked, at.tcp_snd_una, at.tcp_write_seq] {
+            assert!((700..4096).contains(&off), "{at:?}");
+        }
+        assert_eq!(at.tcp_bytes_acked % 8, 0);
     }
 }

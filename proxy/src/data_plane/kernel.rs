@@ -98,9 +98,12 @@ impl KernelDataPlane {
         if OBJECT.is_empty() {
             return Err(LoadError::NotBuilt);
         }
-        let strp_offset_at = super::btf::strp_offset_location()?;
+        let offsets = super::btf::kernel_offsets()?;
         let mut ebpf = EbpfLoader::new()
-            .override_global("STRP_OFFSET_AT", &strp_offset_at, true)
+            .override_global("STRP_OFFSET_AT", &offsets.strp_offset, true)
+            .override_global("TCP_BYTES_ACKED_AT", &offsets.tcp_bytes_acked, true)
+            .override_global("TCP_SND_UNA_AT", &offsets.tcp_snd_una, true)
+            .override_global("TCP_WRITE_SEQ_AT", &offsets.tcp_write_seq, true)
             .load(OBJECT)?;
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
@@ -158,18 +161,20 @@ impl KernelDataPlane {
         client: &TcpStream,
         instance: &TcpStream,
         pair: SplicedPair,
+        written: WrittenByHand,
     ) -> io::Result<()> {
         let mut m = self.maps.lock().expect("maps lock");
         let to_io = |e: aya::maps::MapError| io::Error::other(e.to_string());
-        let side = |peer| SideState {
+        let side = |peer, peer_written_by_hand| SideState {
             peer_cookie: peer,
+            peer_written_by_hand,
             ..SideState::default()
         };
         m.sides
-            .insert(pair.client, side(pair.instance), 0)
+            .insert(pair.client, side(pair.instance, written.to_instance), 0)
             .map_err(to_io)?;
         m.sides
-            .insert(pair.instance, side(pair.client), 0)
+            .insert(pair.instance, side(pair.client, written.to_client), 0)
             .map_err(to_io)?;
         m.targets
             .insert(pair.client, client.as_raw_fd(), 0)
@@ -216,7 +221,7 @@ impl KernelDataPlane {
         on_spliced: impl FnOnce(SplicedPair),
         on_end: OnEnd,
     ) {
-        let pair = match self.enter_maps(client, instance) {
+        let pair = match self.enter_maps(client, instance, written) {
             Ok(entered) => entered,
             Err(e) => {
                 return on_end(
@@ -262,6 +267,7 @@ impl KernelDataPlane {
         &self,
         client: tokio::net::TcpStream,
         instance: tokio::net::TcpStream,
+        written: WrittenByHand,
     ) -> io::Result<(TcpStream, TcpStream, SplicedPair)> {
         let client = client.into_std()?;
         let instance = instance.into_std()?;
@@ -272,9 +278,10 @@ impl KernelDataPlane {
         for s in [&client, &instance] {
             socket::set_receive_buffer(s, MAX_FRAME_WIRE_LEN as usize)?;
         }
-        self.insert(&client, &instance, pair).inspect_err(|_| {
-            self.remove(pair);
-        })?;
+        self.insert(&client, &instance, pair, written)
+            .inspect_err(|_| {
+                self.remove(pair);
+            })?;
         for s in [&client, &instance] {
             socket::kick_receive_path(s)?;
         }
