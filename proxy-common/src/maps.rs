@@ -21,6 +21,8 @@ pub struct SideState {
     /// Bytes userspace wrote to the peer socket itself before the splice (handshake and
     /// pipelined bytes): with `bytes`, all the peer's TCP must take (see `MAX_BACKLOG_BYTES`).
     pub peer_written_by_hand: u64,
+    /// `bytes` when the peer's backlog was last checked (see `BACKLOG_CHECK_EVERY`).
+    pub backlog_checked_at: u64,
     /// Wire bytes (headers included) redirected to the peer.
     pub bytes: u64,
     pub frames: u64,
@@ -46,6 +48,10 @@ unsafe impl aya::Pod for SideState {}
 /// connection over this bound fails instead (the parser reports ENOBUFS). Sixteen of the
 /// largest frames: far above what a peer that reads ever leaves queued.
 pub const MAX_BACKLOG_BYTES: u64 = 16 * MAX_FRAME_WIRE_LEN;
+
+/// How many redirected bytes pass between two checks of the peer's backlog: the bound is
+/// exceeded by at most this much plus one frame.
+pub const BACKLOG_CHECK_EVERY: u64 = 256 * 1024;
 
 /// Connections the kernel maps are sized for (two sockets, two sides each).
 pub const MAX_CONNECTIONS: u32 = 16384;

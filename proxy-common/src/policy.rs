@@ -35,6 +35,20 @@ pub enum Ending {
     ExecutionTimeout,
     /// The proxy closed it for a quota (1008 rate, 1009 size).
     Quota,
+    /// The proxy closed it because it is shutting down (SIGTERM).
+    Shutdown,
+}
+
+/// The close code the proxy sends both sides when it ends a connection itself, or `None`
+/// when it closes TCP without one (the client then sees 1006).
+pub fn proxy_close_code(ending: Ending) -> Option<u16> {
+    match ending {
+        // 1001 "going away": the endpoint is leaving (idle for too long, or shutting down).
+        Ending::IdleTimeout | Ending::Shutdown => Some(1001),
+        Ending::ExecutionTimeout => None,
+        Ending::Quota => Some(1008),
+        Ending::Closed | Ending::InstanceFailed => None,
+    }
 }
 
 /// The function status of an ended connection (SPEC.md's second table), from how it ended
@@ -45,6 +59,8 @@ pub fn function_status(ending: Ending, client_side: &SideState, function_side: &
         Ending::ExecutionTimeout => return 433,
         Ending::IdleTimeout => return 455,
         Ending::InstanceFailed => return 439,
+        // Neither side failed: the platform ended it (SPEC.md's table has no row for it).
+        Ending::Shutdown => return 200,
         Ending::Closed => {}
     }
     let client_closed = client_side.flags & FLAG_CLOSE_SEEN != 0;
@@ -117,6 +133,14 @@ mod tests {
         assert_eq!(f(Ending::IdleTimeout), 455);
         assert_eq!(f(Ending::ExecutionTimeout), 433);
         assert_eq!(f(Ending::Quota), 429);
+        assert_eq!(f(Ending::Shutdown), 200);
+    }
+
+    #[test]
+    fn idle_and_shutdown_close_with_1001_and_the_execution_limit_cuts_tcp() {
+        assert_eq!(proxy_close_code(Ending::IdleTimeout), Some(1001));
+        assert_eq!(proxy_close_code(Ending::Shutdown), Some(1001));
+        assert_eq!(proxy_close_code(Ending::ExecutionTimeout), None);
     }
 
     #[test]

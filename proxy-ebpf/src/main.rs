@@ -14,7 +14,6 @@
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    cty::c_void,
     helpers::{
         bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_probe_read_kernel,
         bpf_sk_release, bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
@@ -27,7 +26,8 @@ use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, SideState,
     frame::{close_code, header_len},
     maps::{
-        FLAG_CLOSE_SEEN, FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
+        BACKLOG_CHECK_EVERY, FLAG_CLOSE_SEEN, FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR,
+        MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
     },
     parse_header,
     policy::check_frame,
@@ -143,9 +143,14 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
     if let Some(side) = SIDES.get_ptr_mut(cookie) {
         // SAFETY: map value pointer from a successful lookup.
         let side = unsafe { &mut *side };
-        if peer_backlog(side) > MAX_BACKLOG_BYTES {
-            side.flags |= FLAG_PEER_BACKLOG;
-            return Err(ENOBUFS);
+        // The lookup costs a few helper calls: only every BACKLOG_CHECK_EVERY bytes, which
+        // a reader that keeps up never lets pile up anyway.
+        if side.bytes.wrapping_sub(side.backlog_checked_at) >= BACKLOG_CHECK_EVERY {
+            side.backlog_checked_at = side.bytes;
+            if peer_backlog(side) > MAX_BACKLOG_BYTES {
+                side.flags |= FLAG_PEER_BACKLOG;
+                return Err(ENOBUFS);
+            }
         }
     }
     let (window, avail, _) = load_window(ctx).map_err(|()| EBADMSG)?;

@@ -10,7 +10,7 @@ use std::{
     time::SystemTime,
 };
 
-use proxy_common::SideState;
+use proxy_common::{SideState, policy::Ending};
 use serde::Serialize;
 
 use crate::data_plane::{
@@ -47,6 +47,22 @@ pub struct Connection {
     sides: Mutex<[SideState; 2]>,
     /// Set once the kernel carries the connection.
     spliced: OnceLock<SplicedPair>,
+    /// Monotonic time of the upgrade (the clock of `SideState::last_activity_ns`).
+    pub started_ns: u64,
+    /// The function's timers.
+    pub timers: Timers,
+    /// When the supervisor looks at this connection next (monotonic ns).
+    next_check_ns: AtomicU64,
+    /// Set once, when the proxy itself ends the connection; the relay wakes on `stop`.
+    stop_reason: OnceLock<Ending>,
+    stop: tokio::sync::Notify,
+}
+
+/// A function's per-connection timers, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timers {
+    pub idle_timeout_s: u64,
+    pub execution_timeout_s: u64,
 }
 
 /// What `/connections` shows for one connection.
@@ -76,6 +92,45 @@ impl Connection {
 
     pub fn set_spliced(&self, pair: SplicedPair) {
         let _ = self.spliced.set(pair);
+    }
+
+    pub fn spliced_pair(&self) -> Option<SplicedPair> {
+        self.spliced.get().copied()
+    }
+
+    /// Asks the data plane to end the connection (the first request wins); false when it
+    /// was already asked.
+    pub fn request_stop(&self, ending: Ending) -> bool {
+        let first = self.stop_reason.set(ending).is_ok();
+        if first {
+            self.stop.notify_waiters();
+        }
+        first
+    }
+
+    pub fn stop_reason(&self) -> Option<Ending> {
+        self.stop_reason.get().copied()
+    }
+
+    /// Resolves once [`Connection::request_stop`] was called (also if it already was).
+    pub async fn stopped(&self) {
+        loop {
+            let notified = self.stop.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stop_reason.get().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn next_check_ns(&self) -> u64 {
+        self.next_check_ns.load(Ordering::Relaxed)
+    }
+
+    pub fn set_next_check_ns(&self, at: u64) {
+        self.next_check_ns.store(at, Ordering::Relaxed);
     }
 
     /// Counters of both directions: userspace's own plus the kernel's, if spliced.
@@ -170,6 +225,7 @@ impl Registry {
         instance: Arc<str>,
         client: SocketAddr,
         data_plane: &'static str,
+        timers: Timers,
     ) -> Registered {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let started_at = SystemTime::now();
@@ -186,6 +242,11 @@ impl Registry {
             data_plane,
             sides: Mutex::default(),
             spliced: OnceLock::new(),
+            started_ns: crate::data_plane::socket::monotonic_ns(),
+            timers,
+            next_check_ns: AtomicU64::new(0),
+            stop_reason: OnceLock::new(),
+            stop: tokio::sync::Notify::new(),
         });
         self.open
             .lock()

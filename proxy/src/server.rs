@@ -111,6 +111,7 @@ impl Server {
                 }
             }
         });
+        let supervisor = tokio::spawn(services::supervisor::run(state.clone()));
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -132,7 +133,14 @@ impl Server {
         state.draining.store(true, Ordering::Relaxed);
         drop(listener);
         let drain = Duration::from_secs(state.config.server.drain_timeout_s);
-        info!(open = state.registry.len(), ?drain, "draining");
+        info!(
+            open = state.registry.len(),
+            ?drain,
+            "draining: closing every WebSocket with 1001"
+        );
+        for conn in state.registry.snapshot() {
+            services::supervisor::stop(&state, &conn, proxy_common::policy::Ending::Shutdown);
+        }
         // Spliced connections have no task: the registry says when they are gone.
         let finished = tokio::time::timeout(drain, async {
             while connections.join_next().await.is_some() {}
@@ -152,6 +160,7 @@ impl Server {
             }
         }
         futures_util::future::join_all(state.routes.pools().map(|p| p.stop_all())).await;
+        supervisor.abort();
         admin_task.abort();
         info!("wsedge stopped");
     }

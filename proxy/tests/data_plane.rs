@@ -1,6 +1,7 @@
 //! The data-plane contract, run unchanged against the kernel splice and the userspace relay:
 //! every frame arrives intact, counters are exact, and teardown is clean.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -298,27 +299,6 @@ async fn a_frame_over_the_frame_limit_ends_the_connection(plane: DataPlaneMode) 
     .await;
     assert!(read.is_ok(), "the client's connection was closed");
     proxy.stop().await;
-}
-
-macro_rules! on_both_planes {
-    ($($name:ident),* $(,)?) => {
-        mod kernel {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(wsedge::config::DataPlaneMode::Kernel).await;
-                }
-            )*
-        }
-        mod userspace {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(wsedge::config::DataPlaneMode::Userspace).await;
-                }
-            )*
-        }
-    };
 }
 
 on_both_planes!(

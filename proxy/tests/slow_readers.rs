@@ -4,6 +4,7 @@
 //! a client pushed 3.2 GB into kernel memory in 5 s toward an instance that did not read), so
 //! it fails the connection once `MAX_BACKLOG_BYTES` redirected bytes wait for the peer.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -144,29 +145,6 @@ async fn an_instance_pushing_to_a_client_that_does_not_read_is_bounded(plane: Da
         assert_eq!(p.connections().await.len(), 1);
     }
     p.stop().await;
-}
-
-macro_rules! on_both_planes {
-    ($($name:ident),* $(,)?) => {
-        mod kernel {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(DataPlaneMode::Kernel).await;
-                }
-            )*
-        }
-        mod userspace {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(DataPlaneMode::Userspace).await;
-                }
-            )*
-        }
-    };
 }
 
 on_both_planes!(

@@ -64,6 +64,12 @@ impl<T: Send + Sync + 'static> HangupWatcher<T> {
         Ok(())
     }
 
+    /// What is watched under `cookie`, if anything.
+    pub fn get(&self, cookie: u64) -> Option<Arc<T>> {
+        let table = self.table.lock().expect("hangup table");
+        table.get(&cookie).map(|(conn, _)| conn.clone())
+    }
+
     /// Everything watched right now (a connection with two watched sockets appears twice).
     pub fn watched(&self) -> Vec<Arc<T>> {
         let table = self.table.lock().expect("hangup table");

@@ -25,14 +25,18 @@ use aya::{
     maps::{HashMap, MapData, SockHash},
     programs::SkSkb,
 };
-use proxy_common::{SideState, maps::MAX_FRAME_WIRE_LEN, policy::close_for_instance_end};
+use proxy_common::{
+    SideState,
+    maps::MAX_FRAME_WIRE_LEN,
+    policy::{Ending, close_for_instance_end, proxy_close_code},
+};
 
 use super::{
     hangup::{Hangup, HangupWatcher},
     relay::CLOSE_GRACE,
     socket,
 };
-use crate::protocols::frames::close_frame;
+use crate::protocols::frames::{close_frame, masked_close_frame};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
@@ -86,6 +90,8 @@ pub enum SpliceEnd {
     Closed,
     /// The instance's side ended without a close frame; the client was sent one (1011).
     InstanceFailed,
+    /// The proxy ended it ([`KernelDataPlane::stop`]).
+    ByProxy(Ending),
     /// A socket failed (reset, parser error); both were closed.
     Aborted(io::Error),
 }
@@ -244,6 +250,7 @@ impl KernelDataPlane {
                 instance_done: false,
                 instance_failed: false,
                 on_end: Some(on_end),
+                by_proxy: None,
             }),
         });
         let watched = self
@@ -288,6 +295,15 @@ impl KernelDataPlane {
         Ok((client, instance, pair))
     }
 
+    /// Ends a spliced connection from the proxy's side: both peers get a close frame with
+    /// [`proxy_close_code`] and a FIN, then [`CLOSE_GRACE`] to answer; or, without a close
+    /// code, both sockets are closed at once.
+    pub fn stop(&self, pair: SplicedPair, ending: Ending) {
+        if let Some(conn) = self.hangups.get(pair.client) {
+            tokio::spawn(stop_by_proxy(self.maps.clone(), conn, ending));
+        }
+    }
+
     /// Ends every spliced connection now (the drain window is over); each one's `on_end`
     /// runs with [`SpliceEnd::Aborted`].
     pub fn abort_all(&self) {
@@ -322,14 +338,26 @@ struct Progress {
     instance_failed: bool,
     /// Runs once both directions are done, or one failed.
     on_end: Option<OnEnd>,
+    /// Set when the proxy ends the connection: the end is reported as this, however the
+    /// peers answer.
+    by_proxy: Option<Ending>,
 }
 
 impl Spliced {
     /// Takes the connection out of the kernel and reports its end (the first call only).
     /// The sockets close when the last reference to this record goes.
     fn finish(&self, end: SpliceEnd) {
-        let Some(on_end) = self.progress.lock().expect("progress").on_end.take() else {
+        let (on_end, by_proxy) = {
+            let mut p = self.progress.lock().expect("progress");
+            (p.on_end.take(), p.by_proxy)
+        };
+        let Some(on_end) = on_end else {
             return;
+        };
+        // Once the proxy ended it, how the peers answered (or failed to) does not matter.
+        let end = match by_proxy {
+            Some(ending) => SpliceEnd::ByProxy(ending),
+            None => end,
         };
         self.plane.hangups.forget(self.pair.client);
         self.plane.hangups.forget(self.pair.instance);
@@ -345,7 +373,8 @@ fn side_of(maps: &Mutex<Maps>, cookie: u64) -> Option<SideState> {
 /// One side sent FIN (or failed): pass the FIN on once the kernel's redirected bytes are out.
 /// An instance that ended without a close frame gets the client a close frame instead.
 async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_client: bool) {
-    if !from_client {
+    let by_proxy = conn.progress.lock().expect("progress").by_proxy.is_some();
+    if !from_client && !by_proxy {
         let function_side = side_of(&maps, conn.pair.instance).unwrap_or_default();
         if let Some(code) = close_for_instance_end(&function_side) {
             return instance_failed(&maps, &conn, code).await;
@@ -422,6 +451,47 @@ async fn instance_failed(maps: &Mutex<Maps>, conn: &Arc<Spliced>, code: u16) {
         tokio::time::sleep(CLOSE_GRACE).await;
         conn.finish(SpliceEnd::InstanceFailed);
     });
+}
+
+/// The proxy ends a spliced connection (see [`KernelDataPlane::stop`]).
+async fn stop_by_proxy(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, ending: Ending) {
+    {
+        let mut p = conn.progress.lock().expect("progress");
+        if p.on_end.is_none() || p.by_proxy.is_some() {
+            return;
+        }
+        p.by_proxy = Some(ending);
+    }
+    let Some(code) = proxy_close_code(ending) else {
+        return conn.finish(SpliceEnd::ByProxy(ending));
+    };
+    // A close frame may only follow whole frames: let what the kernel redirected reach
+    // each socket's TCP first (bounded; an idle connection has nothing in flight).
+    let _ = tokio::join!(
+        flush(
+            &maps,
+            conn.pair.instance,
+            &conn.client,
+            conn.written.to_client
+        ),
+        flush(
+            &maps,
+            conn.pair.client,
+            &conn.instance,
+            conn.written.to_instance
+        ),
+    );
+    let reason = match ending {
+        Ending::IdleTimeout => "idle timeout",
+        _ => "proxy shutting down",
+    };
+    let mask = (socket::monotonic_ns() as u32).to_ne_bytes();
+    let _ = write_all_nonblocking(&conn.client, &close_frame(code, reason)).await;
+    let _ = write_all_nonblocking(&conn.instance, &masked_close_frame(code, reason, mask)).await;
+    socket::shutdown_write(&conn.client);
+    socket::shutdown_write(&conn.instance);
+    tokio::time::sleep(CLOSE_GRACE).await;
+    conn.finish(SpliceEnd::ByProxy(ending));
 }
 
 /// Writes a few bytes to a non-blocking socket, waiting (bounded) for send-buffer space.

@@ -4,16 +4,15 @@
 
 use std::io;
 
+use proxy_common::policy::{Ending, close_for_instance_end, proxy_close_code};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
 
-use proxy_common::policy::{Ending, close_for_instance_end};
-
 use super::socket::monotonic_ns;
 use crate::{
-    protocols::frames::{FrameCursor, close_frame},
+    protocols::frames::{FrameCursor, close_frame, masked_close_frame},
     registry::Connection,
 };
 
@@ -28,7 +27,17 @@ pub enum Direction {
 /// to answer the close before its socket is closed.
 pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Why one direction of the relay stopped.
+/// How one direction stopped without an error.
+enum PumpEnd {
+    /// EOF from the sender, passed on as a FIN.
+    Eof,
+    /// The instance's side ended (EOF or reset) before the instance sent a close frame.
+    InstanceFailed,
+    /// The proxy ends the connection itself ([`Connection::request_stop`]).
+    Stopped,
+}
+
+/// Why one direction failed.
 enum PumpError {
     /// Reading from the sending side failed.
     Read(io::Error),
@@ -46,9 +55,12 @@ impl From<PumpError> for io::Error {
     }
 }
 
-/// Relays until both directions have seen EOF, or either fails (then both are closed).
-/// When the instance's side ends without a close frame, the client gets the close code
-/// [`close_for_instance_end`] decides, and the connection ends as `InstanceFailed`.
+type PumpResult = (Result<PumpEnd, PumpError>, FrameCursor);
+
+/// Relays until both directions have seen EOF, either fails (then both are closed), the
+/// instance's side ends without a close frame (the client gets the close code
+/// [`close_for_instance_end`] decides), or the proxy stops the connection (both sides get
+/// [`proxy_close_code`]'s close frame, or TCP is cut).
 pub async fn relay(
     client: TcpStream,
     instance: TcpStream,
@@ -56,103 +68,145 @@ pub async fn relay(
     cursors: [FrameCursor; 2],
 ) -> io::Result<Ending> {
     let [inbound, outbound] = cursors;
-    let (client_read, client_write) = client.into_split();
-    let (instance_read, instance_write) = instance.into_split();
-    let up = pump(
-        client_read,
-        instance_write,
-        conn,
-        Direction::ClientToInstance,
-        inbound,
-    );
-    let down = async {
-        let mut client_write = client_write;
-        match pump(
-            instance_read,
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut instance_read, mut instance_write) = instance.into_split();
+    let (mut up, mut down): (Option<PumpResult>, Option<PumpResult>) = (None, None);
+    {
+        let up_pump = pump(
+            &mut client_read,
+            &mut instance_write,
+            conn,
+            Direction::ClientToInstance,
+            inbound,
+        );
+        let down_pump = pump(
+            &mut instance_read,
             &mut client_write,
             conn,
             Direction::InstanceToClient,
             outbound,
-        )
-        .await
-        {
-            Ok(cursor) | Err((PumpError::Read(_), cursor)) => {
-                let side = conn.account(Direction::InstanceToClient, |side| *side);
-                match close_for_instance_end(&side) {
-                    Some(code) if cursor.at_boundary() => {
-                        let frame = close_frame(code, "function instance failed");
-                        let _ = client_write.write_all(&frame).await;
-                        let _ = client_write.shutdown().await;
-                        Ok(Ending::InstanceFailed)
-                    }
-                    _ => {
-                        client_write.shutdown().await?;
-                        Ok(Ending::Closed)
-                    }
-                }
+        );
+        tokio::pin!(up_pump, down_pump);
+        loop {
+            tokio::select! {
+                r = &mut up_pump, if up.is_none() => up = Some(r),
+                r = &mut down_pump, if down.is_none() => down = Some(r),
             }
-            Err((e, _)) => Err(io::Error::from(e)),
-        }
-    };
-    tokio::pin!(up, down);
-    tokio::select! {
-        up_result = &mut up => match up_result {
-            Ok(_) => down.await,
-            // The instance is gone: its side tells the client how.
-            Err((PumpError::Write(_), _)) => down.await,
-            Err((e, _)) => Err(e.into()),
-        },
-        down_result = &mut down => {
-            let ending = down_result?;
-            if ending == Ending::InstanceFailed {
-                // The client's answer has nowhere to go; give it a moment, then close.
-                let _ = tokio::time::timeout(CLOSE_GRACE, &mut up).await;
-            } else {
-                up.await.map_err(|(e, _)| io::Error::from(e))?;
+            let done = match (&up, &down) {
+                (Some(_), Some(_)) => true,
+                // The client broke the stream: close both.
+                (Some((Err(PumpError::Read(_) | PumpError::Frame(_)), _)), _) => true,
+                // The instance broke framing, or the client cannot be written to.
+                (_, Some((Err(_), _))) => true,
+                // The client is told below; its answer has nowhere to go.
+                (_, Some((Ok(PumpEnd::InstanceFailed), _))) => true,
+                // A failed write to the instance: its side will tell how it ended.
+                _ => false,
+            };
+            if done {
+                break;
             }
-            Ok(ending)
         }
+    }
+    if let Some(ending) = conn.stop_reason() {
+        // Close frames only where the stream is between frames.
+        if let Some(code) = proxy_close_code(ending) {
+            let reason = ending_reason(ending);
+            if let Some((Ok(PumpEnd::Stopped), cursor)) = &down
+                && cursor.at_boundary()
+            {
+                let _ = client_write.write_all(&close_frame(code, reason)).await;
+            }
+            if let Some((Ok(PumpEnd::Stopped), cursor)) = &up
+                && cursor.at_boundary()
+            {
+                let mask = (monotonic_ns() as u32).to_ne_bytes();
+                let frame = masked_close_frame(code, reason, mask);
+                let _ = instance_write.write_all(&frame).await;
+            }
+            let _ = client_write.shutdown().await;
+            let _ = instance_write.shutdown().await;
+        }
+        return Ok(ending);
+    }
+    match (up, down) {
+        (_, Some((Ok(PumpEnd::InstanceFailed), cursor))) => {
+            let side = conn.account(Direction::InstanceToClient, |side| *side);
+            if let Some(code) = close_for_instance_end(&side)
+                && cursor.at_boundary()
+            {
+                let frame = close_frame(code, "function instance failed");
+                let _ = client_write.write_all(&frame).await;
+            }
+            let _ = client_write.shutdown().await;
+            // Give the client a moment to answer the close, then close.
+            let mut sink = [0u8; 4096];
+            let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                while matches!(client_read.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+            Ok(Ending::InstanceFailed)
+        }
+        (Some((Err(e), _)), _) | (_, Some((Err(e), _))) => Err(e.into()),
+        _ => Ok(Ending::Closed),
     }
 }
 
-/// Copies until EOF and returns the cursor, which says whether the stream stopped on a frame
-/// boundary. On EOF from the client the instance's write half is shut; the other direction
-/// closes the client itself (with a close frame when the instance failed).
+fn ending_reason(ending: Ending) -> &'static str {
+    match ending {
+        Ending::IdleTimeout => "idle timeout",
+        Ending::Shutdown => "proxy shutting down",
+        _ => "closed by the proxy",
+    }
+}
+
+/// Copies until EOF, an error, or a stop request; returns how it ended and the cursor, which
+/// says whether the stream stopped on a frame boundary. A stop is only taken while waiting
+/// to read, never in the middle of a write, so no frame is cut by it.
 async fn pump(
-    mut from: impl AsyncRead + Unpin,
-    mut to: impl AsyncWrite + Unpin,
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
     conn: &Connection,
     direction: Direction,
     mut cursor: FrameCursor,
-) -> Result<FrameCursor, (PumpError, FrameCursor)> {
+) -> PumpResult {
     // Per direction and connection: small enough that thousands of idle WebSockets stay
     // cheap, large enough that a 64 KiB message moves in a few reads.
     let mut buf = vec![0u8; 16 * 1024];
+    let from_instance = direction == Direction::InstanceToClient;
     loop {
-        let n = match from.read(&mut buf).await {
+        let read = tokio::select! {
+            biased;
+            () = conn.stopped() => return (Ok(PumpEnd::Stopped), cursor),
+            read = from.read(&mut buf) => read,
+        };
+        let n = match read {
             Ok(n) => n,
-            Err(e) => return Err((PumpError::Read(e), cursor)),
+            // A reset instance ended like one that closed without a close frame.
+            Err(_) if from_instance => 0,
+            Err(e) => return (Err(PumpError::Read(e)), cursor),
         };
         if n == 0 {
-            // Half-close: the peer learns of the FIN, the other direction goes on. The
-            // instance-to-client direction decides itself how to close the client.
-            if direction == Direction::ClientToInstance
-                && let Err(e) = to.shutdown().await
-            {
-                return Err((PumpError::Write(e), cursor));
+            if from_instance {
+                let side = conn.account(direction, |side| *side);
+                if close_for_instance_end(&side).is_some() {
+                    return (Ok(PumpEnd::InstanceFailed), cursor);
+                }
             }
-            return Ok(cursor);
+            // Half-close: the peer learns of the FIN, the other direction goes on.
+            return match to.shutdown().await {
+                Ok(()) => (Ok(PumpEnd::Eof), cursor),
+                Err(e) => (Err(PumpError::Write(e)), cursor),
+            };
         }
         if let Err(e) = conn.account(direction, |side| {
             cursor.feed(&buf[..n], side, monotonic_ns())
         }) {
-            return Err((
-                PumpError::Frame(io::Error::new(io::ErrorKind::InvalidData, e)),
-                cursor,
-            ));
+            let e = io::Error::new(io::ErrorKind::InvalidData, e);
+            return (Err(PumpError::Frame(e)), cursor);
         }
         if let Err(e) = to.write_all(&buf[..n]).await {
-            return Err((PumpError::Write(e), cursor));
+            return (Err(PumpError::Write(e)), cursor);
         }
     }
 }

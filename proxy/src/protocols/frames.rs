@@ -157,6 +157,16 @@ mod tests {
     }
 }
 
+/// A close frame as a client sends it (masked with `mask`), for the proxy to close the
+/// instance's side itself.
+pub fn masked_close_frame(code: u16, reason: &str, mask: [u8; 4]) -> Vec<u8> {
+    let plain = close_frame(code, reason);
+    let mut frame = vec![plain[0], plain[1] | 0x80];
+    frame.extend_from_slice(&mask);
+    frame.extend(plain[2..].iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
 /// An unmasked close frame (server to client) with `code` and a short UTF-8 `reason`.
 pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
     // Control frame payloads are at most 125 bytes: 2 for the code, the rest for the reason.
@@ -184,5 +194,9 @@ mod close_frame_tests {
         assert!(cursor.at_boundary());
         assert_eq!(side.close_code, 1011);
         assert_eq!(close_frame(1000, &"é".repeat(100)).len(), 2 + 2 + 122);
+        let masked = masked_close_frame(1001, "idle", [1, 2, 3, 4]);
+        let mut side = SideState::default();
+        FrameCursor::default().feed(&masked, &mut side, 1).unwrap();
+        assert_eq!(side.close_code, 1001, "the cursor unmasks the code");
     }
 }

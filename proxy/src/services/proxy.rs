@@ -34,7 +34,7 @@ use crate::{
         handshake::{UpgradeRequest, parse_upgrade, validate_response},
         head::{Head, HeadError, read_head},
     },
-    registry::{ClientSlot, Connection, Registered},
+    registry::{ClientSlot, Connection, Registered, Timers},
     routing::{Assigned, Route},
     server::AppState,
 };
@@ -49,6 +49,7 @@ struct Upgraded {
     instance_addr: Arc<str>,
     /// The instance slot this connection holds (spawned instances), released at its end.
     lease: Option<Lease>,
+    timers: Timers,
     /// Bytes the client sent after its request head (pipelined frames).
     client_rest: Vec<u8>,
     /// Bytes the instance sent after its 101.
@@ -98,11 +99,16 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
         upgraded.instance_addr.clone(),
         peer,
         state.data_plane.name(),
+        upgraded.timers,
     );
     let conn = registered.conn.clone();
     state.metrics.connection(&conn.function, conn.data_plane);
     info!(id = %conn.id, function = %conn.function, instance = %conn.instance, client = %peer,
           data_plane = conn.data_plane, "connection upgraded");
+    if state.draining.load(Ordering::Relaxed) {
+        // Upgraded while the drain began: it gets the same 1001 as everyone else.
+        conn.request_stop(Ending::Shutdown);
+    }
     // What must live exactly as long as the connection: its registry entry, its instance
     // slot and its per-IP count.
     let held = Held {
@@ -201,6 +207,10 @@ async fn upgrade(
         function: route.name.clone(),
         instance_addr: assigned.instance,
         lease: assigned.lease,
+        timers: Timers {
+            idle_timeout_s: route.function.idle_timeout_s,
+            execution_timeout_s: route.function.execution_timeout_s,
+        },
         client_rest: head.rest,
         instance_rest: response.rest,
         written: WrittenByHand {
@@ -306,6 +316,7 @@ async fn carry(
                 let result = match end {
                     SpliceEnd::Closed => Ok(Ending::Closed),
                     SpliceEnd::InstanceFailed => Ok(Ending::InstanceFailed),
+                    SpliceEnd::ByProxy(ending) => Ok(ending),
                     SpliceEnd::Aborted(e) => Err(e),
                 };
                 log_end(&conn, result);
@@ -318,6 +329,10 @@ async fn carry(
                 |pair| spliced.set_spliced(pair),
                 on_end,
             );
+            // A stop asked for before the splice existed is carried out now.
+            if let (Some(ending), Some(pair)) = (spliced.stop_reason(), spliced.spliced_pair()) {
+                k.stop(pair, ending);
+            }
         }
     }
 }

@@ -347,3 +347,27 @@ pub fn upgrade_request(path: &str, extra: &str) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+/// Defines each named `async fn(DataPlaneMode)` case as two tests, `kernel::<name>` and
+/// `userspace::<name>`: the same cases against both data planes.
+#[macro_export]
+macro_rules! on_both_planes {
+    ($($name:ident),* $(,)?) => {
+        mod kernel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(wsedge::config::DataPlaneMode::Kernel).await;
+                }
+            )*
+        }
+        mod userspace {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(wsedge::config::DataPlaneMode::Userspace).await;
+                }
+            )*
+        }
+    };
+}

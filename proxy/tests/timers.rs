@@ -1,0 +1,168 @@
+//! The proxy ends connections itself (SPEC.md "Behaviour"), on both data planes: no frame
+//! either way for `idle_timeout_s` closes both sides with 1001 (pings count as activity);
+//! `execution_timeout_s` cuts TCP (the client sees 1006, no close frame); SIGTERM's drain
+//! closes every WebSocket with 1001.
+
+#[macro_use]
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::{net::TcpListener, sync::mpsc};
+use tokio_tungstenite::{
+    connect_async,
+    tungstenite::{Message, protocol::frame::coding::CloseCode},
+};
+use wsedge::config::DataPlaneMode;
+
+/// An echo instance that reports the close code it receives.
+async fn recording_instance() -> (SocketAddr, mpsc::UnboundedReceiver<u16>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if let Message::Close(frame) = &msg {
+                        let _ = tx.send(frame.as_ref().map_or(1005, |f| u16::from(f.code)));
+                    } else if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn function(instance: SocketAddr, idle_s: u64, execution_s: u64) -> String {
+    format!(
+        "name = \"echo\"\nroute = \"/echo\"\nupstreams = [\"{instance}\"]\n\
+         idle_timeout_s = {idle_s}\nexecution_timeout_s = {execution_s}\n"
+    )
+}
+
+fn plane(p: DataPlaneMode) -> &'static str {
+    match p {
+        DataPlaneMode::Kernel => "kernel",
+        _ => "userspace",
+    }
+}
+
+async fn an_idle_connection_is_closed_with_1001_to_both_sides(p: DataPlaneMode) {
+    let (instance, mut closes) = recording_instance().await;
+    let proxy = start_proxy(function_config(plane(p), "", &function(instance, 10, 600))).await;
+    let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    // Pings are activity: at 12 s the connection is open although no message flowed for 10 s.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        ws.send(Message::Ping(b"alive".to_vec().into()))
+            .await
+            .unwrap();
+    }
+    assert_eq!(proxy.connections().await.len(), 1, "pings keep it open");
+    let close = tokio::time::timeout(Duration::from_secs(12), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed after the idle timeout");
+    assert_eq!(close, Some(CloseCode::Away));
+    let to_instance = tokio::time::timeout(Duration::from_secs(5), closes.recv())
+        .await
+        .unwrap();
+    assert_eq!(to_instance, Some(1001), "the instance is told too");
+    drop(ws);
+    proxy.wait_no_connections().await;
+    proxy.stop().await;
+}
+
+async fn the_execution_timeout_cuts_tcp_without_a_close_frame(p: DataPlaneMode) {
+    let (instance, _closes) = recording_instance().await;
+    let proxy = start_proxy(function_config(plane(p), "", &function(instance, 10, 10))).await;
+    let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
+    let started = std::time::Instant::now();
+    let ended: Result<(), _> = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            // Busy all along: only the execution limit can end it.
+            ws.send(Message::text("tick")).await?;
+            match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => panic!("a close frame: {frame:?}"),
+                Ok(Some(Ok(_))) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(None) | Err(_) => {
+                    return Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed);
+                }
+            }
+        }
+    })
+    .await
+    .expect("cut within the limit");
+    assert!(ended.is_err());
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.wait_no_connections().await;
+    proxy.stop().await;
+}
+
+async fn the_drain_closes_every_websocket_with_1001(p: DataPlaneMode) {
+    let (instance, mut closes) = recording_instance().await;
+    let mut config = function_config(plane(p), "", &function(instance, 600, 7200));
+    config.server.drain_timeout_s = 10;
+    let mut proxy = start_proxy(config).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+        clients.push(ws);
+    }
+    proxy.begin_stop();
+    for ws in &mut clients {
+        let close = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code),
+                    Some(Ok(_)) => continue,
+                    other => panic!("expected a close frame, got {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("closed at the start of the drain");
+        assert_eq!(close, Some(CloseCode::Away));
+    }
+    for _ in 0..3 {
+        let code = tokio::time::timeout(Duration::from_secs(5), closes.recv())
+            .await
+            .unwrap();
+        assert_eq!(code, Some(1001));
+    }
+    drop(clients);
+    tokio::time::timeout(Duration::from_secs(8), proxy.stop())
+        .await
+        .expect("the drain ends once every connection closed");
+}
+
+on_both_planes!(
+    an_idle_connection_is_closed_with_1001_to_both_sides,
+    the_execution_timeout_cuts_tcp_without_a_close_frame,
+    the_drain_closes_every_websocket_with_1001,
+);
