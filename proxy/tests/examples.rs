@@ -85,20 +85,21 @@ async fn the_rust_example_echoes_through_wsedge() {
     echoes_through_wsedge(config).await;
 }
 
-#[tokio::test]
-async fn the_node_example_echoes_through_wsedge() {
-    if !on_path("node") {
-        eprintln!("node is not installed: the Node.js example is not run");
+/// Runs the example in `dir` when `interpreter` is installed.
+async fn run_if_installed(interpreter: &str, dir: &str) {
+    if !on_path(interpreter) {
+        eprintln!("{interpreter} is not installed: the {dir} example is not run");
         return;
     }
-    echoes_through_wsedge(example_config("echo-node")).await;
+    echoes_through_wsedge(example_config(dir)).await;
+}
+
+#[tokio::test]
+async fn the_node_example_echoes_through_wsedge() {
+    run_if_installed("node", "echo-node").await;
 }
 
 #[tokio::test]
 async fn the_python_example_echoes_through_wsedge() {
-    if !on_path("python3") {
-        eprintln!("python3 is not installed: the Python example is not run");
-        return;
-    }
-    echoes_through_wsedge(example_config("echo-python")).await;
+    run_if_installed("python3", "echo-python").await;
 }

@@ -42,6 +42,20 @@ async fn recording_instance() -> (SocketAddr, mpsc::UnboundedReceiver<u16>) {
     (addr, rx)
 }
 
+type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Reads past other messages to the close frame; panics if the stream ends without one.
+async fn next_close(ws: &mut Client) -> Option<CloseCode> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
 fn function(instance: SocketAddr, idle_s: u64, execution_s: u64) -> String {
     format!(
         "name = \"echo\"\nroute = \"/echo\"\nupstreams = [\"{instance}\"]\n\
@@ -70,17 +84,9 @@ async fn an_idle_connection_is_closed_with_1001_to_both_sides(p: DataPlaneMode) 
             .unwrap();
     }
     assert_eq!(proxy.connections().await.len(), 1, "pings keep it open");
-    let close = tokio::time::timeout(Duration::from_secs(12), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code),
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("closed after the idle timeout");
+    let close = tokio::time::timeout(Duration::from_secs(12), next_close(&mut ws))
+        .await
+        .expect("closed after the idle timeout");
     assert_eq!(close, Some(CloseCode::Away));
     let to_instance = tokio::time::timeout(Duration::from_secs(5), closes.recv())
         .await
@@ -136,17 +142,9 @@ async fn the_drain_closes_every_websocket_with_1001(p: DataPlaneMode) {
     }
     proxy.begin_stop();
     for ws in &mut clients {
-        let close = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code),
-                    Some(Ok(_)) => continue,
-                    other => panic!("expected a close frame, got {other:?}"),
-                }
-            }
-        })
-        .await
-        .expect("closed at the start of the drain");
+        let close = tokio::time::timeout(Duration::from_secs(5), next_close(ws))
+            .await
+            .expect("closed at the start of the drain");
         assert_eq!(close, Some(CloseCode::Away));
     }
     for _ in 0..3 {

@@ -126,21 +126,15 @@ pub fn spawn(
     };
     drop(procs);
     let pid = child.id().unwrap_or_default();
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(forward_lines(
-            out,
-            spec.function.clone(),
-            instance_id.to_string(),
-            "stdout",
-        ));
-    }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(forward_lines(
-            err,
-            spec.function.clone(),
-            instance_id.to_string(),
-            "stderr",
-        ));
+    let outputs = [
+        (child.stdout.take().map(|o| Box::new(o) as Output), "stdout"),
+        (child.stderr.take().map(|e| Box::new(e) as Output), "stderr"),
+    ];
+    for (stream, output) in outputs {
+        if let Some(stream) = stream {
+            let (function, instance) = (spec.function.clone(), instance_id.to_string());
+            tokio::spawn(forward_lines(stream, function, instance, output));
+        }
     }
     Ok(Started {
         child,
@@ -166,6 +160,9 @@ fn free_port() -> io::Result<u16> {
         .local_addr()?
         .port())
 }
+
+/// An instance's stdout or stderr.
+type Output = Box<dyn AsyncRead + Unpin + Send>;
 
 /// Each line the instance prints becomes a log event with its function and instance, as a
 /// platform's function logs.

@@ -339,6 +339,13 @@ pub fn parse_error_response(out: &[u8]) -> (u16, String, serde_json::Value) {
     (status, error_type, json)
 }
 
+/// Sends a raw upgrade request and returns the response head.
+pub async fn raw_upgrade(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    read_response_head(&mut s).await.0
+}
+
 /// An upgrade request for `path` with extra header lines (each ending in \r\n).
 pub fn upgrade_request(path: &str, extra: &str) -> Vec<u8> {
     format!(
