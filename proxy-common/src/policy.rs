@@ -12,10 +12,12 @@ use crate::{
 pub const CLOSE_INSTANCE_FAILED: u16 = 1011;
 
 /// `Some(code)` when the proxy must close the client itself because the instance's side ended
-/// before the instance sent a close frame (`function_side` counts instance -> client).
+/// before the instance sent a close frame (`function_side` counts instance -> client). Not
+/// when the client had already ended its side: an instance closing after the client left
+/// without a close frame did nothing wrong.
 #[inline(always)]
-pub fn close_for_instance_end(function_side: &SideState) -> Option<u16> {
-    if function_side.flags & FLAG_CLOSE_SEEN == 0 {
+pub fn close_for_instance_end(function_side: &SideState, client_ended: bool) -> Option<u16> {
+    if function_side.flags & FLAG_CLOSE_SEEN == 0 && !client_ended {
         Some(CLOSE_INSTANCE_FAILED)
     } else {
         None
@@ -73,14 +75,16 @@ pub fn function_status(ending: Ending, client_side: &SideState, function_side: &
         // `InstanceFailed`).
         (false, false) => return 456,
     };
+    // A close frame without a code (1005 on receipt) is a plain close, as 1000 is: browsers
+    // send one for `ws.close()` without arguments.
     if client_first {
         match client_side.close_code {
-            1000 | 1010 => 200,
+            1000 | 1005 | 1010 => 200,
             _ => 456,
         }
     } else {
         match function_side.close_code {
-            1000 | 1011 => 200,
+            1000 | 1005 | 1011 => 200,
             _ => 439,
         }
     }
@@ -128,6 +132,11 @@ mod tests {
         assert_eq!(s(&closed(1000, 3), &closed(4001, 2)), 439);
         assert_eq!(s(&none, &closed(1010, 2)), 439);
         assert_eq!(s(&none, &none), 456);
+        assert_eq!(
+            s(&closed(1005, 1), &closed(1005, 2)),
+            200,
+            "no code is a plain close"
+        );
         let f = |e| function_status(e, &none, &none);
         assert_eq!(f(Ending::InstanceFailed), 439);
         assert_eq!(f(Ending::IdleTimeout), 455);
@@ -144,9 +153,13 @@ mod tests {
     }
 
     #[test]
-    fn the_client_is_closed_with_1011_only_when_the_instance_sent_no_close() {
-        assert_eq!(close_for_instance_end(&SideState::default()), Some(1011));
-        assert_eq!(close_for_instance_end(&closed(1000, 1)), None);
+    fn the_client_is_closed_with_1011_only_when_the_instance_sent_no_close_and_it_is_still_there() {
+        assert_eq!(
+            close_for_instance_end(&SideState::default(), false),
+            Some(1011)
+        );
+        assert_eq!(close_for_instance_end(&closed(1000, 1), false), None);
+        assert_eq!(close_for_instance_end(&SideState::default(), true), None);
     }
 
     #[test]

@@ -146,12 +146,23 @@ fn auto_falls_back_to_userspace_with_one_log_line_saying_why() {
     assert_eq!(plane.as_deref(), Some("userspace"));
 }
 
+/// A child process killed when dropped, also when a test fails: a wsedge left running would
+/// hold the test's output open.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs `wsedge run` as root with JSON logs; returns the child, its log lines, and the
 /// listen address from the "wsedge serving" line.
 fn run_json(
     path: &std::path::Path,
 ) -> (
-    std::process::Child,
+    Running,
     std::io::Lines<BufReader<std::process::ChildStderr>>,
     String,
 ) {
@@ -162,6 +173,7 @@ fn run_json(
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let child = Running(child);
     let listen = wait_for_log(&mut lines, "wsedge serving")["fields"]["listen"]
         .as_str()
         .unwrap()
@@ -209,7 +221,7 @@ fn instance_output_is_logged_a_killed_wsedge_takes_its_instances_along_and_a_res
         ),
     )
     .unwrap();
-    let (mut wsedge, mut lines, listen) = run_json(&path);
+    let (wsedge, mut lines, listen) = run_json(&path);
     let (mut ws, _) =
         tokio_tungstenite::tungstenite::connect(format!("ws://{listen}/echo")).expect("upgrade");
     ws.send("hi".into()).unwrap();
@@ -227,8 +239,7 @@ fn instance_output_is_logged_a_killed_wsedge_takes_its_instances_along_and_a_res
         (&"echo".into(), &"echo-1".into()),
         "{printed}"
     );
-    wsedge.kill().unwrap();
-    wsedge.wait().unwrap();
+    drop(wsedge);
     assert!(
         gone_within(pid, Duration::from_secs(3)),
         "instance {pid} outlived wsedge"
@@ -244,7 +255,7 @@ fn instance_output_is_logged_a_killed_wsedge_takes_its_instances_along_and_a_res
     std::fs::create_dir(&leftover).unwrap();
     let mut orphan = Command::new("sleep").arg("60").spawn().unwrap();
     std::fs::write(leftover.join("cgroup.procs"), orphan.id().to_string()).unwrap();
-    let (mut wsedge, _lines, _) = run_json(&path);
+    let (wsedge, _lines, _) = run_json(&path);
     assert!(
         orphan.try_wait().unwrap().is_some() || {
             std::thread::sleep(Duration::from_millis(200));
@@ -253,6 +264,40 @@ fn instance_output_is_logged_a_killed_wsedge_takes_its_instances_along_and_a_res
         "the leftover instance was killed"
     );
     assert!(!leftover.exists(), "the leftover cgroup was removed");
-    wsedge.kill().unwrap();
-    wsedge.wait().unwrap();
+    drop(wsedge);
+}
+
+#[test]
+fn the_end_of_each_connection_is_logged_with_its_function_status() {
+    let dir = readable_dir();
+    let path = dir.path().join("wsedge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_plane = \"kernel\"\n\
+             [[function]]\nname = \"echo\"\nroute = \"/echo\"\ncommand = [{:?}]\ninstance_concurrency = 10\n",
+            common::echo_fn().display().to_string()
+        ),
+    )
+    .unwrap();
+    let (wsedge, mut lines, listen) = run_json(&path);
+    let url = format!("ws://{listen}/echo");
+    // A close handshake the client starts (tungstenite's `close(None)` sends no code): 200.
+    let (mut ws, _) = tokio_tungstenite::tungstenite::connect(&url).expect("upgrade");
+    ws.send("hi".into()).unwrap();
+    assert_eq!(ws.read().unwrap(), "hi".into());
+    ws.close(None).unwrap();
+    while ws.read().is_ok() {}
+    drop(ws);
+    let ended = wait_for_log(&mut lines, "connection ended");
+    assert_eq!(ended["fields"]["status"], 200, "{ended}");
+    // The client drops TCP without a close frame; the function then closes too: 456, and
+    // the function is not blamed (no 1011 close, no 439).
+    let (mut ws, _) = tokio_tungstenite::tungstenite::connect(&url).expect("upgrade");
+    ws.send("hi".into()).unwrap();
+    assert_eq!(ws.read().unwrap(), "hi".into());
+    drop(ws);
+    let ended = wait_for_log(&mut lines, "connection ended");
+    assert_eq!(ended["fields"]["status"], 456, "{ended}");
+    drop(wsedge);
 }

@@ -373,10 +373,13 @@ fn side_of(maps: &Mutex<Maps>, cookie: u64) -> Option<SideState> {
 /// One side sent FIN (or failed): pass the FIN on once the kernel's redirected bytes are out.
 /// An instance that ended without a close frame gets the client a close frame instead.
 async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_client: bool) {
-    let by_proxy = conn.progress.lock().expect("progress").by_proxy.is_some();
+    let (by_proxy, client_ended) = {
+        let p = conn.progress.lock().expect("progress");
+        (p.by_proxy.is_some(), p.client_done)
+    };
     if !from_client && !by_proxy {
         let function_side = side_of(&maps, conn.pair.instance).unwrap_or_default();
-        if let Some(code) = close_for_instance_end(&function_side) {
+        if let Some(code) = close_for_instance_end(&function_side, client_ended) {
             return instance_failed(&maps, &conn, code).await;
         }
     }
@@ -405,7 +408,7 @@ async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_client: boo
     if let Err(e) = flush(&maps, from_cookie, to, to_written).await {
         return conn.finish(SpliceEnd::Aborted(e));
     }
-    socket::shutdown_write(to);
+    // Marked before the FIN is passed on: the peer's answering FIN must find it set.
     let both = {
         let mut p = conn.progress.lock().expect("progress");
         if from_client {
@@ -415,6 +418,7 @@ async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_client: boo
         }
         p.client_done && p.instance_done
     };
+    socket::shutdown_write(to);
     if both {
         conn.finish(SpliceEnd::Closed);
     }

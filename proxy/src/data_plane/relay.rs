@@ -2,7 +2,10 @@
 //! parser and accounting the kernel uses. Used with `data_plane = "userspace"` and as the
 //! fallback when the eBPF programs cannot be loaded.
 
-use std::io;
+use std::{
+    io,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use proxy_common::policy::{Ending, close_for_instance_end, proxy_close_code};
 use tokio::{
@@ -71,6 +74,7 @@ pub async fn relay(
     let (mut client_read, mut client_write) = client.into_split();
     let (mut instance_read, mut instance_write) = instance.into_split();
     let (mut up, mut down): (Option<PumpResult>, Option<PumpResult>) = (None, None);
+    let client_ended = AtomicBool::new(false);
     {
         let up_pump = pump(
             &mut client_read,
@@ -78,6 +82,7 @@ pub async fn relay(
             conn,
             Direction::ClientToInstance,
             inbound,
+            &client_ended,
         );
         let down_pump = pump(
             &mut instance_read,
@@ -85,6 +90,7 @@ pub async fn relay(
             conn,
             Direction::InstanceToClient,
             outbound,
+            &client_ended,
         );
         tokio::pin!(up_pump, down_pump);
         loop {
@@ -132,7 +138,7 @@ pub async fn relay(
     match (up, down) {
         (_, Some((Ok(PumpEnd::InstanceFailed), cursor))) => {
             let side = conn.account(Direction::InstanceToClient, |side| *side);
-            if let Some(code) = close_for_instance_end(&side)
+            if let Some(code) = close_for_instance_end(&side, false)
                 && cursor.at_boundary()
             {
                 let frame = close_frame(code, "function instance failed");
@@ -169,6 +175,7 @@ async fn pump(
     conn: &Connection,
     direction: Direction,
     mut cursor: FrameCursor,
+    client_ended: &AtomicBool,
 ) -> PumpResult {
     // Per direction and connection: small enough that thousands of idle WebSockets stay
     // cheap, large enough that a 64 KiB message moves in a few reads.
@@ -189,9 +196,12 @@ async fn pump(
         if n == 0 {
             if from_instance {
                 let side = conn.account(direction, |side| *side);
-                if close_for_instance_end(&side).is_some() {
+                if close_for_instance_end(&side, client_ended.load(Ordering::Relaxed)).is_some() {
                     return (Ok(PumpEnd::InstanceFailed), cursor);
                 }
+            } else {
+                // Before the FIN goes on: the instance's answering EOF must find it set.
+                client_ended.store(true, Ordering::Relaxed);
             }
             // Half-close: the peer learns of the FIN, the other direction goes on.
             return match to.shutdown().await {
