@@ -9,6 +9,8 @@ pub const FLAG_PROTOCOL_ERROR: u32 = 2;
 /// Set when the connection failed because its peer left more than `MAX_BACKLOG_BYTES`
 /// redirected bytes untaken (a reader that stopped reading).
 pub const FLAG_PEER_BACKLOG: u32 = 4;
+/// Set when a message of this direction went over `max_message_bytes` (closed with 1009).
+pub const FLAG_MESSAGE_TOO_BIG: u32 = 8;
 
 /// One direction of a spliced connection, keyed by the cookie of the socket the bytes
 /// arrive on. Userspace creates it before the socket enters the sockhash and reads the
@@ -23,6 +25,8 @@ pub struct SideState {
     pub peer_written_by_hand: u64,
     /// `bytes` when the peer's backlog was last checked (see `BACKLOG_CHECK_EVERY`).
     pub backlog_checked_at: u64,
+    /// The function's `max_message_bytes` for this direction (0: no message limit).
+    pub max_message_bytes: u64,
     /// Wire bytes (headers included) redirected to the peer.
     pub bytes: u64,
     pub frames: u64,

@@ -3,7 +3,8 @@
 //! connection (SPEC.md "Behaviour"). Per-function quotas build on this module.
 
 use crate::{
-    FrameHeader, SideState,
+    FrameHeader, MessageTracker, SideState,
+    frame::OPCODE_CONTINUATION,
     maps::{FLAG_CLOSE_SEEN, MAX_FRAME_WIRE_LEN},
 };
 
@@ -35,10 +36,20 @@ pub enum Ending {
     IdleTimeout,
     /// Open longer than `execution_timeout_s`.
     ExecutionTimeout,
-    /// The proxy closed it for a quota (1008 rate, 1009 size).
-    Quota,
+    /// The proxy closed it with 1009: a message over `max_message_bytes`.
+    MessageTooBig,
     /// The proxy closed it because it is shutting down (SIGTERM).
     Shutdown,
+}
+
+/// The close frame's reason text for [`proxy_close_code`].
+pub fn proxy_close_reason(ending: Ending) -> &'static str {
+    match ending {
+        Ending::IdleTimeout => "idle timeout",
+        Ending::Shutdown => "proxy shutting down",
+        Ending::MessageTooBig => "message too big",
+        _ => "closed by the proxy",
+    }
 }
 
 /// The close code the proxy sends both sides when it ends a connection itself, or `None`
@@ -48,7 +59,7 @@ pub fn proxy_close_code(ending: Ending) -> Option<u16> {
         // 1001 "going away": the endpoint is leaving (idle for too long, or shutting down).
         Ending::IdleTimeout | Ending::Shutdown => Some(1001),
         Ending::ExecutionTimeout => None,
-        Ending::Quota => Some(1008),
+        Ending::MessageTooBig => Some(1009),
         Ending::Closed | Ending::InstanceFailed => None,
     }
 }
@@ -57,7 +68,7 @@ pub fn proxy_close_code(ending: Ending) -> Option<u16> {
 /// and the first close frame of each direction (`client_side` counts client -> instance).
 pub fn function_status(ending: Ending, client_side: &SideState, function_side: &SideState) -> u16 {
     match ending {
-        Ending::Quota => return 429,
+        Ending::MessageTooBig => return 429,
         Ending::ExecutionTimeout => return 433,
         Ending::IdleTimeout => return 455,
         Ending::InstanceFailed => return 439,
@@ -95,17 +106,37 @@ pub fn function_status(ending: Ending, client_side: &SideState, function_side: &
 pub enum FrameViolation {
     /// Larger (header included) than the kernel can assemble; see [`MAX_FRAME_WIRE_LEN`].
     TooLarge,
+    /// Its message (all fragments so far and this one) is over `max_message_bytes`: the
+    /// connection is closed with 1009.
+    MessageTooBig,
 }
 
-/// Accepts or refuses one frame header. The kernel parser fails the socket on a refusal;
-/// the userspace relay closes the connection.
+/// Accepts or refuses one frame header, given the message it continues (`tracker`, before
+/// this frame) and the function's `max_message_bytes` (0: no message limit). The kernel
+/// parser fails the socket on a refusal and userspace closes the connection; the relay
+/// closes it directly.
 #[inline(always)]
-pub fn check_frame(h: &FrameHeader) -> Result<(), FrameViolation> {
-    if h.wire_len() > MAX_FRAME_WIRE_LEN {
-        Err(FrameViolation::TooLarge)
-    } else {
-        Ok(())
+pub fn check_frame(
+    h: &FrameHeader,
+    tracker: &MessageTracker,
+    max_message_bytes: u64,
+) -> Result<(), FrameViolation> {
+    // The message limit first: a single frame over it is a message over it (1009), whatever
+    // the kernel could assemble.
+    if max_message_bytes != 0 && !h.is_control() {
+        let message = if h.opcode == OPCODE_CONTINUATION {
+            tracker.message_bytes.saturating_add(h.payload_len)
+        } else {
+            h.payload_len
+        };
+        if message > max_message_bytes {
+            return Err(FrameViolation::MessageTooBig);
+        }
     }
+    if h.wire_len() > MAX_FRAME_WIRE_LEN {
+        return Err(FrameViolation::TooLarge);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -141,7 +172,7 @@ mod tests {
         assert_eq!(f(Ending::InstanceFailed), 439);
         assert_eq!(f(Ending::IdleTimeout), 455);
         assert_eq!(f(Ending::ExecutionTimeout), 433);
-        assert_eq!(f(Ending::Quota), 429);
+        assert_eq!(f(Ending::MessageTooBig), 429);
         assert_eq!(f(Ending::Shutdown), 200);
     }
 
@@ -172,8 +203,46 @@ mod tests {
             header_len: 14,
             payload_len: 262144,
         };
-        assert_eq!(check_frame(&h), Ok(()));
+        let fresh = MessageTracker::default();
+        assert_eq!(check_frame(&h, &fresh, 262144), Ok(()));
+        assert_eq!(
+            check_frame(&h, &fresh, 262143),
+            Err(FrameViolation::MessageTooBig)
+        );
         h.payload_len = MAX_FRAME_WIRE_LEN;
-        assert_eq!(check_frame(&h), Err(FrameViolation::TooLarge));
+        assert_eq!(check_frame(&h, &fresh, 0), Err(FrameViolation::TooLarge));
+        assert_eq!(
+            check_frame(&h, &fresh, 262144),
+            Err(FrameViolation::MessageTooBig),
+            "one frame over the message limit is a message over it"
+        );
+    }
+
+    #[test]
+    fn the_message_limit_counts_every_fragment_and_ignores_control_frames() {
+        let frame = |fin, opcode, payload_len| FrameHeader {
+            fin,
+            rsv: 0,
+            opcode,
+            mask: None,
+            header_len: 4,
+            payload_len,
+        };
+        let mut tracker = MessageTracker::default();
+        let first = frame(false, 1, 100_000);
+        assert_eq!(check_frame(&first, &tracker, 262144), Ok(()));
+        tracker.on_frame(&first);
+        let second = frame(false, OPCODE_CONTINUATION, 100_000);
+        assert_eq!(check_frame(&second, &tracker, 262144), Ok(()));
+        tracker.on_frame(&second);
+        let ping = frame(true, 9, 125);
+        assert_eq!(check_frame(&ping, &tracker, 262144), Ok(()));
+        let last = frame(true, OPCODE_CONTINUATION, 62_145);
+        assert_eq!(
+            check_frame(&last, &tracker, 262144),
+            Err(FrameViolation::MessageTooBig)
+        );
+        let fitting = frame(true, OPCODE_CONTINUATION, 62_144);
+        assert_eq!(check_frame(&fitting, &tracker, 262144), Ok(()));
     }
 }

@@ -23,14 +23,14 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use proxy_common::{
-    FrameKind, HeaderParse, MAX_HEADER_LEN, SideState,
+    FrameKind, HeaderParse, MAX_HEADER_LEN, MessageTracker, SideState,
     frame::{close_code, header_len},
     maps::{
-        BACKLOG_CHECK_EVERY, FLAG_CLOSE_SEEN, FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR,
-        MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
+        BACKLOG_CHECK_EVERY, FLAG_CLOSE_SEEN, FLAG_MESSAGE_TOO_BIG, FLAG_PEER_BACKLOG,
+        FLAG_PROTOCOL_ERROR, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
     },
     parse_header,
-    policy::check_frame,
+    policy::{FrameViolation, check_frame},
 };
 
 /// Sockets whose incoming frames these programs parse and redirect (programs attached).
@@ -140,9 +140,10 @@ pub fn ws_frame_len(ctx: SkBuffContext) -> u32 {
 /// to it (checked here, before the frame is consumed, because the verdict cannot hold one).
 fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    if let Some(side) = SIDES.get_ptr_mut(cookie) {
-        // SAFETY: map value pointer from a successful lookup.
-        let side = unsafe { &mut *side };
+    // SAFETY: map value pointer from a successful lookup; the parser and the verdict of one
+    // socket do not run concurrently.
+    let mut side = SIDES.get_ptr_mut(cookie).map(|side| unsafe { &mut *side });
+    if let Some(side) = side.as_deref_mut() {
         // The lookup costs a few helper calls: only every BACKLOG_CHECK_EVERY bytes, which
         // a reader that keeps up never lets pile up anyway.
         if side.bytes.wrapping_sub(side.backlog_checked_at) >= BACKLOG_CHECK_EVERY {
@@ -156,13 +157,25 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
     let (window, avail, _) = load_window(ctx).map_err(|()| EBADMSG)?;
     match parse_header(&window, avail) {
         HeaderParse::Incomplete { .. } => Ok(0),
-        HeaderParse::Complete(h) => match check_frame(&h) {
-            Ok(()) => Ok(h.wire_len() as u32),
-            Err(_) => {
-                mark_side(ctx, FLAG_PROTOCOL_ERROR);
-                Err(EMSGSIZE)
+        HeaderParse::Complete(h) => {
+            let (tracker, limit) = match side.as_deref() {
+                Some(side) => (side.tracker, side.max_message_bytes),
+                None => (MessageTracker::default(), 0),
+            };
+            match check_frame(&h, &tracker, limit) {
+                Ok(()) => Ok(h.wire_len() as u32),
+                Err(violation) => {
+                    let flag = match violation {
+                        FrameViolation::MessageTooBig => FLAG_MESSAGE_TOO_BIG,
+                        FrameViolation::TooLarge => FLAG_PROTOCOL_ERROR,
+                    };
+                    if let Some(side) = side {
+                        side.flags |= flag;
+                    }
+                    Err(EMSGSIZE)
+                }
             }
-        },
+        }
         HeaderParse::Invalid(_) => {
             mark_side(ctx, FLAG_PROTOCOL_ERROR);
             Err(EBADMSG)

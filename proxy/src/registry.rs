@@ -49,8 +49,8 @@ pub struct Connection {
     spliced: OnceLock<SplicedPair>,
     /// Monotonic time of the upgrade (the clock of `SideState::last_activity_ns`).
     pub started_ns: u64,
-    /// The function's timers.
-    pub timers: Timers,
+    /// The function's timers and message limit.
+    pub limits: Limits,
     /// When the supervisor looks at this connection next (monotonic ns).
     next_check_ns: AtomicU64,
     /// Set once, when the proxy itself ends the connection; the relay wakes on `stop`.
@@ -58,11 +58,12 @@ pub struct Connection {
     stop: tokio::sync::Notify,
 }
 
-/// A function's per-connection timers, in seconds.
+/// A function's per-connection timers (seconds) and message limit (bytes, both directions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timers {
+pub struct Limits {
     pub idle_timeout_s: u64,
     pub execution_timeout_s: u64,
+    pub max_message_bytes: u64,
 }
 
 /// What `/connections` shows for one connection.
@@ -225,7 +226,7 @@ impl Registry {
         instance: Arc<str>,
         client: SocketAddr,
         data_plane: &'static str,
-        timers: Timers,
+        limits: Limits,
     ) -> Registered {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let started_at = SystemTime::now();
@@ -240,10 +241,15 @@ impl Registry {
             client,
             started_at,
             data_plane,
-            sides: Mutex::default(),
+            sides: Mutex::new(
+                [SideState {
+                    max_message_bytes: limits.max_message_bytes,
+                    ..SideState::default()
+                }; 2],
+            ),
             spliced: OnceLock::new(),
             started_ns: crate::data_plane::socket::monotonic_ns(),
-            timers,
+            limits,
             next_check_ns: AtomicU64::new(0),
             stop_reason: OnceLock::new(),
             stop: tokio::sync::Notify::new(),

@@ -279,25 +279,48 @@ async fn a_client_that_vanishes_mid_frame_is_torn_down_cleanly(plane: DataPlaneM
     proxy.stop().await;
 }
 
-async fn a_frame_over_the_frame_limit_ends_the_connection(plane: DataPlaneMode) {
-    let proxy = start(plane).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(UPGRADE.as_bytes()).await.unwrap();
-    let (head, _) = read_response_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    // Let the splice settle, then announce a 1 MiB frame and start sending it.
-    s.write_all(&masked_frame(true, 1, b"ok")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let huge = masked_frame(true, 2, &payload(1 << 20, 3));
-    let _ = s.write_all(&huge[..64 * 1024]).await;
-    proxy.wait_no_connections().await;
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut rest),
-    )
-    .await;
-    assert!(read.is_ok(), "the client's connection was closed");
+/// Reads server frames until a close frame; returns its code.
+async fn close_code_after(s: &mut TcpStream, pending: &mut Vec<u8>) -> u16 {
+    loop {
+        let (opcode, payload) = read_server_frame(s, pending).await;
+        if opcode == 8 {
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+async fn a_message_over_the_limit_closes_both_sides_with_1009(plane: DataPlaneMode) {
+    let (instance, mut closes) = recording_instance().await;
+    let proxy = start_proxy(config(plane, instance, "")).await;
+    for fragmented in [false, true] {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(UPGRADE.as_bytes()).await.unwrap();
+        let (head, mut pending) = read_response_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        s.write_all(&masked_frame(true, 1, b"ok")).await.unwrap();
+        if fragmented {
+            // 200,000 + 62,145 bytes: one byte over 256 KiB in total.
+            s.write_all(&masked_frame(false, 2, &payload(200_000, 1)))
+                .await
+                .unwrap();
+            let _ = s
+                .write_all(&masked_frame(true, 0, &payload(62_145, 2)))
+                .await;
+        } else {
+            // One 1 MiB frame, announced and partly sent.
+            let huge = masked_frame(true, 2, &payload(1 << 20, 3));
+            let _ = s.write_all(&huge[..64 * 1024]).await;
+        }
+        assert_eq!(
+            close_code_after(&mut s, &mut pending).await,
+            1009,
+            "fragmented: {fragmented}"
+        );
+        let to_instance = tokio::time::timeout(Duration::from_secs(5), closes.recv()).await;
+        assert_eq!(to_instance.unwrap(), Some(1009), "the instance is told too");
+        drop(s);
+        proxy.wait_no_connections().await;
+    }
     proxy.stop().await;
 }
 
@@ -309,5 +332,5 @@ on_both_planes!(
     frames_pipelined_with_the_handshake_are_forwarded_in_order,
     a_frame_sent_alone_right_after_the_101_is_not_stranded,
     a_client_that_vanishes_mid_frame_is_torn_down_cleanly,
-    a_frame_over_the_frame_limit_ends_the_connection,
+    a_message_over_the_limit_closes_both_sides_with_1009,
 );

@@ -10,37 +10,11 @@ use std::{net::SocketAddr, time::Duration};
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio::{net::TcpListener, sync::mpsc};
 use tokio_tungstenite::{
     connect_async,
     tungstenite::{Message, protocol::frame::coding::CloseCode},
 };
 use wsedge::config::DataPlaneMode;
-
-/// An echo instance that reports the close code it receives.
-async fn recording_instance() -> (SocketAddr, mpsc::UnboundedReceiver<u16>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if let Message::Close(frame) = &msg {
-                        let _ = tx.send(frame.as_ref().map_or(1005, |f| u16::from(f.code)));
-                    } else if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, rx)
-}
 
 type Client =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

@@ -27,8 +27,8 @@ use aya::{
 };
 use proxy_common::{
     SideState,
-    maps::MAX_FRAME_WIRE_LEN,
-    policy::{Ending, close_for_instance_end, proxy_close_code},
+    maps::{FLAG_MESSAGE_TOO_BIG, MAX_FRAME_WIRE_LEN},
+    policy::{Ending, close_for_instance_end, proxy_close_code, proxy_close_reason},
 };
 
 use super::{
@@ -168,12 +168,14 @@ impl KernelDataPlane {
         instance: &TcpStream,
         pair: SplicedPair,
         written: WrittenByHand,
+        max_message_bytes: u64,
     ) -> io::Result<()> {
         let mut m = self.maps.lock().expect("maps lock");
         let to_io = |e: aya::maps::MapError| io::Error::other(e.to_string());
         let side = |peer, peer_written_by_hand| SideState {
             peer_cookie: peer,
             peer_written_by_hand,
+            max_message_bytes,
             ..SideState::default()
         };
         m.sides
@@ -224,10 +226,11 @@ impl KernelDataPlane {
         client: tokio::net::TcpStream,
         instance: tokio::net::TcpStream,
         written: WrittenByHand,
+        max_message_bytes: u64,
         on_spliced: impl FnOnce(SplicedPair),
         on_end: OnEnd,
     ) {
-        let pair = match self.enter_maps(client, instance, written) {
+        let pair = match self.enter_maps(client, instance, written, max_message_bytes) {
             Ok(entered) => entered,
             Err(e) => {
                 return on_end(
@@ -275,6 +278,7 @@ impl KernelDataPlane {
         client: tokio::net::TcpStream,
         instance: tokio::net::TcpStream,
         written: WrittenByHand,
+        max_message_bytes: u64,
     ) -> io::Result<(TcpStream, TcpStream, SplicedPair)> {
         let client = client.into_std()?;
         let instance = instance.into_std()?;
@@ -285,7 +289,7 @@ impl KernelDataPlane {
         for s in [&client, &instance] {
             socket::set_receive_buffer(s, MAX_FRAME_WIRE_LEN as usize)?;
         }
-        self.insert(&client, &instance, pair, written)
+        self.insert(&client, &instance, pair, written, max_message_bytes)
             .inspect_err(|_| {
                 self.remove(pair);
             })?;
@@ -403,6 +407,11 @@ async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_client: boo
         return conn.finish(SpliceEnd::InstanceFailed);
     }
     if let Some(e) = socket::take_error(from) {
+        let from_side = side_of(&maps, from_cookie).unwrap_or_default();
+        if from_side.flags & FLAG_MESSAGE_TOO_BIG != 0 {
+            // The parser refused a message over the limit: close both sides with 1009.
+            return stop_by_proxy(maps, conn, Ending::MessageTooBig).await;
+        }
         return conn.finish(SpliceEnd::Aborted(e));
     }
     if let Err(e) = flush(&maps, from_cookie, to, to_written).await {
@@ -485,10 +494,7 @@ async fn stop_by_proxy(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, ending: Endin
             conn.written.to_instance
         ),
     );
-    let reason = match ending {
-        Ending::IdleTimeout => "idle timeout",
-        _ => "proxy shutting down",
-    };
+    let reason = proxy_close_reason(ending);
     let mask = (socket::monotonic_ns() as u32).to_ne_bytes();
     let _ = write_all_nonblocking(&conn.client, &close_frame(code, reason)).await;
     let _ = write_all_nonblocking(&conn.instance, &masked_close_frame(code, reason, mask)).await;

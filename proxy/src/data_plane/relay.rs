@@ -7,7 +7,9 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use proxy_common::policy::{Ending, close_for_instance_end, proxy_close_code};
+use proxy_common::policy::{
+    Ending, FrameViolation, close_for_instance_end, proxy_close_code, proxy_close_reason,
+};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -15,7 +17,7 @@ use tokio::{
 
 use super::socket::monotonic_ns;
 use crate::{
-    protocols::frames::{FrameCursor, close_frame, masked_close_frame},
+    protocols::frames::{FrameCursor, FrameError, close_frame, masked_close_frame},
     registry::Connection,
 };
 
@@ -38,6 +40,9 @@ enum PumpEnd {
     InstanceFailed,
     /// The proxy ends the connection itself ([`Connection::request_stop`]).
     Stopped,
+    /// A frame was refused (a message over the limit): the proxy ends the connection. What
+    /// came before it was forwarded; `whole` says whether that ended between frames.
+    Refused { whole: bool },
 }
 
 /// Why one direction failed.
@@ -100,6 +105,9 @@ pub async fn relay(
             }
             let done = match (&up, &down) {
                 (Some(_), Some(_)) => true,
+                // The other direction stops at its next read.
+                (Some((Ok(PumpEnd::Refused { .. }), _)), None)
+                | (None, Some((Ok(PumpEnd::Refused { .. }), _))) => false,
                 // The client broke the stream: close both.
                 (Some((Err(PumpError::Read(_) | PumpError::Frame(_)), _)), _) => true,
                 // The instance broke framing, or the client cannot be written to.
@@ -117,15 +125,11 @@ pub async fn relay(
     if let Some(ending) = conn.stop_reason() {
         // Close frames only where the stream is between frames.
         if let Some(code) = proxy_close_code(ending) {
-            let reason = ending_reason(ending);
-            if let Some((Ok(PumpEnd::Stopped), cursor)) = &down
-                && cursor.at_boundary()
-            {
+            let reason = proxy_close_reason(ending);
+            if between_frames(&down) {
                 let _ = client_write.write_all(&close_frame(code, reason)).await;
             }
-            if let Some((Ok(PumpEnd::Stopped), cursor)) = &up
-                && cursor.at_boundary()
-            {
+            if between_frames(&up) {
                 let mask = (monotonic_ns() as u32).to_ne_bytes();
                 let frame = masked_close_frame(code, reason, mask);
                 let _ = instance_write.write_all(&frame).await;
@@ -158,11 +162,12 @@ pub async fn relay(
     }
 }
 
-fn ending_reason(ending: Ending) -> &'static str {
-    match ending {
-        Ending::IdleTimeout => "idle timeout",
-        Ending::Shutdown => "proxy shutting down",
-        _ => "closed by the proxy",
+/// True when a stopped direction's receiver last got a whole frame, so a close frame may follow.
+fn between_frames(result: &Option<PumpResult>) -> bool {
+    match result {
+        Some((Ok(PumpEnd::Stopped), cursor)) => cursor.at_boundary(),
+        Some((Ok(PumpEnd::Refused { whole }), _)) => *whole,
+        _ => false,
     }
 }
 
@@ -209,11 +214,26 @@ async fn pump(
                 Err(e) => (Err(PumpError::Write(e)), cursor),
             };
         }
-        if let Err(e) = conn.account(direction, |side| {
+        match conn.account(direction, |side| {
             cursor.feed(&buf[..n], side, monotonic_ns())
         }) {
-            let e = io::Error::new(io::ErrorKind::InvalidData, e);
-            return (Err(PumpError::Frame(e)), cursor);
+            Ok(()) => {}
+            Err(FrameError::Policy(FrameViolation::MessageTooBig)) => {
+                // Forward the whole frames before the refused one, then close with 1009.
+                let before = cursor.refused_at();
+                if let Some(at) = before
+                    && let Err(e) = to.write_all(&buf[..at]).await
+                {
+                    return (Err(PumpError::Write(e)), cursor);
+                }
+                conn.request_stop(Ending::MessageTooBig);
+                let whole = before.is_some();
+                return (Ok(PumpEnd::Refused { whole }), cursor);
+            }
+            Err(e) => {
+                let e = io::Error::new(io::ErrorKind::InvalidData, e);
+                return (Err(PumpError::Frame(e)), cursor);
+            }
         }
         if let Err(e) = to.write_all(&buf[..n]).await {
             return (Err(PumpError::Write(e)), cursor);

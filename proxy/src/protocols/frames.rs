@@ -25,6 +25,9 @@ pub struct FrameCursor {
     payload_left: u64,
     /// First two payload bytes of a close frame (with its mask) while they are being read.
     close: Option<CloseCode>,
+    /// After a refused frame: where in the last chunk its header began, when it began in
+    /// that chunk (everything before it was whole frames and may still be forwarded).
+    refused_at: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +58,12 @@ impl FrameCursor {
         }
     }
 
+    /// After [`FrameError::Policy`]: how many bytes of the chunk came before the refused frame,
+    /// if its header began in that chunk.
+    pub fn refused_at(&self) -> Option<usize> {
+        self.refused_at
+    }
+
     /// Walks `chunk`, accounting every frame whose header completes in it.
     pub fn feed(
         &mut self,
@@ -62,6 +71,7 @@ impl FrameCursor {
         side: &mut SideState,
         now_ns: u64,
     ) -> Result<(), FrameError> {
+        let whole = chunk.len();
         while !chunk.is_empty() {
             if self.payload_left > 0 {
                 let take = (self.payload_left.min(chunk.len() as u64)) as usize;
@@ -80,7 +90,11 @@ impl FrameCursor {
                 }
                 HeaderParse::Invalid(e) => return Err(FrameError::Header(e)),
                 HeaderParse::Complete(h) => {
-                    check_frame(&h).map_err(FrameError::Policy)?;
+                    if let Err(violation) = check_frame(&h, &side.tracker, side.max_message_bytes) {
+                        let at = whole - chunk.len();
+                        self.refused_at = (self.header_have == 0).then_some(at);
+                        return Err(FrameError::Policy(violation));
+                    }
                     let consumed = h.header_len as usize - self.header_have;
                     chunk = &chunk[consumed..];
                     self.header_have = 0;

@@ -34,7 +34,7 @@ use crate::{
         handshake::{UpgradeRequest, parse_upgrade, validate_response},
         head::{Head, HeadError, read_head},
     },
-    registry::{ClientSlot, Connection, Registered, Timers},
+    registry::{ClientSlot, Connection, Limits, Registered},
     routing::{Assigned, Route},
     server::AppState,
 };
@@ -49,7 +49,7 @@ struct Upgraded {
     instance_addr: Arc<str>,
     /// The instance slot this connection holds (spawned instances), released at its end.
     lease: Option<Lease>,
-    timers: Timers,
+    limits: Limits,
     /// Bytes the client sent after its request head (pipelined frames).
     client_rest: Vec<u8>,
     /// Bytes the instance sent after its 101.
@@ -99,7 +99,7 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
         upgraded.instance_addr.clone(),
         peer,
         state.data_plane.name(),
-        upgraded.timers,
+        upgraded.limits,
     );
     let conn = registered.conn.clone();
     state.metrics.connection(&conn.function, conn.data_plane);
@@ -207,9 +207,10 @@ async fn upgrade(
         function: route.name.clone(),
         instance_addr: assigned.instance,
         lease: assigned.lease,
-        timers: Timers {
+        limits: Limits {
             idle_timeout_s: route.function.idle_timeout_s,
             execution_timeout_s: route.function.execution_timeout_s,
+            max_message_bytes: route.function.limits.max_message_bytes,
         },
         client_rest: head.rest,
         instance_rest: response.rest,
@@ -326,6 +327,7 @@ async fn carry(
                 client,
                 instance,
                 written,
+                spliced.limits.max_message_bytes,
                 |pair| spliced.set_spliced(pair),
                 on_end,
             );

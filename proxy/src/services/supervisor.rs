@@ -44,10 +44,10 @@ fn check(state: &AppState, conn: &Connection, now: u64) {
         .max(inbound.last_activity_ns)
         .max(outbound.last_activity_ns);
     let secs = |s: u64| s.saturating_mul(1_000_000_000);
-    let idle_at = last.saturating_add(secs(conn.timers.idle_timeout_s));
+    let idle_at = last.saturating_add(secs(conn.limits.idle_timeout_s));
     let execution_at = conn
         .started_ns
-        .saturating_add(secs(conn.timers.execution_timeout_s));
+        .saturating_add(secs(conn.limits.execution_timeout_s));
     if now >= execution_at {
         stop(state, conn, Ending::ExecutionTimeout);
     } else if now >= idle_at {

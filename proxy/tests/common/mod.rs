@@ -54,6 +54,31 @@ pub async fn start_echo() -> SocketAddr {
     addr
 }
 
+/// An echo instance that reports the close code it receives.
+pub async fn recording_instance() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<u16>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if let Message::Close(frame) = &msg {
+                        let _ = tx.send(frame.as_ref().map_or(1005, |f| u16::from(f.code)));
+                    } else if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
