@@ -196,6 +196,21 @@ fn wait_for_log(
     panic!("wsedge exited before logging {message:?}");
 }
 
+/// A config for the kernel plane with the Rust example as a spawned function.
+fn spawned_echo_config(dir: &tempfile::TempDir, extra: &str) -> std::path::PathBuf {
+    let path = dir.path().join("wsedge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_plane = \"kernel\"\n\
+             [[function]]\nname = \"echo\"\nroute = \"/echo\"\ncommand = [{:?}]\n{extra}",
+            common::echo_fn().display().to_string()
+        ),
+    )
+    .unwrap();
+    path
+}
+
 fn gone_within(pid: u32, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -208,19 +223,9 @@ fn gone_within(pid: u32, limit: Duration) -> bool {
 }
 
 #[test]
-fn instance_output_is_logged_a_killed_wsedge_takes_its_instances_along_and_a_restart_removes_leftovers()
- {
+fn instance_output_is_logged_and_instances_die_with_wsedge_and_a_restart_removes_leftovers() {
     let dir = readable_dir();
-    let path = dir.path().join("wsedge.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_plane = \"kernel\"\n\
-             [[function]]\nname = \"echo\"\nroute = \"/echo\"\ncommand = [{:?}]\n",
-            common::echo_fn().display().to_string()
-        ),
-    )
-    .unwrap();
+    let path = spawned_echo_config(&dir, "");
     let (wsedge, mut lines, listen) = run_json(&path);
     let (mut ws, _) =
         tokio_tungstenite::tungstenite::connect(format!("ws://{listen}/echo")).expect("upgrade");
@@ -270,16 +275,7 @@ fn instance_output_is_logged_a_killed_wsedge_takes_its_instances_along_and_a_res
 #[test]
 fn the_end_of_each_connection_is_logged_with_its_function_status() {
     let dir = readable_dir();
-    let path = dir.path().join("wsedge.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_plane = \"kernel\"\n\
-             [[function]]\nname = \"echo\"\nroute = \"/echo\"\ncommand = [{:?}]\ninstance_concurrency = 10\n",
-            common::echo_fn().display().to_string()
-        ),
-    )
-    .unwrap();
+    let path = spawned_echo_config(&dir, "instance_concurrency = 10\n");
     let (wsedge, mut lines, listen) = run_json(&path);
     let url = format!("ws://{listen}/echo");
     // A close handshake the client starts (tungstenite's `close(None)` sends no code): 200.
