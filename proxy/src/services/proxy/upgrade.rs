@@ -1,0 +1,194 @@
+//! The handshake phase of a connection: reading and checking the upgrade, admission (per-IP
+//! limit, Origin, signature), choosing an instance, and its 101; or the error response.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, SystemTime},
+};
+
+use tokio::{io::AsyncWriteExt, net::TcpStream, time::timeout};
+use tracing::info;
+
+use crate::{
+    data_plane::kernel::WrittenByHand,
+    instances::Lease,
+    protocols::{
+        auth,
+        error_response::HandshakeError,
+        handshake::{UpgradeRequest, parse_upgrade, validate_response},
+        head::{Head, HeadError, read_head},
+    },
+    registry::Limits,
+    routing::{Assigned, Route},
+    server::AppState,
+};
+
+/// Largest response head accepted from an instance.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// A completed upgrade: the instance socket, and what was read past each head.
+pub(super) struct Upgraded {
+    pub(super) instance: TcpStream,
+    pub(super) function: Arc<str>,
+    pub(super) instance_addr: Arc<str>,
+    /// The instance slot this connection holds (spawned instances), released at its end.
+    pub(super) lease: Option<Lease>,
+    pub(super) limits: Limits,
+    /// Bytes the client sent after its request head (pipelined frames).
+    pub(super) client_rest: Vec<u8>,
+    /// Bytes the instance sent after its 101.
+    pub(super) instance_rest: Vec<u8>,
+    pub(super) written: WrittenByHand,
+}
+
+/// Why a handshake ended.
+pub(super) enum Failure {
+    Respond(HandshakeError),
+    /// The client went away; nobody to answer.
+    ClientGone,
+}
+
+impl From<HandshakeError> for Failure {
+    fn from(e: HandshakeError) -> Self {
+        Failure::Respond(e)
+    }
+}
+
+/// Answers a refused handshake with its status and closes the connection.
+pub(super) async fn refuse(
+    state: &AppState,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    function: Option<Arc<str>>,
+    e: HandshakeError,
+) {
+    let function = function.as_deref().unwrap_or_default();
+    state
+        .metrics
+        .handshake_error(function, e.status, e.error_type);
+    info!(client = %peer, function, status = e.status, error_type = e.error_type, "handshake refused: {}", e.message);
+    let _ = timeout(Duration::from_secs(1), client.write_all(&e.to_response())).await;
+    let _ = client.shutdown().await;
+}
+
+pub(super) async fn upgrade(
+    state: &AppState,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    over_ip_limit: bool,
+    function: &mut Option<Arc<str>>,
+) -> Result<Upgraded, Failure> {
+    let server = &state.config.server;
+    let head = match timeout(
+        Duration::from_millis(server.handshake_timeout_ms),
+        read_head(client, server.max_header_bytes),
+    )
+    .await
+    {
+        Err(_) => return Err(HandshakeError::handshake_timeout().into()),
+        Ok(Err(HeadError::TooLarge(limit))) => {
+            return Err(HandshakeError::headers_too_large(limit).into());
+        }
+        Ok(Err(HeadError::Closed | HeadError::Io(_))) => return Err(Failure::ClientGone),
+        Ok(Ok(head)) => head,
+    };
+    let request = parse_upgrade(&head.head)?;
+    let route = state
+        .routes
+        .find(&request.host, &request.path)
+        .ok_or_else(|| HandshakeError::no_route(&request.host, &request.path))?;
+    *function = Some(route.name.clone());
+    if state.draining.load(Ordering::Relaxed) {
+        return Err(HandshakeError::draining().into());
+    }
+    admit(route, &request, over_ip_limit, peer)?;
+    let assigned = route.assign().await?;
+    let forwarded = request.forwarded(peer.ip(), false);
+    let (instance, response) = connect_instance(state, &assigned, &request, &forwarded).await?;
+    client
+        .write_all(&response.head)
+        .await
+        .map_err(|_| Failure::ClientGone)?;
+    Ok(Upgraded {
+        instance,
+        function: route.name.clone(),
+        instance_addr: assigned.instance,
+        lease: assigned.lease,
+        limits: Limits {
+            idle_timeout_s: route.function.idle_timeout_s,
+            execution_timeout_s: route.function.execution_timeout_s,
+            max_message_bytes: route.function.limits.max_message_bytes,
+        },
+        client_rest: head.rest,
+        instance_rest: response.rest,
+        written: WrittenByHand {
+            to_client: response.head.len() as u64,
+            to_instance: forwarded.len() as u64,
+        },
+    })
+}
+
+/// The checks between routing and starting an instance: per-IP limit, Origin, signature.
+fn admit(
+    route: &Route,
+    request: &UpgradeRequest,
+    over_ip_limit: bool,
+    peer: SocketAddr,
+) -> Result<(), HandshakeError> {
+    if over_ip_limit {
+        return Err(HandshakeError::new(
+            429,
+            "too_many_connections",
+            format!("too many open connections from {}", peer.ip()),
+        ));
+    }
+    let allowed = &route.function.allowed_origins;
+    if let Some(origin) = request.header("origin")
+        && !allowed.is_empty()
+    {
+        let origin = String::from_utf8_lossy(origin);
+        if !allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(origin.trim()))
+        {
+            return Err(HandshakeError::new(
+                403,
+                "origin_refused",
+                format!("origin {origin:?} may not connect to this function"),
+            ));
+        }
+    }
+    if let Some(key) = &route.hmac_key {
+        auth::verify(request, key, SystemTime::now())?;
+    }
+    Ok(())
+}
+
+/// Connects to the instance, sends the upgrade and reads a valid 101 within the timeout.
+async fn connect_instance(
+    state: &AppState,
+    assigned: &Assigned,
+    request: &UpgradeRequest,
+    forwarded: &[u8],
+) -> Result<(TcpStream, Head), HandshakeError> {
+    let addr = &assigned.instance;
+    let exchange = async {
+        let mut instance = assigned.target.connect().await.map_err(|e| {
+            HandshakeError::instance_unreachable(format!("connecting to {addr}: {e}"))
+        })?;
+        let _ = instance.set_nodelay(true);
+        instance.write_all(forwarded).await.map_err(|e| {
+            HandshakeError::instance_unreachable(format!("sending the upgrade: {e}"))
+        })?;
+        let response = read_head(&mut instance, MAX_RESPONSE_HEAD)
+            .await
+            .map_err(|e| HandshakeError::bad_gateway(format!("instance response: {e}")))?;
+        validate_response(&response.head, request)?;
+        Ok((instance, response))
+    };
+    let limit = Duration::from_millis(state.config.server.instance_timeout_ms);
+    timeout(limit, exchange).await.map_err(|_| {
+        HandshakeError::gateway_timeout(format!("no 101 from {addr} within {limit:?}"))
+    })?
+}
