@@ -53,7 +53,7 @@ pub enum DataPlaneMode {
     Userspace,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address for plain `ws://` connections, e.g. "0.0.0.0:8080".
@@ -95,7 +95,7 @@ pub struct ServerConfig {
     pub max_connections_per_ip: Option<u32>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionConfig {
     /// Unique function name (used in logs, metrics and billing).
@@ -202,7 +202,7 @@ pub enum OnExceed {
     Close,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Largest reassembled message, in bytes, both directions; larger closes with 1009.

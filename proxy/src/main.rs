@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Run => run(config),
+        Command::Run => run(config, cli.config),
         Command::Conns => conns(&config),
     }
 }
@@ -69,11 +69,33 @@ fn init_logging(format: LogFormat) {
 }
 
 #[tokio::main]
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
     raise_open_files_limit();
     let server = Server::bind(config).await?;
+    tokio::spawn(reload_on_sighup(server.state(), path));
     server.run(shutdown_signal()).await;
     Ok(())
+}
+
+/// SIGHUP: read the config file again and apply its functions; a config that does not load
+/// or validate changes nothing.
+async fn reload_on_sighup(
+    state: std::sync::Arc<wsedge::server::AppState>,
+    path: std::path::PathBuf,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("no SIGHUP handler: reload is unavailable");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        let result = Config::load(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|config| state.reload(&config).map_err(anyhow::Error::from));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, config = %path.display(), "reload refused; the running functions are unchanged");
+        }
+    }
 }
 
 /// Every WebSocket holds two descriptors; the default soft limit (often 1024) would cap a

@@ -4,7 +4,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
-    sync::{Arc, atomic::AtomicBool, atomic::Ordering},
+    sync::{Arc, Mutex, RwLock, atomic::AtomicBool, atomic::Ordering},
     time::Duration,
 };
 
@@ -23,8 +23,14 @@ use crate::{
 
 /// State every connection task and the admin API share.
 pub struct AppState {
+    /// The configuration wsedge started with; `[server]` settings are not reloaded.
     pub config: Config,
-    pub routes: Routes,
+    /// The functions, replaced whole on reload (SIGHUP); a connection keeps the route it
+    /// was routed with.
+    routes: RwLock<Arc<Routes>>,
+    /// Pools of functions a reload removed or changed: no new connections, their instances
+    /// stop once idle, and shutdown stops what is left.
+    retired: Mutex<Vec<Arc<Pool>>>,
     pub data_plane: DataPlane,
     pub registry: Arc<Registry>,
     pub clients: Arc<ClientCounts>,
@@ -65,9 +71,11 @@ impl Server {
         let listener = bind("listen", config.server.listen).await?;
         let admin = bind("admin_listen", config.server.admin_listen).await?;
         let metrics = Arc::new(Metrics::default());
-        let routes = build_routes(&config, &metrics)?;
+        clean_leftover_instances(&config);
+        let routes = build_routes(&config, &metrics, None)?;
         let state = Arc::new(AppState {
-            routes,
+            routes: RwLock::new(Arc::new(routes)),
+            retired: Mutex::default(),
             config,
             data_plane,
             registry: Arc::default(),
@@ -159,21 +167,73 @@ impl Server {
                 kernel.abort_all();
             }
         }
-        futures_util::future::join_all(state.routes.pools().map(|p| p.stop_all())).await;
+        let routes = state.routes();
+        let retired = std::mem::take(&mut *state.retired.lock().expect("retired lock"));
+        let pools = routes.pools().chain(retired.iter());
+        futures_util::future::join_all(pools.map(|p| p.stop_all())).await;
         supervisor.abort();
         admin_task.abort();
         info!("wsedge stopped");
     }
 }
 
-/// One route per function: HMAC keys read from the environment, pools for spawned ones.
-fn build_routes(config: &Config, metrics: &Arc<Metrics>) -> Result<Routes, StartError> {
+impl AppState {
+    /// The functions as configured now.
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.read().expect("routes lock").clone()
+    }
+
+    /// Every pool, current and retired (for `/instances`).
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        let mut pools: Vec<Arc<Pool>> = self.routes().pools().cloned().collect();
+        pools.extend(self.retired.lock().expect("retired lock").iter().cloned());
+        pools
+    }
+
+    /// Applies the functions of `config` (SIGHUP) without touching open connections: a
+    /// function whose settings did not change keeps its pool and warm instances; a removed
+    /// or changed one's pool is retired. `[server]` settings need a restart.
+    pub fn reload(&self, config: &Config) -> Result<(), StartError> {
+        if config.server != self.config.server {
+            warn!("[server] settings changed: they take effect at the next start, not on reload");
+        }
+        let old = self.routes();
+        let new = build_routes(config, &self.metrics, Some(&old))?;
+        let kept: Vec<&Arc<Pool>> = new.pools().collect();
+        let mut retired = self.retired.lock().expect("retired lock");
+        for pool in old.pools() {
+            if !kept.iter().any(|k| Arc::ptr_eq(k, pool)) {
+                pool.retire();
+                retired.push(pool.clone());
+            }
+        }
+        info!(functions = config.functions.len(), "functions reloaded");
+        *self.routes.write().expect("routes lock") = Arc::new(new);
+        Ok(())
+    }
+}
+
+/// Kills and removes instance cgroups a crashed wsedge left behind.
+fn clean_leftover_instances(config: &Config) {
+    let spawns = config.functions.iter().any(|f| f.command.is_some());
+    if spawns
+        && is_root()
+        && let Some(dir) = cgroup::root()
+    {
+        cgroup::clean_leftovers(&dir);
+    }
+}
+
+/// One route per function: HMAC keys read from the environment, pools for spawned ones
+/// (taken over from `previous` when the function is unchanged).
+fn build_routes(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    previous: Option<&Routes>,
+) -> Result<Routes, StartError> {
     let root = is_root();
     let spawns = config.functions.iter().any(|f| f.command.is_some());
     let cgroup_root = if spawns && root { cgroup::root() } else { None };
-    if let Some(dir) = &cgroup_root {
-        cgroup::clean_leftovers(dir);
-    }
     let key_vars: Vec<String> = config
         .functions
         .iter()
@@ -200,8 +260,15 @@ fn build_routes(config: &Config, metrics: &Arc<Metrics>) -> Result<Routes, Start
             },
             Auth::Named(_) => None,
         };
-        let backend = match &f.command {
-            Some(command) => {
+        let unchanged = previous.and_then(|routes| {
+            routes.iter().find_map(|r| match &r.backend {
+                Backend::Spawned(pool) if r.function == *f => Some(pool.clone()),
+                _ => None,
+            })
+        });
+        let backend = match (&f.command, unchanged) {
+            (Some(_), Some(pool)) => Backend::Spawned(pool),
+            (Some(command), None) => {
                 let isolation = match (f.isolation, root) {
                     (Some(Isolation::Netns), false) => {
                         return Err(fail("isolation = \"netns\" needs root".into()));
@@ -221,7 +288,7 @@ fn build_routes(config: &Config, metrics: &Arc<Metrics>) -> Result<Routes, Start
                 info!(function = %f.name, ?isolation, cgroups = cgroup_root.is_some(), "function with spawned instances");
                 Backend::Spawned(Pool::new(spec, f, cgroup_root.clone(), metrics.clone()))
             }
-            None => Backend::Upstreams {
+            (None, _) => Backend::Upstreams {
                 addrs: resolve_upstreams(f).map_err(fail)?,
                 next: Default::default(),
             },

@@ -297,3 +297,72 @@ fn the_end_of_each_connection_is_logged_with_its_function_status() {
     assert_eq!(ended["fields"]["status"], 456, "{ended}");
     drop(wsedge);
 }
+
+/// The status line's code of a raw upgrade request to `path`.
+fn upgrade_status(listen: &str, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&common::upgrade_request(path, "")).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    String::from_utf8_lossy(&head[9..12]).parse().unwrap()
+}
+
+#[test]
+fn sighup_reloads_functions_without_touching_open_connections() {
+    let dir = readable_dir();
+    let echo = common::echo_fn().display().to_string();
+    let function = |name: &str| {
+        format!(
+            "[[function]]\nname = \"{name}\"\nroute = \"/{name}\"\ncommand = [{echo:?}]\n\
+             instance_concurrency = 10\nisolation = \"none\"\n"
+        )
+    };
+    let server = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                  data_plane = \"kernel\"\n";
+    let path = dir.path().join("wsedge.toml");
+    std::fs::write(&path, format!("{server}{}{}", function("a"), function("b"))).unwrap();
+    let (wsedge, mut lines, listen) = run_json(&path);
+    let (mut open, _) =
+        tokio_tungstenite::tungstenite::connect(format!("ws://{listen}/a")).expect("upgrade");
+    open.send("before".into()).unwrap();
+    assert_eq!(open.read().unwrap(), "before".into());
+    assert_eq!(upgrade_status(&listen, "/b"), 101);
+
+    // b removed, c added, a unchanged.
+    std::fs::write(&path, format!("{server}{}{}", function("a"), function("c"))).unwrap();
+    // SAFETY: plain syscall to the child this test started.
+    unsafe { libc::kill(wsedge.0.id() as i32, libc::SIGHUP) };
+    wait_for_log(&mut lines, "functions reloaded");
+    assert_eq!(upgrade_status(&listen, "/b"), 404, "b is gone");
+    assert_eq!(upgrade_status(&listen, "/c"), 101, "c is there");
+    open.send("after".into()).unwrap();
+    assert_eq!(
+        open.read().unwrap(),
+        "after".into(),
+        "the open connection is untouched"
+    );
+    let (_again, _) =
+        tokio_tungstenite::tungstenite::connect(format!("ws://{listen}/a")).expect("upgrade");
+    let upgraded = wait_for_log(&mut lines, "connection upgraded");
+    let upgraded = if upgraded["fields"]["function"] == "a" {
+        upgraded
+    } else {
+        wait_for_log(&mut lines, "connection upgraded")
+    };
+    assert_eq!(
+        upgraded["fields"]["instance"], "a-1",
+        "unchanged a keeps its warm instance"
+    );
+
+    // A config that does not validate changes nothing.
+    std::fs::write(&path, format!("{server}[[function]]\nname = \"a\"\n")).unwrap();
+    unsafe { libc::kill(wsedge.0.id() as i32, libc::SIGHUP) };
+    wait_for_log(
+        &mut lines,
+        "reload refused; the running functions are unchanged",
+    );
+    assert_eq!(upgrade_status(&listen, "/c"), 101);
+    drop(wsedge);
+}

@@ -340,7 +340,10 @@ impl Pool {
         let pool = self.clone();
         let instance = instance.clone();
         runtime.spawn(async move {
-            tokio::time::sleep(pool.keep_warm).await;
+            // A retired pool keeps nothing warm: nobody will be routed to it again.
+            if !pool.state.lock().expect("pool lock").closed {
+                tokio::time::sleep(pool.keep_warm).await;
+            }
             {
                 let mut state = pool.state.lock().expect("pool lock");
                 let still_idle = instance.active.load(Ordering::Relaxed) == 0
@@ -354,6 +357,23 @@ impl Pool {
                   "instance idle; scaling down");
             instance.stop().await;
         });
+    }
+
+    /// Takes the pool out of service (its function was removed or changed by a reload): no
+    /// new connections; idle instances stop now, busy ones when their last connection ends.
+    pub fn retire(self: &Arc<Self>) {
+        let idle: Vec<Arc<Instance>> = {
+            let mut state = self.state.lock().expect("pool lock");
+            state.closed = true;
+            let (idle, busy) = std::mem::take(&mut state.instances)
+                .into_iter()
+                .partition(|i| i.active.load(Ordering::Relaxed) == 0);
+            state.instances = busy;
+            idle
+        };
+        for instance in idle {
+            tokio::spawn(async move { instance.stop().await });
+        }
     }
 
     /// Stops every instance (shutdown); no new ones start.

@@ -36,7 +36,7 @@ async fn connections(State(state): State<Arc<AppState>>) -> Json<Vec<ConnectionV
 }
 
 async fn instances(State(state): State<Arc<AppState>>) -> Json<Vec<InstanceView>> {
-    Json(state.routes.pools().flat_map(|p| p.views()).collect())
+    Json(state.pools().iter().flat_map(|p| p.views()).collect())
 }
 
 async fn metrics(
@@ -48,7 +48,7 @@ async fn metrics(
         vec![],
         state.registry.len() as u64,
     )];
-    for route in state.routes.iter() {
+    for route in state.routes().iter() {
         let crate::routing::Backend::Spawned(pool) = &route.backend else {
             continue;
         };

@@ -94,8 +94,9 @@ pub(super) async fn upgrade(
         Ok(Ok(head)) => head,
     };
     let request = parse_upgrade(&head.head)?;
-    let route = state
-        .routes
+    // This connection keeps the functions as they are now, whatever a reload does meanwhile.
+    let routes = state.routes();
+    let route = routes
         .find(&request.host, &request.path)
         .ok_or_else(|| HandshakeError::no_route(&request.host, &request.path))?;
     *function = Some(route.name.clone());
