@@ -20,6 +20,10 @@ const HELP: &[(&str, &str)] = &[
         "Upgraded WebSocket connections.",
     ),
     (
+        "wsedge_connections_ended_total",
+        "Ended connections by function status (\"error\": ended by a socket error).",
+    ),
+    (
         "wsedge_instance_starts_total",
         "Instances started (cold starts).",
     ),
@@ -57,6 +61,20 @@ impl Metrics {
             vec![
                 ("function", function.to_string()),
                 ("data_plane", data_plane.to_string()),
+            ],
+        );
+    }
+
+    /// `status` is the function status, `None` when a socket error ended the connection.
+    pub fn connection_ended(&self, function: &str, status: Option<u16>) {
+        self.add(
+            "wsedge_connections_ended_total",
+            vec![
+                ("function", function.to_string()),
+                (
+                    "status",
+                    status.map_or_else(|| "error".into(), |s| s.to_string()),
+                ),
             ],
         );
     }

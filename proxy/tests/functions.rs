@@ -93,11 +93,10 @@ async fn first_connection_cold_starts_an_instance_in_its_own_namespace_and_echoe
     while ws.next().await.is_some() {}
     drop(ws);
     p.wait_no_connections().await;
-    assert!(
-        p.metrics()
-            .await
-            .contains("wsedge_instance_starts_total{function=\"echo\"} 1\n")
-    );
+    let metrics = p.metrics().await;
+    assert!(metrics.contains("wsedge_instance_starts_total{function=\"echo\"} 1\n"));
+    let ended = "wsedge_connections_ended_total{function=\"echo\",status=\"200\"} 1\n";
+    assert!(metrics.contains(ended), "{metrics}");
     let warm = p.instances().await;
     assert_eq!(
         (warm.len(), warm[0].connections),
@@ -190,11 +189,10 @@ async fn killed_instance_closes_the_client_with_1011(plane: &str) {
     let mut ws = open(&p).await;
     assert_eq!(p.connections().await[0].instance, "echo-2");
     echo_once(&mut ws, "after the crash").await;
-    assert!(
-        p.metrics()
-            .await
-            .contains("wsedge_instance_crashes_total{function=\"echo\"} 1\n")
-    );
+    let metrics = p.metrics().await;
+    assert!(metrics.contains("wsedge_instance_crashes_total{function=\"echo\"} 1\n"));
+    let ended = "wsedge_connections_ended_total{function=\"echo\",status=\"439\"} 1\n";
+    assert!(metrics.contains(ended), "{metrics}");
     p.stop().await;
 }
 

@@ -28,6 +28,7 @@ use crate::{
         socket::monotonic_ns,
     },
     instances::Lease,
+    metrics::Metrics,
     protocols::frames::FrameCursor,
     registry::{ClientSlot, Connection, Registered},
     server::AppState,
@@ -91,12 +92,17 @@ struct Held {
 }
 
 /// Logs how a connection ended, with its function status and final counters.
-fn log_end(conn: &Connection, result: std::io::Result<Ending>) {
+fn log_end(conn: &Connection, result: std::io::Result<Ending>, metrics: &Metrics) {
     // The kernel's final counters were absorbed when the splice ended: only userspace's now.
     let ([inbound, outbound], _) = conn.totals(None);
+    let status = result
+        .as_ref()
+        .ok()
+        .map(|ending| function_status(*ending, &inbound, &outbound));
+    metrics.connection_ended(&conn.function, status);
     match result {
-        Ok(ending) => {
-            let status = function_status(ending, &inbound, &outbound);
+        Ok(_) => {
+            let status = status.unwrap_or_default();
             let code = |s: &proxy_common::SideState| {
                 (s.flags & FLAG_CLOSE_SEEN != 0).then_some(s.close_code)
             };
@@ -124,7 +130,7 @@ async fn carry(
     let handed = Box::pin(hand_over(&state.data_plane, client, up, &conn, &state)).await;
     let (client, up, cursors) = match handed {
         Ok(handed) => handed,
-        Err(e) => return log_end(&conn, Err(e)),
+        Err(e) => return log_end(&conn, Err(e), &state.metrics),
     };
     let Upgraded {
         instance, written, ..
@@ -132,10 +138,11 @@ async fn carry(
     match &state.data_plane {
         DataPlane::Userspace => {
             let result = Box::pin(relay::relay(client, instance, &conn, cursors)).await;
-            log_end(&conn, result);
+            log_end(&conn, result, &state.metrics);
             drop(held);
         }
         DataPlane::Kernel(k) => {
+            let metrics = state.metrics.clone();
             let spliced = conn.clone();
             let on_end: OnEnd = Box::new(move |end, inbound, outbound| {
                 conn.absorb_kernel(inbound, outbound);
@@ -146,7 +153,7 @@ async fn carry(
                     SpliceEnd::ByProxy(ending) => Ok(ending),
                     SpliceEnd::Aborted(e) => Err(e),
                 };
-                log_end(&conn, result);
+                log_end(&conn, result, &metrics);
                 drop(held);
             });
             k.start_splice(
