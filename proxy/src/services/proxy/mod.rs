@@ -1,5 +1,7 @@
-//! The WebSocket proxy service: one task per accepted TCP connection, from the upgrade
-//! request to the end of the WebSocket.
+//! The WebSocket proxy service: one task per accepted TCP connection through the upgrade
+//! (`upgrade.rs`); then the relay keeps that task until the WebSocket ends, while a kernel
+//! splice ends it and finishes from the hang-up watcher (so an open spliced connection costs
+//! no task).
 
 mod upgrade;
 
