@@ -147,7 +147,37 @@ async fn an_instance_pushing_to_a_client_that_does_not_read_is_bounded(plane: Da
     p.stop().await;
 }
 
+async fn a_connection_stuck_on_a_client_that_does_not_read_still_ends_when_idle(
+    plane: DataPlaneMode,
+) {
+    let (instance, pushed) = stalled_instance(true).await;
+    let plane_name = if plane == DataPlaneMode::Kernel {
+        "kernel"
+    } else {
+        "userspace"
+    };
+    let function = format!(
+        "name = \"echo\"\nroute = \"/echo\"\nupstreams = [\"{instance}\"]\nidle_timeout_s = 10\n"
+    );
+    let p = start_proxy(function_config(plane_name, "", &function)).await;
+    let _client = open_raw(&p).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), pushed).await;
+    // Nothing moves any more; the idle timer must still end it, although a write (relay) or
+    // the kernel's backlog toward the client is stuck.
+    let mut ended = false;
+    for _ in 0..100 {
+        if p.connections().await.is_empty() {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(ended, "{plane:?}: still open: {:?}", p.connections().await);
+    p.stop().await;
+}
+
 on_both_planes!(
+    a_connection_stuck_on_a_client_that_does_not_read_still_ends_when_idle,
     a_client_flooding_an_instance_that_does_not_read_is_bounded,
     an_instance_pushing_to_a_client_that_does_not_read_is_bounded,
 );

@@ -40,6 +40,8 @@ enum PumpEnd {
     InstanceFailed,
     /// The proxy ends the connection itself ([`Connection::request_stop`]).
     Stopped,
+    /// As `Stopped`, but while a write to the receiver was blocked: no close frame may follow.
+    StoppedMidWrite,
     /// A frame was refused (a message over the limit): the proxy ends the connection. What
     /// came before it was forwarded; `whole` says whether that ended between frames.
     Refused { whole: bool },
@@ -172,8 +174,8 @@ fn between_frames(result: &Option<PumpResult>) -> bool {
 }
 
 /// Copies until EOF, an error, or a stop request; returns how it ended and the cursor, which
-/// says whether the stream stopped on a frame boundary. A stop is only taken while waiting
-/// to read, never in the middle of a write, so no frame is cut by it.
+/// says whether the stream stopped on a frame boundary. A stop taken while waiting to read
+/// cuts no frame; one taken during a blocked write is reported as such.
 async fn pump(
     from: &mut (impl AsyncRead + Unpin),
     to: &mut (impl AsyncWrite + Unpin),
@@ -235,8 +237,16 @@ async fn pump(
                 return (Err(PumpError::Frame(e)), cursor);
             }
         }
-        if let Err(e) = to.write_all(&buf[..n]).await {
-            return (Err(PumpError::Write(e)), cursor);
+        // A receiver that stopped reading must not hold a stop off for ever: the write is
+        // abandoned, and that side then gets no close frame (it may have half a frame).
+        tokio::select! {
+            biased;
+            written = to.write_all(&buf[..n]) => {
+                if let Err(e) = written {
+                    return (Err(PumpError::Write(e)), cursor);
+                }
+            }
+            () = conn.stopped() => return (Ok(PumpEnd::StoppedMidWrite), cursor),
         }
     }
 }

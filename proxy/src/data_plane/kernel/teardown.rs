@@ -15,6 +15,10 @@ use proxy_common::{
     policy::{Ending, close_for_instance_end, proxy_close_code, proxy_close_reason},
 };
 
+/// How long the proxy's own close waits for in-flight frames to reach a peer's TCP: a peer
+/// that does not read by then gets only the FIN.
+const STOP_FLUSH: Duration = Duration::from_secs(1);
+
 use super::{FLUSH_TIMEOUT, KernelDataPlane, Maps, OnEnd, SpliceEnd, SplicedPair, WrittenByHand};
 use crate::{
     data_plane::{relay::CLOSE_GRACE, socket},
@@ -111,7 +115,7 @@ pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_
         }
         return conn.finish(SpliceEnd::Aborted(e));
     }
-    if let Err(e) = flush(&maps, from_cookie, to, to_written).await {
+    if let Err(e) = flush(&maps, from_cookie, to, to_written, FLUSH_TIMEOUT).await {
         return conn.finish(SpliceEnd::Aborted(e));
     }
     // Marked before the FIN is passed on: the peer's answering FIN must find it set.
@@ -140,16 +144,21 @@ async fn instance_failed(maps: &Mutex<Maps>, conn: &Arc<Spliced>, code: u16) {
         p.instance_done = true;
         p.client_done
     };
-    // Best effort: a reset instance socket does not change what was already redirected.
-    let _ = flush(
+    // What the instance sent before still reaches the client first (a reset instance socket
+    // does not change what was already redirected); a client that does not read it in time
+    // gets only the FIN, never a close frame in the middle of a frame.
+    let flushed = flush(
         maps,
         conn.pair.instance,
         &conn.client,
         conn.written.to_client,
+        FLUSH_TIMEOUT,
     )
     .await;
     let frame = close_frame(code, "function instance failed");
-    if let Err(e) = write_all_nonblocking(&conn.client, &frame).await {
+    if flushed.is_ok()
+        && let Err(e) = write_all_nonblocking(&conn.client, &frame, FLUSH_TIMEOUT).await
+    {
         tracing::debug!(error = %e, "could not tell the client the instance failed");
     }
     socket::shutdown_write(&conn.client);
@@ -176,25 +185,34 @@ pub(super) async fn stop_by_proxy(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, en
         return conn.finish(SpliceEnd::ByProxy(ending));
     };
     // A close frame may only follow whole frames: let what the kernel redirected reach
-    // each socket's TCP first (bounded; an idle connection has nothing in flight).
-    let _ = tokio::join!(
+    // each socket's TCP first. Bounded: a peer that stops reading gets no close frame, only
+    // the FIN (an idle connection has nothing in flight).
+    let (to_client, to_instance) = tokio::join!(
         flush(
             &maps,
             conn.pair.instance,
             &conn.client,
-            conn.written.to_client
+            conn.written.to_client,
+            STOP_FLUSH
         ),
         flush(
             &maps,
             conn.pair.client,
             &conn.instance,
-            conn.written.to_instance
+            conn.written.to_instance,
+            STOP_FLUSH
         ),
     );
     let reason = proxy_close_reason(ending);
-    let mask = (socket::monotonic_ns() as u32).to_ne_bytes();
-    let _ = write_all_nonblocking(&conn.client, &close_frame(code, reason)).await;
-    let _ = write_all_nonblocking(&conn.instance, &masked_close_frame(code, reason, mask)).await;
+    if to_client.is_ok() {
+        let frame = close_frame(code, reason);
+        let _ = write_all_nonblocking(&conn.client, &frame, STOP_FLUSH).await;
+    }
+    if to_instance.is_ok() {
+        let mask = (socket::monotonic_ns() as u32).to_ne_bytes();
+        let frame = masked_close_frame(code, reason, mask);
+        let _ = write_all_nonblocking(&conn.instance, &frame, STOP_FLUSH).await;
+    }
     socket::shutdown_write(&conn.client);
     socket::shutdown_write(&conn.instance);
     tokio::time::sleep(CLOSE_GRACE).await;
@@ -202,9 +220,13 @@ pub(super) async fn stop_by_proxy(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, en
 }
 
 /// Writes a few bytes to a non-blocking socket, waiting (bounded) for send-buffer space.
-async fn write_all_nonblocking(mut to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+async fn write_all_nonblocking(
+    mut to: &TcpStream,
+    mut bytes: &[u8],
+    limit: Duration,
+) -> io::Result<()> {
     use std::io::Write;
-    let deadline = Instant::now() + FLUSH_TIMEOUT;
+    let deadline = Instant::now() + limit;
     while !bytes.is_empty() {
         match to.write(bytes) {
             Ok(n) => bytes = &bytes[n..],
@@ -218,8 +240,14 @@ async fn write_all_nonblocking(mut to: &TcpStream, mut bytes: &[u8]) -> io::Resu
 }
 
 /// Waits until every byte the kernel redirected from `from` sits in `to`'s TCP queue.
-async fn flush(maps: &Mutex<Maps>, from: u64, to: &TcpStream, to_written: u64) -> io::Result<()> {
-    let deadline = Instant::now() + FLUSH_TIMEOUT;
+async fn flush(
+    maps: &Mutex<Maps>,
+    from: u64,
+    to: &TcpStream,
+    to_written: u64,
+    limit: Duration,
+) -> io::Result<()> {
+    let deadline = Instant::now() + limit;
     let mut pause = Duration::from_micros(200);
     loop {
         let redirected = side_of(maps, from).map_or(0, |s| s.bytes);
