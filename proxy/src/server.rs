@@ -4,6 +4,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex, RwLock, atomic::AtomicBool, atomic::Ordering},
     time::Duration,
 };
@@ -71,8 +72,11 @@ impl Server {
         let listener = bind("listen", config.server.listen).await?;
         let admin = bind("admin_listen", config.server.admin_listen).await?;
         let metrics = Arc::new(Metrics::default());
-        clean_leftover_instances(&config);
-        let routes = build_routes(&config, &metrics, None)?;
+        let cgroups = instance_cgroups(&config);
+        if let Some(dir) = &cgroups {
+            cgroup::clean_leftovers(dir);
+        }
+        let routes = build_routes(&config, &metrics, None, cgroups)?;
         let state = Arc::new(AppState {
             routes: RwLock::new(Arc::new(routes)),
             retired: Mutex::default(),
@@ -198,7 +202,7 @@ impl AppState {
             warn!("[server] settings changed: they take effect at the next start, not on reload");
         }
         let old = self.routes();
-        let new = build_routes(config, &self.metrics, Some(&old))?;
+        let new = build_routes(config, &self.metrics, Some(&old), instance_cgroups(config))?;
         let kept: Vec<&Arc<Pool>> = new.pools().collect();
         let mut retired = self.retired.lock().expect("retired lock");
         for pool in old.pools() {
@@ -213,14 +217,14 @@ impl AppState {
     }
 }
 
-/// Kills and removes instance cgroups a crashed wsedge left behind.
-fn clean_leftover_instances(config: &Config) {
+/// Where spawned instances get their cgroups: only when some function spawns and wsedge can
+/// create cgroups (root, writable cgroup2).
+fn instance_cgroups(config: &Config) -> Option<PathBuf> {
     let spawns = config.functions.iter().any(|f| f.command.is_some());
-    if spawns
-        && is_root()
-        && let Some(dir) = cgroup::root()
-    {
-        cgroup::clean_leftovers(&dir);
+    if spawns && is_root() {
+        cgroup::root()
+    } else {
+        None
     }
 }
 
@@ -230,10 +234,9 @@ fn build_routes(
     config: &Config,
     metrics: &Arc<Metrics>,
     previous: Option<&Routes>,
+    cgroup_root: Option<PathBuf>,
 ) -> Result<Routes, StartError> {
     let root = is_root();
-    let spawns = config.functions.iter().any(|f| f.command.is_some());
-    let cgroup_root = if spawns && root { cgroup::root() } else { None };
     let key_vars: Vec<String> = config
         .functions
         .iter()

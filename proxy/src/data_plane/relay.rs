@@ -107,16 +107,14 @@ pub async fn relay(
             }
             let done = match (&up, &down) {
                 (Some(_), Some(_)) => true,
-                // The other direction stops at its next read.
-                (Some((Ok(PumpEnd::Refused { .. }), _)), None)
-                | (None, Some((Ok(PumpEnd::Refused { .. }), _))) => false,
                 // The client broke the stream: close both.
                 (Some((Err(PumpError::Read(_) | PumpError::Frame(_)), _)), _) => true,
                 // The instance broke framing, or the client cannot be written to.
                 (_, Some((Err(_), _))) => true,
                 // The client is told below; its answer has nowhere to go.
                 (_, Some((Ok(PumpEnd::InstanceFailed), _))) => true,
-                // A failed write to the instance: its side will tell how it ended.
+                // A failed write to the instance: its side will tell how it ended. A refused
+                // frame or a stop: the other direction stops at its next read.
                 _ => false,
             };
             if done {

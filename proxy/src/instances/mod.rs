@@ -82,6 +82,22 @@ struct ProcessInfo {
     cgroup: Option<cgroup::Cgroup>,
 }
 
+impl ProcessInfo {
+    /// SIGKILLs the whole instance: its cgroup (also processes that left the process group),
+    /// or its process group without one.
+    fn kill(&self) {
+        match &self.cgroup {
+            Some(c) => {
+                let _ = c.kill();
+            }
+            // SAFETY: plain syscall; the instance leads its own process group.
+            None => unsafe {
+                libc::kill(-(self.pid as i32), libc::SIGKILL);
+            },
+        }
+    }
+}
+
 /// Where and how to reach an instance.
 #[derive(Clone)]
 pub struct Target {
@@ -458,10 +474,7 @@ impl Instance {
         );
         if !gone {
             warn!(instance = %self.id, grace = ?STOP_GRACE, "instance ignored SIGTERM; killing it");
-            self.signal(process, libc::SIGKILL);
-            if let Some(c) = &process.cgroup {
-                let _ = c.kill();
-            }
+            process.kill();
             let _ = exited.wait_for(|e| *e).await;
         }
     }
@@ -483,15 +496,7 @@ impl Drop for Instance {
         if let Some(process) = self.process.get()
             && !*self.exited.borrow()
         {
-            match &process.cgroup {
-                Some(c) => {
-                    let _ = c.kill();
-                }
-                // SAFETY: plain syscall.
-                None => unsafe {
-                    libc::kill(-(process.pid as i32), libc::SIGKILL);
-                },
-            }
+            process.kill();
         }
     }
 }

@@ -49,6 +49,29 @@ pub(super) struct Progress {
 }
 
 impl Spliced {
+    /// Sends `frame` to one side once every byte the kernel redirected there has reached its
+    /// TCP (so the frame cannot land in the middle of another), then shuts that side's write
+    /// half. A side that does not take them within `limit` gets only the FIN.
+    async fn close_side(
+        &self,
+        maps: &Mutex<Maps>,
+        to_client: bool,
+        frame: &[u8],
+        limit: Duration,
+    ) -> io::Result<()> {
+        let (from, to, written) = if to_client {
+            (self.pair.instance, &self.client, self.written.to_client)
+        } else {
+            (self.pair.client, &self.instance, self.written.to_instance)
+        };
+        let sent = match flush(maps, from, to, written, limit).await {
+            Ok(()) => write_all_nonblocking(to, frame, limit).await,
+            Err(e) => Err(e),
+        };
+        socket::shutdown_write(to);
+        sent
+    }
+
     /// Takes the connection out of the kernel and reports its end (the first call only).
     /// The sockets close when the last reference to this record goes.
     pub(super) fn finish(&self, end: SpliceEnd) {
@@ -144,24 +167,11 @@ async fn instance_failed(maps: &Mutex<Maps>, conn: &Arc<Spliced>, code: u16) {
         p.instance_done = true;
         p.client_done
     };
-    // What the instance sent before still reaches the client first (a reset instance socket
-    // does not change what was already redirected); a client that does not read it in time
-    // gets only the FIN, never a close frame in the middle of a frame.
-    let flushed = flush(
-        maps,
-        conn.pair.instance,
-        &conn.client,
-        conn.written.to_client,
-        FLUSH_TIMEOUT,
-    )
-    .await;
+    // A reset instance socket does not change what was already redirected to the client.
     let frame = close_frame(code, "function instance failed");
-    if flushed.is_ok()
-        && let Err(e) = write_all_nonblocking(&conn.client, &frame, FLUSH_TIMEOUT).await
-    {
+    if let Err(e) = conn.close_side(maps, true, &frame, FLUSH_TIMEOUT).await {
         tracing::debug!(error = %e, "could not tell the client the instance failed");
     }
-    socket::shutdown_write(&conn.client);
     if client_already_done {
         return conn.finish(SpliceEnd::InstanceFailed);
     }
@@ -184,37 +194,18 @@ pub(super) async fn stop_by_proxy(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, en
     let Some(code) = proxy_close_code(ending) else {
         return conn.finish(SpliceEnd::ByProxy(ending));
     };
-    // A close frame may only follow whole frames: let what the kernel redirected reach
-    // each socket's TCP first. Bounded: a peer that stops reading gets no close frame, only
-    // the FIN (an idle connection has nothing in flight).
-    let (to_client, to_instance) = tokio::join!(
-        flush(
-            &maps,
-            conn.pair.instance,
-            &conn.client,
-            conn.written.to_client,
-            STOP_FLUSH
-        ),
-        flush(
-            &maps,
-            conn.pair.client,
-            &conn.instance,
-            conn.written.to_instance,
-            STOP_FLUSH
-        ),
-    );
+    // Bounded: a peer that stops reading gets no close frame, only the FIN (an idle
+    // connection has nothing in flight).
     let reason = proxy_close_reason(ending);
-    if to_client.is_ok() {
-        let frame = close_frame(code, reason);
-        let _ = write_all_nonblocking(&conn.client, &frame, STOP_FLUSH).await;
-    }
-    if to_instance.is_ok() {
-        let mask = (socket::monotonic_ns() as u32).to_ne_bytes();
-        let frame = masked_close_frame(code, reason, mask);
-        let _ = write_all_nonblocking(&conn.instance, &frame, STOP_FLUSH).await;
-    }
-    socket::shutdown_write(&conn.client);
-    socket::shutdown_write(&conn.instance);
+    let mask = (socket::monotonic_ns() as u32).to_ne_bytes();
+    let (to_client, to_instance) = (
+        close_frame(code, reason),
+        masked_close_frame(code, reason, mask),
+    );
+    let _ = tokio::join!(
+        conn.close_side(&maps, true, &to_client, STOP_FLUSH),
+        conn.close_side(&maps, false, &to_instance, STOP_FLUSH),
+    );
     tokio::time::sleep(CLOSE_GRACE).await;
     conn.finish(SpliceEnd::ByProxy(ending));
 }
