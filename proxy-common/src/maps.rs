@@ -11,6 +11,9 @@ pub const FLAG_PROTOCOL_ERROR: u32 = 2;
 pub const FLAG_PEER_BACKLOG: u32 = 4;
 /// Set when a message of this direction went over `max_message_bytes` (closed with 1009).
 pub const FLAG_MESSAGE_TOO_BIG: u32 = 8;
+/// Zero-hop only: this direction left the kernel path for good and userspace relays it (the
+/// receiving side stopped keeping up, or the proxy is closing the connection).
+pub const FLAG_DIVERTED: u32 = 16;
 
 /// One direction of a spliced connection, keyed by the cookie of the socket the bytes
 /// arrive on. Userspace creates it before the socket enters the sockhash and reads the
@@ -41,6 +44,9 @@ pub struct SideState {
     /// Status code of the first close frame seen, 1005 when it carried none.
     pub close_code: u32,
     pub flags: u32,
+    /// Zero-hop instance side only: bytes of the current frame the instance has yet to write
+    /// (its writes need not follow frame boundaries).
+    pub frame_remaining: u64,
 }
 
 #[cfg(feature = "user")]
@@ -92,3 +98,119 @@ impl SideState {
         }
     }
 }
+
+/// A socket of the instance side of a zero-hop connection, as the socket itself sees it:
+/// the network namespace it lives in (instances each have their own, with the same
+/// addresses) and its 4-tuple. Addresses as the kernel stores them, ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketKey {
+    pub netns_cookie: u64,
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SocketKey {}
+
+/// What the client socket's verdict needs for a zero-hop connection, keyed by the client
+/// socket's cookie. Written by userspace only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientLink {
+    /// The instance's own socket, which client frames are put straight into.
+    pub instance: SocketKey,
+    /// Set by userspace when it ends the connection: client frames stop going to the
+    /// instance (they are handed to userspace instead).
+    pub stop: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ClientLink {}
+
+/// [`InstanceLink::role`] of the instance's own socket: its writes go to the client.
+pub const ROLE_INSTANCE: u32 = 1;
+/// [`InstanceLink::role`] of the proxy's instance-side socket while the bytes userspace read
+/// past the handshake are forwarded: they are put into the instance socket's queue, ahead of
+/// the first frame the kernel puts there.
+pub const ROLE_PROXY_PIPELINED: u32 = 2;
+/// [`InstanceLink::role`] of the proxy's instance-side socket afterwards: its writes go out
+/// normally (userspace writes only once the instance has taken every byte the kernel put
+/// into its queue, see `ROLE_QUEUE_PROBE`, so they cannot overtake them).
+pub const ROLE_PROXY_SENDS: u32 = 3;
+
+/// [`InstanceLink::role`] of a zero-hop client socket while userspace asks where it is: the
+/// sk_msg program records the socket's address in `peer_sk` (sk_msg programs cannot look
+/// sockets up in a map, so the instance's program needs the address) and bounces the write
+/// into the socket's own receive queue, where userspace takes it back. (A refusal, SK_DROP,
+/// would stick to the socket: the kernel runs the program again only after a pass or a
+/// redirect.)
+pub const ROLE_CLIENT_PROBE: u32 = 4;
+/// [`InstanceLink::role`] of the plane's probe socket: a write asks whether the instance
+/// socket at `peer_sk` has nothing queued by the kernel; the answer lands in `drained` and
+/// the byte bounces into the probe socket's own receive queue.
+pub const ROLE_QUEUE_PROBE: u32 = 5;
+
+/// One socket of a zero-hop connection's instance side, keyed by its [`SocketKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InstanceLink {
+    /// `ROLE_INSTANCE`: cookie of the client socket the instance's writes go to.
+    pub client_cookie: u64,
+    /// `ROLE_INSTANCE`: cookie whose [`SideState`] counts what the instance sends.
+    pub side_cookie: u64,
+    /// `ROLE_PROXY_*`: the instance's own socket.
+    pub instance: SocketKey,
+    pub role: u32,
+    /// `ROLE_QUEUE_PROBE`, set by the program: the instance socket at `peer_sk` had nothing
+    /// queued by the kernel at the last probe.
+    pub drained: u32,
+    pub _pad: u32,
+    /// `ROLE_INSTANCE`, set by userspace when it ends the connection: the instance's writes
+    /// go to the proxy's socket instead of the client.
+    pub stop: u32,
+    /// Address of the other socket's `struct tcp_sock` (kernel memory, read only through
+    /// checked reads): `ROLE_INSTANCE`: the client socket, whose send buffer decides whether
+    /// a write can go there; `ROLE_PROXY_*`: the instance socket, whose queue the gate watches.
+    pub peer_sk: u64,
+}
+
+/// What `record_instance_socket` knows about an instance socket, keyed by its [`SocketKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InstanceRecord {
+    pub cookie: u64,
+    /// Address of its `struct tcp_sock`.
+    pub sk: u64,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for InstanceRecord {}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for InstanceLink {}
+
+/// Something the kernel programs tell userspace (ring buffer record).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataPlaneEvent {
+    /// Cookie of the connection's client socket.
+    pub client_cookie: u64,
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+/// The client's frames now go to userspace (the instance stopped keeping up).
+pub const EVENT_CLIENT_DIVERTED: u32 = 1;
+/// The instance sent a message over `max_message_bytes`: it was refused; close with 1009.
+pub const EVENT_INSTANCE_MESSAGE_TOO_BIG: u32 = 2;
+/// The instance's frames now go to userspace (the client stopped keeping up).
+pub const EVENT_INSTANCE_DIVERTED: u32 = 3;
+
+/// Zero-hop: how many client bytes pass between two looks at the instance socket's queue.
+/// The instance side then holds at most its receive buffer plus this plus one frame before
+/// the client's frames move to userspace (where TCP flow control applies again).
+pub const ZERO_HOP_CHECK_EVERY: u64 = 32 * 1024;

@@ -12,6 +12,8 @@
 #![no_std]
 #![no_main]
 
+mod zero_hop;
+
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::{
@@ -35,17 +37,17 @@ use proxy_common::{
 
 /// Sockets whose incoming frames these programs parse and redirect (programs attached).
 #[map]
-static SPLICED: SockHash<u64> = SockHash::with_max_entries(2 * MAX_CONNECTIONS, 0);
+pub static SPLICED: SockHash<u64> = SockHash::with_max_entries(2 * MAX_CONNECTIONS, 0);
 
 /// Redirect targets, keyed by socket cookie, with no programs attached. A socket enters
 /// this map before either side enters `SPLICED`, so no frame can be redirected to a peer
 /// that is not there yet (such a redirect drops the frame).
 #[map]
-static TARGETS: SockHash<u64> = SockHash::with_max_entries(2 * MAX_CONNECTIONS, 0);
+pub static TARGETS: SockHash<u64> = SockHash::with_max_entries(2 * MAX_CONNECTIONS, 0);
 
 /// Per-direction state, keyed by the cookie of the socket the frames arrive on.
 #[map]
-static SIDES: HashMap<u64, SideState> = HashMap::with_max_entries(2 * MAX_CONNECTIONS, 0);
+pub static SIDES: HashMap<u64, SideState> = HashMap::with_max_entries(2 * MAX_CONNECTIONS, 0);
 
 /// Byte offset from the `struct sk_buff` to its `strp_msg.offset`, found by userspace in the
 /// kernel's BTF and set at load time. The stream parser may hand us a head skb in which the
@@ -281,6 +283,10 @@ fn try_ws_forward(ctx: &SkBuffContext) -> Result<u32, ()> {
             1005
         };
         side.record_close(code);
+    }
+    if let Some(link) = zero_hop::CLIENT_LINKS.get_ptr(cookie) {
+        // SAFETY: map value pointer from a successful lookup, only read.
+        return Ok(zero_hop::client_frame(ctx, cookie, side, unsafe { &*link }));
     }
     let verdict = TARGETS.redirect_skb(ctx, side.peer_cookie, 0);
     Ok(verdict as u32)

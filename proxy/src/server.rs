@@ -37,6 +37,8 @@ pub struct AppState {
     pub clients: Arc<ClientCounts>,
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
+    /// This server's directory for instance cgroups (root with cgroup2 only).
+    instance_cgroups: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,11 +74,12 @@ impl Server {
         let listener = bind("listen", config.server.listen).await?;
         let admin = bind("admin_listen", config.server.admin_listen).await?;
         let metrics = Arc::new(Metrics::default());
-        let cgroups = instance_cgroups(&config);
-        if let Some(dir) = &cgroups {
+        let cgroups = instance_cgroups();
+        if let Some(dir) = cgroups.as_deref().and_then(|d| d.parent()) {
             cgroup::clean_leftovers(dir);
         }
-        let routes = build_routes(&config, &metrics, None, cgroups)?;
+        enable_zero_hop(&data_plane, cgroups.as_deref(), &config);
+        let routes = build_routes(&config, &metrics, None, cgroups.clone())?;
         let state = Arc::new(AppState {
             routes: RwLock::new(Arc::new(routes)),
             retired: Mutex::default(),
@@ -86,6 +89,7 @@ impl Server {
             clients: Arc::default(),
             metrics,
             draining: AtomicBool::new(false),
+            instance_cgroups: cgroups,
         });
         Ok(Server {
             state,
@@ -202,7 +206,12 @@ impl AppState {
             warn!("[server] settings changed: they take effect at the next start, not on reload");
         }
         let old = self.routes();
-        let new = build_routes(config, &self.metrics, Some(&old), instance_cgroups(config))?;
+        let new = build_routes(
+            config,
+            &self.metrics,
+            Some(&old),
+            self.instance_cgroups.clone(),
+        )?;
         let kept: Vec<&Arc<Pool>> = new.pools().collect();
         let mut retired = self.retired.lock().expect("retired lock");
         for pool in old.pools() {
@@ -217,14 +226,34 @@ impl AppState {
     }
 }
 
-/// Where spawned instances get their cgroups: only when some function spawns and wsedge can
-/// create cgroups (root, writable cgroup2).
-fn instance_cgroups(config: &Config) -> Option<PathBuf> {
-    let spawns = config.functions.iter().any(|f| f.command.is_some());
-    if spawns && is_root() {
-        cgroup::root()
+/// Where this server's spawned instances get their cgroups: only when wsedge can create
+/// cgroups (root, writable cgroup2).
+fn instance_cgroups() -> Option<PathBuf> {
+    if is_root() {
+        cgroup::server_dir()
     } else {
         None
+    }
+}
+
+/// Zero-hop needs the kernel data plane and the instances in a cgroup of this server's.
+fn enable_zero_hop(data_plane: &DataPlane, cgroups: Option<&std::path::Path>, config: &Config) {
+    let DataPlane::Kernel(kernel) = data_plane else {
+        return;
+    };
+    let spawns = config.functions.iter().any(|f| f.command.is_some());
+    let result = match cgroups {
+        Some(dir) => kernel.enable_zero_hop(dir),
+        None => Err(crate::data_plane::kernel::ZeroHopUnavailable::NoCgroup),
+    };
+    match result {
+        Ok(()) => info!(
+            "zero-hop data plane ready: connections to spawned instances skip the proxy's loopback hop"
+        ),
+        Err(e) if spawns => {
+            warn!(reason = %e, "zero-hop data plane unavailable; spawned instances use the two-socket kernel splice")
+        }
+        Err(e) => info!(reason = %e, "zero-hop data plane unavailable"),
     }
 }
 

@@ -21,10 +21,14 @@ pub enum BtfError {
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 
-/// Struct name -> member name -> (byte offset, member type id), plus type id -> struct name.
+type Members = HashMap<String, (u32, u32)>;
+
+/// Struct name -> member name -> (byte offset, member type id), plus type id -> struct name
+/// and type id -> members (anonymous structs have no name).
 struct Structs {
-    members: HashMap<String, HashMap<String, (u32, u32)>>,
+    members: HashMap<String, Members>,
     names: HashMap<u32, String>,
+    by_id: HashMap<u32, Members>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
@@ -54,6 +58,7 @@ fn parse(data: &[u8]) -> Result<Structs, BtfError> {
     let mut structs = Structs {
         members: HashMap::new(),
         names: HashMap::new(),
+        by_id: HashMap::new(),
     };
     let (mut at, mut id) = (0usize, 1u32);
     while at < types.len() {
@@ -82,6 +87,7 @@ fn parse(data: &[u8]) -> Result<Structs, BtfError> {
             }
             let struct_name = name(name_off);
             structs.names.insert(id, struct_name.clone());
+            structs.by_id.insert(id, members.clone());
             structs.members.entry(struct_name).or_insert(members);
         }
         at += extra;
@@ -98,6 +104,18 @@ impl Structs {
             .copied()
             .ok_or_else(|| BtfError::Missing(strukt.into(), member.into()))
     }
+
+    /// `strukt.outer.inner`, where `outer` may be of an anonymous struct type.
+    fn nested(&self, strukt: &str, outer: &str, inner: &str) -> Result<u32, BtfError> {
+        let (at, type_id) = self.member(strukt, outer)?;
+        let (inner_at, _) = self
+            .by_id
+            .get(&type_id)
+            .and_then(|m| m.get(inner))
+            .copied()
+            .ok_or_else(|| BtfError::Missing(format!("{strukt}.{outer}"), inner.into()))?;
+        Ok(at + inner_at)
+    }
 }
 
 /// Where the kernel programs find what `__sk_buff` and the socket context do not expose.
@@ -110,6 +128,17 @@ pub struct KernelOffsets {
     pub tcp_bytes_acked: u32,
     pub tcp_snd_una: u32,
     pub tcp_write_seq: u32,
+    /// From a `struct sock *`: send buffer size and use, receive buffer size and use
+    /// (`sk_rmem_alloc` is `sk_backlog.rmem_alloc`), and `sk_user_data` (the sockmap's psock).
+    pub sk_sndbuf: u32,
+    pub sk_wmem_queued: u32,
+    pub sk_rcvbuf: u32,
+    pub sk_rmem_alloc: u32,
+    pub sk_user_data: u32,
+    /// From a `struct sk_psock *`: the count of redirected skbs not yet made readable
+    /// (`ingress_skb.qlen`), and the readable queue's list head (`ingress_msg`).
+    pub psock_ingress_qlen: u32,
+    pub psock_ingress_msg: u32,
 }
 
 pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
@@ -119,6 +148,13 @@ pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
         tcp_bytes_acked: structs.member("tcp_sock", "bytes_acked")?.0,
         tcp_snd_una: structs.member("tcp_sock", "snd_una")?.0,
         tcp_write_seq: structs.member("tcp_sock", "write_seq")?.0,
+        sk_sndbuf: structs.member("sock", "sk_sndbuf")?.0,
+        sk_wmem_queued: structs.member("sock", "sk_wmem_queued")?.0,
+        sk_rcvbuf: structs.member("sock", "sk_rcvbuf")?.0,
+        sk_rmem_alloc: structs.nested("sock", "sk_backlog", "rmem_alloc")?,
+        sk_user_data: structs.member("sock", "sk_user_data")?.0,
+        psock_ingress_qlen: structs.nested("sk_psock", "ingress_skb", "qlen")?,
+        psock_ingress_msg: structs.member("sk_psock", "ingress_msg")?.0,
     })
 }
 
@@ -143,5 +179,15 @@ mod tests {
             assert!((700..4096).contains(&off), "{at:?}");
         }
         assert_eq!(at.tcp_bytes_acked % 8, 0);
+        for off in [
+            at.sk_sndbuf,
+            at.sk_wmem_queued,
+            at.sk_rcvbuf,
+            at.sk_rmem_alloc,
+        ] {
+            assert!((8..1024).contains(&off) && off % 4 == 0, "{at:?}");
+        }
+        assert_eq!(at.sk_user_data % 8, 0);
+        assert!(at.psock_ingress_msg > at.psock_ingress_qlen, "{at:?}");
     }
 }

@@ -46,12 +46,42 @@ impl<T: Send + Sync + 'static> HangupWatcher<T> {
 
     /// Watches `fd` (identified by `cookie`) for one hang-up or error.
     pub fn watch(&self, cookie: u64, fd: RawFd, conn: Arc<T>, from_client: bool) -> io::Result<()> {
+        self.watch_events(cookie, fd, conn, from_client, libc::EPOLLRDHUP)
+    }
+
+    /// Watches `fd` for one hang-up, error or arrival of data: for a socket that receives
+    /// nothing while the kernel carries the connection (the proxy's socket of a zero-hop
+    /// connection), data means the connection left the kernel path.
+    pub fn watch_data(
+        &self,
+        cookie: u64,
+        fd: RawFd,
+        conn: Arc<T>,
+        from_client: bool,
+    ) -> io::Result<()> {
+        self.watch_events(
+            cookie,
+            fd,
+            conn,
+            from_client,
+            libc::EPOLLRDHUP | libc::EPOLLIN,
+        )
+    }
+
+    fn watch_events(
+        &self,
+        cookie: u64,
+        fd: RawFd,
+        conn: Arc<T>,
+        from_client: bool,
+        events: libc::c_int,
+    ) -> io::Result<()> {
         self.table
             .lock()
             .expect("hangup table")
             .insert(cookie, (conn, from_client));
         let mut event = libc::epoll_event {
-            events: (libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
+            events: (events | libc::EPOLLONESHOT) as u32,
             u64: cookie,
         };
         // SAFETY: valid epoll and socket descriptors, event outlives the call.

@@ -65,6 +65,12 @@ pub fn cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
+/// Cookie of the network namespace the socket lives in (`SO_NETNS_COOKIE`).
+pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE)
+}
+
 /// Sizes the receive buffer so the stream parser can hold a whole maximal frame (the
 /// parser fails the socket with EMSGSIZE for frames larger than `sk_rcvbuf`). FORCE
 /// ignores `net.core.rmem_max`, which is below what a 256 KiB frame needs.

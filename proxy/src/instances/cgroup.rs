@@ -1,8 +1,10 @@
-//! One cgroup (v2) per spawned instance, under `<cgroup2 mount>/wsedge/`: stopping an instance
-//! kills its whole process tree (`cgroup.kill`), and at start wsedge kills and removes what a
-//! crashed wsedge left behind. (The zero-hop data plane attaches its `sock_ops` program to the
-//! parent.) Without a writable cgroup2 mount (not root), instances are stopped through their
-//! process group instead.
+//! One cgroup (v2) per spawned instance, under `<cgroup2 mount>/wsedge/<pid>-s<n>/` (one
+//! directory per server, several servers can run in one process, as in tests): stopping an
+//! instance kills its whole process tree (`cgroup.kill`), and at start wsedge kills and
+//! removes what a crashed wsedge left behind. The zero-hop data plane attaches its `sock_ops`
+//! program to the server's directory, so it sees exactly that server's instances. Without a
+//! writable cgroup2 mount (not root), instances are stopped through their process group
+//! instead.
 
 use std::{
     fs, io,
@@ -32,6 +34,15 @@ pub fn root() -> Option<PathBuf> {
     fs::create_dir(&probe).ok()?;
     let _ = fs::remove_dir(&probe);
     Some(root)
+}
+
+/// A fresh directory for one server's instance cgroups, under [`root`].
+pub fn server_dir() -> Option<PathBuf> {
+    static SERVERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = root()?.join(format!("{}-s{n}", std::process::id()));
+    fs::create_dir_all(&dir).ok()?;
+    Some(dir)
 }
 
 impl Cgroup {
@@ -96,8 +107,22 @@ pub fn clean_leftovers(root: &Path) {
             continue;
         }
         let cgroup = Cgroup { path: entry.path() };
-        let processes = cgroup.pids().len();
+        // `cgroup.kill` reaches every descendant; the instance cgroups inside a server's
+        // directory must go before the directory itself.
         let _ = cgroup.kill();
+        let children: Vec<Cgroup> = fs::read_dir(&cgroup.path)
+            .map(|dir| {
+                dir.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| Cgroup { path: e.path() })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let processes =
+            cgroup.pids().len() + children.iter().map(|c| c.pids().len()).sum::<usize>();
+        for child in &children {
+            let _ = child.remove();
+        }
         match cgroup.remove() {
             Ok(()) => {
                 info!(cgroup = %name, processes, "removed an instance left by an earlier wsedge")

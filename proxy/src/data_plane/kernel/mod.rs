@@ -27,14 +27,18 @@ use aya::{
 };
 use proxy_common::{SideState, maps::MAX_FRAME_WIRE_LEN, policy::Ending};
 
+pub use zero_hop::ZeroHopUnavailable;
+
 use super::{
     hangup::{Hangup, HangupWatcher},
     socket,
 };
 
 mod teardown;
+mod zero_hop;
 
-use teardown::{Progress, Spliced, half_close, side_of, stop_by_proxy};
+use teardown::{Progress, Spliced, on_hangup, side_of, stop_by_proxy};
+pub use zero_hop::ZeroHopKeys;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
@@ -58,13 +62,17 @@ struct Maps {
     spliced: SockHash<MapData, u64>,
     targets: SockHash<MapData, u64>,
     sides: HashMap<MapData, u64, SideState>,
+    zero_hop: zero_hop::ZeroHopMaps,
 }
 
 pub struct KernelDataPlane {
     maps: Arc<Mutex<Maps>>,
     hangups: HangupWatcher<Spliced>,
-    /// Owns the loaded programs and their attachments for the process lifetime.
-    _ebpf: Ebpf,
+    /// Owns the loaded programs and their attachments for the process lifetime (the
+    /// zero-hop sock_ops program is attached after load, once the instance cgroup exists).
+    ebpf: Mutex<Ebpf>,
+    /// Set once the zero-hop programs are attached to the instances' cgroup.
+    zero_hop: std::sync::OnceLock<()>,
 }
 
 /// The two cookies of a spliced connection.
@@ -108,6 +116,13 @@ impl KernelDataPlane {
             .override_global("TCP_BYTES_ACKED_AT", &offsets.tcp_bytes_acked, true)
             .override_global("TCP_SND_UNA_AT", &offsets.tcp_snd_una, true)
             .override_global("TCP_WRITE_SEQ_AT", &offsets.tcp_write_seq, true)
+            .override_global("SK_SNDBUF_AT", &offsets.sk_sndbuf, true)
+            .override_global("SK_WMEM_QUEUED_AT", &offsets.sk_wmem_queued, true)
+            .override_global("SK_RCVBUF_AT", &offsets.sk_rcvbuf, true)
+            .override_global("SK_RMEM_ALLOC_AT", &offsets.sk_rmem_alloc, true)
+            .override_global("SK_USER_DATA_AT", &offsets.sk_user_data, true)
+            .override_global("PSOCK_INGRESS_QLEN_AT", &offsets.psock_ingress_qlen, true)
+            .override_global("PSOCK_INGRESS_MSG_AT", &offsets.psock_ingress_msg, true)
             .load(OBJECT)?;
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
@@ -134,25 +149,34 @@ impl KernelDataPlane {
                 .attach(spliced.fd())
                 .map_err(|e| LoadError::Program(name, e.to_string()))?;
         }
+        let zero_hop = zero_hop::ZeroHopMaps::take(&mut ebpf)?;
         let maps = Arc::new(Mutex::new(Maps {
             spliced,
             targets,
             sides,
+            zero_hop,
         }));
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|e| LoadError::Runtime(e.to_string()))?;
         let hangups = HangupWatcher::start({
             let maps = maps.clone();
             move |hangup: Hangup<Spliced>| {
-                runtime.spawn(half_close(maps.clone(), hangup.conn, hangup.from_client));
+                runtime.spawn(on_hangup(maps.clone(), hangup.conn, hangup.from_client));
             }
         })
         .map_err(|e| LoadError::Runtime(e.to_string()))?;
-        Ok(KernelDataPlane {
+        let plane = KernelDataPlane {
             maps,
             hangups,
-            _ebpf: ebpf,
-        })
+            ebpf: Mutex::new(ebpf),
+            zero_hop: std::sync::OnceLock::new(),
+        };
+        Ok(plane)
+    }
+
+    /// Whether connections to instances in the zero-hop cgroup can be spliced zero-hop.
+    pub fn zero_hop_ready(&self) -> bool {
+        self.zero_hop.get().is_some()
     }
 
     /// Kernel counters of one direction, keyed by the cookie of the receiving socket.
@@ -204,6 +228,7 @@ impl KernelDataPlane {
         for cookie in [pair.client, pair.instance] {
             let _ = m.spliced.remove(&cookie);
         }
+        m.zero_hop.remove(pair.client);
         for cookie in [pair.client, pair.instance] {
             let _ = m.targets.remove(&cookie);
         }
@@ -246,19 +271,97 @@ impl KernelDataPlane {
             pair,
             written,
             plane: self.clone(),
-            progress: Mutex::new(Progress {
-                client_done: false,
-                instance_done: false,
-                instance_failed: false,
-                on_end: Some(on_end),
-                by_proxy: None,
-            }),
+            zero_hop: None,
+            progress: Mutex::new(Progress::new(on_end)),
         });
         let watched = self
             .hangups
             .watch(pair.client, conn.client.as_raw_fd(), conn.clone(), true)
             .and_then(|()| {
                 self.hangups.watch(
+                    pair.instance,
+                    conn.instance.as_raw_fd(),
+                    conn.clone(),
+                    false,
+                )
+            });
+        if let Err(e) = watched {
+            conn.finish(SpliceEnd::Aborted(e));
+        }
+    }
+
+    /// Like [`Self::start_splice`], for an instance on this host whose socket the kernel
+    /// recorded (`keys`, from [`Self::zero_hop_keys`]): the client's frames go straight into
+    /// the instance's socket and the instance's writes straight out of the client's; the
+    /// proxy's socket `instance` stays idle. `pipelined` are the client bytes userspace read
+    /// past the handshake, not yet sent to the instance.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_zero_hop(
+        self: &Arc<Self>,
+        client: tokio::net::TcpStream,
+        instance: tokio::net::TcpStream,
+        keys: ZeroHopKeys,
+        pipelined: Vec<u8>,
+        written: WrittenByHand,
+        max_message_bytes: u64,
+        on_spliced: impl FnOnce(SplicedPair),
+        on_end: OnEnd,
+    ) {
+        let entered = (|| {
+            let client = client.into_std()?;
+            let instance = instance.into_std()?;
+            let pair = SplicedPair {
+                client: socket::cookie(&client)?,
+                // The proxy socket carries no data: its cookie names the instance -> client
+                // counters.
+                instance: socket::cookie(&instance)?,
+            };
+            socket::set_receive_buffer(&client, MAX_FRAME_WIRE_LEN as usize)?;
+            zero_hop::insert(
+                &self.maps,
+                &client,
+                &instance,
+                pair,
+                keys,
+                &pipelined,
+                max_message_bytes,
+            )
+            .inspect_err(|_| {
+                self.remove(pair);
+            })?;
+            socket::kick_receive_path(&client)?;
+            Ok::<_, io::Error>((client, instance, pair))
+        })();
+        let (client, instance, pair) = match entered {
+            Ok(entered) => entered,
+            Err(e) => {
+                return on_end(
+                    SpliceEnd::Aborted(e),
+                    SideState::default(),
+                    SideState::default(),
+                );
+            }
+        };
+        on_spliced(pair);
+        let conn = Arc::new(Spliced {
+            client,
+            instance,
+            pair,
+            written,
+            plane: self.clone(),
+            zero_hop: Some(teardown::ZeroHopConn {
+                keys,
+                client_relay: Default::default(),
+            }),
+            progress: Mutex::new(Progress::new(on_end)),
+        });
+        zero_hop::register_conn(&self.maps, pair.client, &conn);
+        let watched = self
+            .hangups
+            .watch(pair.client, conn.client.as_raw_fd(), conn.clone(), true)
+            .and_then(|()| {
+                // Data on the idle proxy socket means the instance's writes were diverted.
+                self.hangups.watch_data(
                     pair.instance,
                     conn.instance.as_raw_fd(),
                     conn.clone(),
@@ -301,7 +404,11 @@ impl KernelDataPlane {
     /// [`proxy_close_code`] and a FIN, then [`CLOSE_GRACE`] to answer; or, without a close
     /// code, both sockets are closed at once.
     pub fn stop(&self, pair: SplicedPair, ending: Ending) {
-        if let Some(conn) = self.hangups.get(pair.client) {
+        if let Some(conn) = self
+            .hangups
+            .get(pair.client)
+            .or_else(|| self.hangups.get(pair.instance))
+        {
             tokio::spawn(stop_by_proxy(self.maps.clone(), conn, ending));
         }
     }

@@ -19,7 +19,10 @@ use proxy_common::{
 /// that does not read by then gets only the FIN.
 const STOP_FLUSH: Duration = Duration::from_secs(1);
 
-use super::{FLUSH_TIMEOUT, KernelDataPlane, Maps, OnEnd, SpliceEnd, SplicedPair, WrittenByHand};
+use super::{
+    FLUSH_TIMEOUT, KernelDataPlane, Maps, OnEnd, SpliceEnd, SplicedPair, WrittenByHand,
+    zero_hop::{self, ZeroHopKeys},
+};
 use crate::{
     data_plane::{relay::CLOSE_GRACE, socket},
     protocols::frames::{close_frame, masked_close_frame},
@@ -29,11 +32,20 @@ use crate::{
 /// reference (the splice or a teardown task) goes.
 pub struct Spliced {
     pub(super) client: TcpStream,
+    /// The instance socket, or for a zero-hop connection the proxy's (idle) socket
+    /// connected to the instance.
     pub(super) instance: TcpStream,
     pub(super) pair: SplicedPair,
     pub(super) written: WrittenByHand,
     pub(super) plane: Arc<KernelDataPlane>,
+    pub(super) zero_hop: Option<ZeroHopConn>,
     pub(super) progress: Mutex<Progress>,
+}
+
+pub(super) struct ZeroHopConn {
+    pub(super) keys: ZeroHopKeys,
+    /// Userspace relays client -> instance (the kernel diverted that direction).
+    pub(super) client_relay: std::sync::atomic::AtomicBool,
 }
 
 pub(super) struct Progress {
@@ -48,7 +60,32 @@ pub(super) struct Progress {
     pub(super) by_proxy: Option<Ending>,
 }
 
+impl Progress {
+    pub(super) fn new(on_end: OnEnd) -> Progress {
+        Progress {
+            client_done: false,
+            instance_done: false,
+            instance_failed: false,
+            on_end: Some(on_end),
+            by_proxy: None,
+        }
+    }
+}
+
 impl Spliced {
+    /// The end was reported (the record may still be alive in a task).
+    pub(super) fn finished(&self) -> bool {
+        self.progress.lock().expect("progress").on_end.is_none()
+    }
+
+    pub(super) fn instance_done(&self) -> bool {
+        self.progress.lock().expect("progress").instance_done
+    }
+
+    pub(super) fn ended_by_proxy(&self) -> bool {
+        self.progress.lock().expect("progress").by_proxy.is_some()
+    }
+
     /// Sends `frame` to one side once every byte the kernel redirected there has reached its
     /// TCP (so the frame cannot land in the middle of another), then shuts that side's write
     /// half. A side that does not take them within `limit` gets only the FIN.
@@ -64,7 +101,18 @@ impl Spliced {
         } else {
             (self.pair.client, &self.instance, self.written.to_instance)
         };
-        let sent = match flush(maps, from, to, written, limit).await {
+        let flushed = match &self.zero_hop {
+            // What the kernel sent the client went out inline, in the instance's own writes.
+            Some(_) if to_client => Ok(()),
+            Some(z) => zero_hop::wait_instance_drained(maps, self, &z.keys, limit).await,
+            None => flush(maps, from, to, written, limit).await,
+        };
+        // A userspace relay of this direction could be inside a frame: only the FIN then.
+        let relayed = self.zero_hop.as_ref().is_some_and(|z| {
+            !to_client && z.client_relay.load(std::sync::atomic::Ordering::Acquire)
+        });
+        let sent = match flushed {
+            Ok(()) if relayed => Ok(()),
             Ok(()) => write_all_nonblocking(to, frame, limit).await,
             Err(e) => Err(e),
         };
@@ -96,6 +144,47 @@ impl Spliced {
 
 pub(super) fn side_of(maps: &Mutex<Maps>, cookie: u64) -> Option<SideState> {
     maps.lock().expect("maps lock").sides.get(&cookie, 0).ok()
+}
+
+/// The hang-up watcher fired for one socket. For a zero-hop connection's proxy socket that
+/// can also mean the instance's writes started arriving there (diverted): relay them to the
+/// client until the instance's EOF, then handle the hang-up as usual.
+pub(super) async fn on_hangup(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_client: bool) {
+    if conn.zero_hop.is_some()
+        && !from_client
+        && let Err(e) = zero_hop::relay_instance(&conn).await
+    {
+        tracing::debug!(error = %e, "relaying diverted instance frames ended");
+    }
+    half_close(maps, conn, from_client).await
+}
+
+/// The userspace relay of a zero-hop connection's client -> instance direction reached the
+/// client's EOF (and the FIN went to the instance after everything else) or failed.
+pub(super) async fn client_relay_done(
+    maps: Arc<Mutex<Maps>>,
+    conn: Arc<Spliced>,
+    result: io::Result<()>,
+) {
+    if let Err(e) = result {
+        if conn.ended_by_proxy() {
+            return;
+        }
+        return conn.finish(SpliceEnd::Aborted(e));
+    }
+    let _ = &maps;
+    if conn.progress.lock().expect("progress").instance_failed {
+        return conn.finish(SpliceEnd::InstanceFailed);
+    }
+    let both = {
+        let mut p = conn.progress.lock().expect("progress");
+        p.client_done = true;
+        p.client_done && p.instance_done
+    };
+    socket::shutdown_write(&conn.instance);
+    if both {
+        conn.finish(SpliceEnd::Closed);
+    }
 }
 
 /// One side sent FIN (or failed): pass the FIN on once the kernel's redirected bytes are out.
@@ -138,7 +227,19 @@ pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_
         }
         return conn.finish(SpliceEnd::Aborted(e));
     }
-    if let Err(e) = flush(&maps, from_cookie, to, to_written, FLUSH_TIMEOUT).await {
+    let flushed = match &conn.zero_hop {
+        // A diverted client direction is finished by its relay, after the relayed bytes.
+        Some(_) if from_client && zero_hop::client_diverted(&maps, conn.pair.client) => {
+            return zero_hop::ensure_client_relay(maps.clone(), conn.clone());
+        }
+        Some(z) if from_client => {
+            zero_hop::wait_instance_drained(&maps, &conn, &z.keys, FLUSH_TIMEOUT).await
+        }
+        // The instance's writes reached the client inline or through the relay just run.
+        Some(_) => Ok(()),
+        None => flush(&maps, from_cookie, to, to_written, FLUSH_TIMEOUT).await,
+    };
+    if let Err(e) = flushed {
         return conn.finish(SpliceEnd::Aborted(e));
     }
     // Marked before the FIN is passed on: the peer's answering FIN must find it set.
@@ -190,6 +291,9 @@ pub(super) async fn stop_by_proxy(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, en
             return;
         }
         p.by_proxy = Some(ending);
+    }
+    if let Some(z) = &conn.zero_hop {
+        zero_hop::stop_kernel_paths(&maps, conn.pair.client, &z.keys);
     }
     let Some(code) = proxy_close_code(ending) else {
         return conn.finish(SpliceEnd::ByProxy(ending));

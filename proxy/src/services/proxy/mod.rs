@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use crate::{
     data_plane::{
         DataPlane,
-        kernel::{OnEnd, SpliceEnd},
+        kernel::{OnEnd, SpliceEnd, ZeroHopKeys},
         relay::{self, Direction},
         socket::monotonic_ns,
     },
@@ -61,11 +61,23 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
             return Box::pin(refuse(&state, client, peer, function, e)).await;
         }
     };
+    // Zero-hop for instances on this host whose socket the kernel recorded.
+    let zero_hop = match &state.data_plane {
+        DataPlane::Kernel(k) if upgraded.lease.is_some() => {
+            k.zero_hop_keys(&client, &upgraded.instance)
+        }
+        _ => None,
+    };
+    let plane_name = if zero_hop.is_some() {
+        "kernel-zero-hop"
+    } else {
+        state.data_plane.name()
+    };
     let registered = state.registry.register(
         upgraded.function.clone(),
         upgraded.instance_addr.clone(),
         peer,
-        state.data_plane.name(),
+        plane_name,
         upgraded.limits,
     );
     let conn = registered.conn.clone();
@@ -83,7 +95,7 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
         _lease: upgraded.lease.take(),
         _client_slot: client_slot,
     };
-    Box::pin(carry(state, client, upgraded, conn, held)).await;
+    Box::pin(carry(state, client, upgraded, conn, held, zero_hop)).await;
 }
 
 /// Everything released when a connection ends.
@@ -128,14 +140,26 @@ async fn carry(
     up: Upgraded,
     conn: Arc<Connection>,
     held: Held,
+    zero_hop: Option<ZeroHopKeys>,
 ) {
-    let handed = Box::pin(hand_over(&state.data_plane, client, up, &conn, &state)).await;
+    let handed = Box::pin(hand_over(
+        &state.data_plane,
+        client,
+        up,
+        &conn,
+        &state,
+        zero_hop.is_some(),
+    ))
+    .await;
     let (client, up, cursors) = match handed {
         Ok(handed) => handed,
         Err(e) => return log_end(&conn, Err(e), &state.metrics),
     };
     let Upgraded {
-        instance, written, ..
+        instance,
+        written,
+        client_rest,
+        ..
     } = up;
     match &state.data_plane {
         DataPlane::Userspace => {
@@ -158,14 +182,27 @@ async fn carry(
                 log_end(&conn, result, &metrics);
                 drop(held);
             });
-            k.start_splice(
-                client,
-                instance,
-                written,
-                spliced.limits.max_message_bytes,
-                |pair| spliced.set_spliced(pair),
-                on_end,
-            );
+            let max_message_bytes = spliced.limits.max_message_bytes;
+            match zero_hop {
+                Some(keys) => k.start_zero_hop(
+                    client,
+                    instance,
+                    keys,
+                    client_rest,
+                    written,
+                    max_message_bytes,
+                    |pair| spliced.set_spliced(pair),
+                    on_end,
+                ),
+                None => k.start_splice(
+                    client,
+                    instance,
+                    written,
+                    max_message_bytes,
+                    |pair| spliced.set_spliced(pair),
+                    on_end,
+                ),
+            }
             // A stop asked for before the splice existed is carried out now.
             if let (Some(ending), Some(pair)) = (spliced.stop_reason(), spliced.spliced_pair()) {
                 k.stop(pair, ending);
@@ -175,13 +212,16 @@ async fn carry(
 }
 
 /// Forwards, by hand, what either side sent past its handshake head (on the kernel path up
-/// to a frame boundary, so the parser starts on a header), accounting it.
+/// to a frame boundary, so the parser starts on a header), accounting it. With
+/// `keep_for_instance` the client's bytes stay in `client_rest`: the zero-hop splice sends
+/// them into the instance's socket itself.
 async fn hand_over(
     data_plane: &DataPlane,
     mut client: TcpStream,
     mut up: Upgraded,
     conn: &Connection,
     state: &AppState,
+    keep_for_instance: bool,
 ) -> std::io::Result<(TcpStream, Upgraded, [FrameCursor; 2])> {
     let mut cursors = [FrameCursor::default(), FrameCursor::default()];
     let kernel = matches!(data_plane, DataPlane::Kernel(_));
@@ -228,11 +268,13 @@ async fn hand_over(
             Direction::InstanceToClient,
         )?;
     }
-    up.instance.write_all(&up.client_rest).await?;
-    client.write_all(&up.instance_rest).await?;
     up.written.to_instance += up.client_rest.len() as u64;
+    if !keep_for_instance {
+        up.instance.write_all(&up.client_rest).await?;
+        up.client_rest = Vec::new();
+    }
+    client.write_all(&up.instance_rest).await?;
     up.written.to_client += up.instance_rest.len() as u64;
-    up.client_rest = Vec::new();
     up.instance_rest = Vec::new();
     Ok((client, up, cursors))
 }

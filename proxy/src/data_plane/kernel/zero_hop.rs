@@ -1,0 +1,634 @@
+//! Zero-hop connections: the instance's own socket joins the splice and the proxy's
+//! instance-side socket ("the proxy socket") carries no data while the kernel does the work.
+//! The kernel side and the reasons for its design are in `proxy-ebpf/src/zero_hop.rs`.
+//!
+//! Userspace's part: attach the programs, find the instance socket's key for a connection,
+//! fill the links in an order that never lets a byte through before its target is known,
+//! and take over a direction for good when the kernel diverts it (the receiving side stopped
+//! keeping up): then it relays with ordinary TCP back-pressure, exactly like the two-socket
+//! relay, only for that direction.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs::File,
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::fd::{AsRawFd, OwnedFd},
+    path::Path,
+    sync::{Arc, Mutex, Weak},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, RingBuf, SockHash},
+    programs::{SkMsg, SockOps, links::CgroupAttachMode},
+};
+use proxy_common::{
+    SideState,
+    maps::{
+        ClientLink, DataPlaneEvent, EVENT_CLIENT_DIVERTED, EVENT_INSTANCE_MESSAGE_TOO_BIG,
+        FLAG_DIVERTED, InstanceLink, InstanceRecord, ROLE_CLIENT_PROBE, ROLE_INSTANCE,
+        ROLE_PROXY_PIPELINED, ROLE_PROXY_SENDS, ROLE_QUEUE_PROBE, SocketKey,
+    },
+    policy::Ending,
+};
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, info};
+
+use super::{KernelDataPlane, LoadError, Maps, teardown::Spliced};
+use crate::data_plane::socket;
+
+/// Map update flag: fail if the key exists.
+const BPF_NOEXIST: u64 = 1;
+
+/// Why zero-hop is not used; logged once at start.
+#[derive(Debug, thiserror::Error)]
+pub enum ZeroHopUnavailable {
+    #[error("instances have no cgroup of their own (needs root and a writable cgroup2)")]
+    NoCgroup,
+    #[error("eBPF program {0}: {1}")]
+    Program(&'static str, String),
+    #[error("opening the instance cgroup {0}: {1}")]
+    Cgroup(String, io::Error),
+}
+
+/// The two instance-side sockets of one connection, as the kernel keys them.
+#[derive(Debug, Clone, Copy)]
+pub struct ZeroHopKeys {
+    /// The socket the instance accepted.
+    pub instance: SocketKey,
+    /// The proxy's socket connected to it.
+    pub proxy: SocketKey,
+    /// The client socket's key in `INSTANCE_SOCKETS`: it is there only so that its sk_msg
+    /// program can record where the socket is.
+    pub client: SocketKey,
+    /// Where the instance socket's `struct tcp_sock` is (recorded by the kernel).
+    instance_sk: u64,
+}
+
+/// A socket's key as the kernel programs compute it from the socket itself. IPv6 addresses
+/// other than v4-mapped ones read as 0 there.
+fn socket_key(netns_cookie: u64, local: SocketAddr, remote: SocketAddr) -> SocketKey {
+    let ip4 = |a: &SocketAddr| match a {
+        SocketAddr::V4(a) => u32::from_ne_bytes(a.ip().octets()),
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+    };
+    SocketKey {
+        netns_cookie,
+        local_ip4: ip4(&local),
+        remote_ip4: ip4(&remote),
+        local_port: local.port() as u32,
+        remote_port: remote.port() as u32,
+    }
+}
+
+pub(super) struct ZeroHopMaps {
+    instance_sockets: SockHash<MapData, SocketKey>,
+    /// Instance sockets the sock_ops program recorded (a sockhash cannot be queried from
+    /// userspace for a socket it holds).
+    instance_records: HashMap<MapData, SocketKey, InstanceRecord>,
+    client_links: HashMap<MapData, u64, ClientLink>,
+    instance_links: HashMap<MapData, SocketKey, InstanceLink>,
+    /// Zero-hop connections by client cookie, for the kernel's events.
+    conns: StdHashMap<u64, (ZeroHopKeys, Weak<Spliced>)>,
+    /// A loopback connection whose first socket asks the kernel about instance queues (its
+    /// writes bounce back into it); the second only keeps the first connected.
+    probe: Option<(TcpStream, TcpStream, SocketKey)>,
+}
+
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoadError {
+    move |e| LoadError::Map(name, e.to_string())
+}
+
+impl ZeroHopMaps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<ZeroHopMaps, LoadError> {
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| LoadError::Map(name, "missing from object".into()))
+        };
+        Ok(ZeroHopMaps {
+            instance_sockets: SockHash::try_from(take("INSTANCE_SOCKETS")?)
+                .map_err(map_error("INSTANCE_SOCKETS"))?,
+            instance_records: HashMap::try_from(take("INSTANCE_RECORDS")?)
+                .map_err(map_error("INSTANCE_RECORDS"))?,
+            client_links: HashMap::try_from(take("CLIENT_LINKS")?)
+                .map_err(map_error("CLIENT_LINKS"))?,
+            instance_links: HashMap::try_from(take("INSTANCE_LINKS")?)
+                .map_err(map_error("INSTANCE_LINKS"))?,
+            conns: StdHashMap::new(),
+            probe: None,
+        })
+    }
+
+    /// Forgets a connection (no-op for two-socket ones).
+    pub(super) fn remove(&mut self, client: u64) {
+        let _ = self.client_links.remove(&client);
+        if let Some((keys, _)) = self.conns.remove(&client) {
+            let _ = self.instance_links.remove(&keys.instance);
+            let _ = self.instance_links.remove(&keys.proxy);
+            let _ = self.instance_records.remove(&keys.instance);
+            let _ = self.instance_sockets.remove(&keys.proxy);
+            let _ = self.instance_sockets.remove(&keys.client);
+        }
+    }
+
+    /// Whether the instance socket at `instance_sk` has nothing the kernel queued for it
+    /// that the instance has not read.
+    fn instance_drained(&mut self, instance_sk: u64) -> io::Result<bool> {
+        let to_io = |e: aya::maps::MapError| io::Error::other(e.to_string());
+        let Some((probe, _, key)) = &self.probe else {
+            return Err(io::Error::other("no probe socket"));
+        };
+        let link = InstanceLink {
+            role: ROLE_QUEUE_PROBE,
+            peer_sk: instance_sk,
+            ..InstanceLink::default()
+        };
+        self.instance_links.insert(key, link, 0).map_err(to_io)?;
+        bounce(probe)?;
+        Ok(self.instance_links.get(key, 0).map_err(to_io)?.drained != 0)
+    }
+
+    fn update_link(&mut self, key: &SocketKey, change: impl FnOnce(&mut InstanceLink)) {
+        if let Ok(mut link) = self.instance_links.get(key, 0) {
+            change(&mut link);
+            let _ = self.instance_links.insert(key, link, 0);
+        }
+    }
+}
+
+impl KernelDataPlane {
+    /// Attaches the zero-hop programs: the sk_msg verdict to the instance-socket map, then
+    /// the sock_ops program to `cgroup_dir`, the parent of every instance's cgroup, so each
+    /// socket an instance accepts is recorded. Also starts reading the kernel's events.
+    pub fn enable_zero_hop(self: &Arc<Self>, cgroup_dir: &Path) -> Result<(), ZeroHopUnavailable> {
+        let program_error = |name| {
+            move |e: aya::programs::ProgramError| {
+                ZeroHopUnavailable::Program(name, super::verifier_summary(&e))
+            }
+        };
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let events = ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| ZeroHopUnavailable::Program("EVENTS", "missing map".into()))?;
+        let events = RingBuf::try_from(events)
+            .map_err(|e| ZeroHopUnavailable::Program("EVENTS", e.to_string()))?;
+        let sk_msg: &mut SkMsg = ebpf
+            .program_mut("ws_instance_send")
+            .ok_or_else(|| ZeroHopUnavailable::Program("ws_instance_send", "missing".into()))?
+            .try_into()
+            .map_err(program_error("ws_instance_send"))?;
+        sk_msg.load().map_err(program_error("ws_instance_send"))?;
+        {
+            let maps = self.maps.lock().expect("maps lock");
+            sk_msg
+                .attach(maps.zero_hop.instance_sockets.fd())
+                .map_err(program_error("ws_instance_send"))?;
+        }
+        let sock_ops: &mut SockOps = ebpf
+            .program_mut("record_instance_socket")
+            .ok_or_else(|| ZeroHopUnavailable::Program("record_instance_socket", "missing".into()))?
+            .try_into()
+            .map_err(program_error("record_instance_socket"))?;
+        sock_ops
+            .load()
+            .map_err(program_error("record_instance_socket"))?;
+        let cgroup = File::open(cgroup_dir)
+            .map_err(|e| ZeroHopUnavailable::Cgroup(cgroup_dir.display().to_string(), e))?;
+        // A BPF link (what aya creates on kernels >= 5.7) never displaces another program
+        // and takes no attach flags: `Single` is the one that passes none.
+        sock_ops
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_error("record_instance_socket"))?;
+        drop(ebpf);
+        self.start_queue_probe()
+            .map_err(|e| ZeroHopUnavailable::Program("ws_instance_send", e.to_string()))?;
+        let plane = Arc::downgrade(self);
+        let reader = with_runtime(events)
+            .map_err(|e| ZeroHopUnavailable::Program("EVENTS", e.to_string()))?;
+        tokio::spawn(read_events(reader, plane));
+        let _ = self.zero_hop.set(());
+        Ok(())
+    }
+
+    fn start_queue_probe(&self) -> io::Result<()> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let probe = TcpStream::connect(listener.local_addr()?)?;
+        let (other, _) = listener.accept()?;
+        probe.set_nonblocking(true)?;
+        let key = socket_key(
+            socket::netns_cookie(&probe)?,
+            probe.local_addr()?,
+            probe.peer_addr()?,
+        );
+        let mut m = self.maps.lock().expect("maps lock");
+        m.zero_hop
+            .instance_sockets
+            .insert(key, probe.as_raw_fd(), 0)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        m.zero_hop.probe = Some((probe, other, key));
+        Ok(())
+    }
+
+    /// The keys of the instance socket at the other end of `proxy_socket`, if the kernel
+    /// recorded it (the instance runs in wsedge's instance cgroup). `None`: use two sockets.
+    pub fn zero_hop_keys(
+        &self,
+        client: &tokio::net::TcpStream,
+        proxy_socket: &tokio::net::TcpStream,
+    ) -> Option<ZeroHopKeys> {
+        if !self.zero_hop_ready() {
+            return None;
+        }
+        let netns_cookie = socket::netns_cookie(proxy_socket).ok()?;
+        let (local, peer) = (
+            proxy_socket.local_addr().ok()?,
+            proxy_socket.peer_addr().ok()?,
+        );
+        if !local.is_ipv4() || !peer.is_ipv4() {
+            return None;
+        }
+        let instance = socket_key(netns_cookie, peer, local);
+        let client = socket_key(
+            socket::netns_cookie(client).ok()?,
+            client.local_addr().ok()?,
+            client.peer_addr().ok()?,
+        );
+        let m = self.maps.lock().expect("maps lock");
+        let record = m.zero_hop.instance_records.get(&instance, 0).ok()?;
+        (record.sk != 0).then_some(ZeroHopKeys {
+            instance,
+            proxy: socket_key(netns_cookie, local, peer),
+            client,
+            instance_sk: record.sk,
+        })
+    }
+}
+
+/// Fills the maps for one connection. The order matters: the instance's writes can go to
+/// the client once its link exists (the client socket is already a redirect target); the
+/// bytes userspace read past the handshake go into the instance socket's queue before any
+/// client frame can (the client socket enters `SPLICED` last).
+pub(super) fn insert(
+    maps: &Mutex<Maps>,
+    client: &TcpStream,
+    proxy: &TcpStream,
+    pair: super::SplicedPair,
+    keys: ZeroHopKeys,
+    pipelined: &[u8],
+    max_message_bytes: u64,
+) -> io::Result<()> {
+    let to_io = |e: aya::maps::MapError| io::Error::other(e.to_string());
+    let mut m = maps.lock().expect("maps lock");
+    let side = |peer| SideState {
+        peer_cookie: peer,
+        max_message_bytes,
+        ..SideState::default()
+    };
+    m.sides
+        .insert(pair.client, side(pair.instance), 0)
+        .map_err(to_io)?;
+    m.sides
+        .insert(pair.instance, side(pair.client), 0)
+        .map_err(to_io)?;
+    m.targets
+        .insert(pair.client, client.as_raw_fd(), 0)
+        .map_err(to_io)?;
+    let z = &mut m.zero_hop;
+    z.conns.insert(pair.client, (keys, Weak::new()));
+    let client_sk = locate_client(z, client, &keys)?;
+    z.client_links
+        .insert(
+            pair.client,
+            ClientLink {
+                instance: keys.instance,
+                ..ClientLink::default()
+            },
+            0,
+        )
+        .map_err(to_io)?;
+    z.instance_links
+        .insert(
+            keys.instance,
+            InstanceLink {
+                client_cookie: pair.client,
+                side_cookie: pair.instance,
+                role: ROLE_INSTANCE,
+                peer_sk: client_sk,
+                ..InstanceLink::default()
+            },
+            0,
+        )
+        .map_err(to_io)?;
+    z.instance_links
+        .insert(
+            keys.proxy,
+            InstanceLink {
+                instance: keys.instance,
+                role: ROLE_PROXY_PIPELINED,
+                peer_sk: keys.instance_sk,
+                ..InstanceLink::default()
+            },
+            0,
+        )
+        .map_err(to_io)?;
+    z.instance_sockets
+        .insert(keys.proxy, proxy.as_raw_fd(), 0)
+        .map_err(to_io)?;
+    write_all_now(proxy, pipelined)?;
+    z.update_link(&keys.proxy, |l| l.role = ROLE_PROXY_SENDS);
+    m.spliced
+        .insert(pair.client, client.as_raw_fd(), 0)
+        .map_err(to_io)?;
+    Ok(())
+}
+
+/// Asks the kernel where the client socket is (for the instance's sk_msg program, which
+/// must see its send buffer and cannot look sockets up): the socket joins the sk_msg map and
+/// a probing write, which the program refuses, records its address.
+fn locate_client(z: &mut ZeroHopMaps, client: &TcpStream, keys: &ZeroHopKeys) -> io::Result<u64> {
+    let to_io = |e: aya::maps::MapError| io::Error::other(e.to_string());
+    let probe = InstanceLink {
+        role: ROLE_CLIENT_PROBE,
+        ..InstanceLink::default()
+    };
+    // NOEXIST: two clients can share a key only if both are IPv6 (see `socket_key`) with the
+    // same port; the second then stays two-socket rather than be mistaken for the first.
+    z.instance_links
+        .insert(keys.client, probe, BPF_NOEXIST)
+        .map_err(to_io)?;
+    let located = (|| {
+        z.instance_sockets
+            .insert(keys.client, client.as_raw_fd(), 0)
+            .map_err(to_io)?;
+        bounce(client)?;
+        match z
+            .instance_links
+            .get(&keys.client, 0)
+            .map_err(to_io)?
+            .peer_sk
+        {
+            0 => Err(io::Error::other(
+                "the kernel did not record the client socket",
+            )),
+            sk => Ok(sk),
+        }
+    })();
+    // Later writes by userspace (close frames, relayed bytes) find no link and pass.
+    let _ = z.instance_links.remove(&keys.client);
+    located
+}
+
+/// Registers the connection record for the kernel's events.
+pub(super) fn register_conn(maps: &Mutex<Maps>, client: u64, conn: &Arc<Spliced>) {
+    let mut m = maps.lock().expect("maps lock");
+    if let Some(entry) = m.zero_hop.conns.get_mut(&client) {
+        entry.1 = Arc::downgrade(conn);
+    }
+}
+
+/// Writes one byte that the socket's sk_msg program sends back into the socket's own receive
+/// queue (after noting what it was asked), and takes it back.
+fn bounce(socket: &TcpStream) -> io::Result<()> {
+    match (&*socket).write(&[0]) {
+        Ok(1) => {}
+        other => return Err(io::Error::other(format!("probe write: {other:?}"))),
+    }
+    let mut byte = [0u8; 1];
+    match (&*socket).read(&mut byte) {
+        Ok(1) => Ok(()),
+        other => Err(io::Error::other(format!(
+            "probe did not come back: {other:?}"
+        ))),
+    }
+}
+
+/// The kernel put these bytes into the instance socket's queue synchronously; a refusal
+/// would mean the instance socket is gone.
+fn write_all_now(mut to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !bytes.is_empty() {
+        match to.write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Stops both kernel directions of a connection the proxy is ending: client frames go to
+/// the client socket's own queue, the instance's writes to the proxy socket.
+pub(super) fn stop_kernel_paths(maps: &Mutex<Maps>, client: u64, keys: &ZeroHopKeys) {
+    let mut m = maps.lock().expect("maps lock");
+    let z = &mut m.zero_hop;
+    z.update_link(&keys.instance, |l| l.stop = 1);
+    if let Ok(mut link) = z.client_links.get(&client, 0) {
+        link.stop = 1;
+        let _ = z.client_links.insert(client, link, 0);
+    }
+}
+
+/// Waits (bounded, and only while the connection lasts) until the instance has taken every
+/// byte the kernel put into its socket's queue, so that what the proxy socket sends next (a
+/// FIN, a close frame, relayed bytes) cannot overtake them: the instance reads its queue
+/// before the socket's own TCP data.
+pub(super) async fn wait_instance_drained(
+    maps: &Mutex<Maps>,
+    conn: &Spliced,
+    keys: &ZeroHopKeys,
+    limit: Duration,
+) -> io::Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        if conn.instance_done() {
+            // The instance closed its socket: what was queued for it is gone with it.
+            return Ok(());
+        }
+        let drained = maps
+            .lock()
+            .expect("maps lock")
+            .zero_hop
+            .instance_drained(keys.instance_sk)?;
+        if drained {
+            return Ok(());
+        }
+        if Instant::now() > deadline || conn.finished() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the instance did not take what the kernel queued for it",
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Kernel events: a direction diverted, a message refused.
+async fn read_events(mut reader: AsyncFd<RingBuf<MapData>>, plane: Weak<KernelDataPlane>) {
+    loop {
+        let Ok(mut guard) = reader.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<DataPlaneEvent>() {
+                // SAFETY: the program writes exactly one DataPlaneEvent per record.
+                events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            }
+        }
+        guard.clear_ready();
+        let Some(plane) = plane.upgrade() else {
+            return;
+        };
+        for event in events {
+            on_event(&plane, event);
+        }
+    }
+}
+
+fn on_event(plane: &Arc<KernelDataPlane>, event: DataPlaneEvent) {
+    let conn = {
+        let m = plane.maps.lock().expect("maps lock");
+        m.zero_hop
+            .conns
+            .get(&event.client_cookie)
+            .and_then(|(_, c)| c.upgrade())
+    };
+    let Some(conn) = conn else {
+        return;
+    };
+    match event.kind {
+        EVENT_CLIENT_DIVERTED => {
+            info!(
+                client = event.client_cookie,
+                "instance not keeping up: client frames now relayed by userspace"
+            );
+            ensure_client_relay(plane.maps.clone(), conn);
+        }
+        EVENT_INSTANCE_MESSAGE_TOO_BIG => {
+            tokio::spawn(super::teardown::stop_by_proxy(
+                plane.maps.clone(),
+                conn,
+                Ending::MessageTooBig,
+            ));
+        }
+        _ => debug!(
+            client = event.client_cookie,
+            kind = event.kind,
+            "client not keeping up: instance frames now relayed by userspace"
+        ),
+    }
+}
+
+/// Whether the client's frames left the kernel path.
+pub(super) fn client_diverted(maps: &Mutex<Maps>, client: u64) -> bool {
+    super::teardown::side_of(maps, client).is_some_and(|s| s.flags & FLAG_DIVERTED != 0)
+}
+
+/// Starts relaying client -> instance in userspace, once per connection.
+pub(super) fn ensure_client_relay(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>) {
+    let Some(zero_hop) = &conn.zero_hop else {
+        return;
+    };
+    if zero_hop
+        .client_relay
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
+        return;
+    }
+    tokio::spawn(async move {
+        let result = relay_client(&maps, &conn).await;
+        super::teardown::client_relay_done(maps, conn, result).await;
+    });
+}
+
+/// Client -> instance after a divert: the diverted frames wait in the client socket's own
+/// queue; they go out through the proxy socket, whose gate passes them only once the
+/// instance has taken everything the kernel queued earlier. Returns at the client's EOF.
+async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<()> {
+    let keys = conn.zero_hop.as_ref().expect("zero-hop connection").keys;
+    let from = with_runtime(OwnedFd::from(conn.client.try_clone()?))?;
+    let to = with_runtime(OwnedFd::from(conn.instance.try_clone()?))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut drained = false;
+    loop {
+        let n = loop {
+            let mut guard = from.readable().await?;
+            match guard.try_io(|_| (&conn.client).read(&mut buf)) {
+                Ok(result) => break result?,
+                Err(_would_block) => continue,
+            }
+        };
+        if !drained {
+            // The first relayed byte must not overtake what the kernel queued.
+            wait_instance_drained(maps, conn, &keys, Duration::from_secs(24 * 3600)).await?;
+            drained = true;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        if conn.ended_by_proxy() {
+            continue;
+        }
+        write_all_async(&to, &conn.instance, &buf[..n]).await?;
+    }
+}
+
+/// Writes everything, waiting while TCP pushes back.
+async fn write_all_async(
+    registered: &AsyncFd<OwnedFd>,
+    to: &TcpStream,
+    mut bytes: &[u8],
+) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match (&*to).write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                registered.writable().await?.clear_ready()
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Instance -> client after a divert (or a stop): the instance's writes arrive on the proxy
+/// socket; copy them to the client with ordinary back-pressure until the instance's EOF.
+/// Everything the kernel redirected earlier is already in the client socket (inline).
+pub(super) async fn relay_instance(conn: &Spliced) -> io::Result<()> {
+    let from = with_runtime(OwnedFd::from(conn.instance.try_clone()?))?;
+    let to = with_runtime(OwnedFd::from(conn.client.try_clone()?))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = loop {
+            let mut guard = from.readable().await?;
+            match guard.try_io(|_| (&conn.instance).read(&mut buf)) {
+                Ok(result) => break result?,
+                Err(_would_block) => continue,
+            }
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if conn.ended_by_proxy() {
+            // After the proxy's own close frame nothing more goes to the client.
+            continue;
+        }
+        write_all_async(&to, &conn.client, &buf[..n]).await?;
+    }
+}
+
+/// Registers a descriptor this module owns (a dup or the ring buffer) with the runtime.
+fn with_runtime<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its descriptor, which stays open as long as the AsyncFd holds it.
+    unsafe { AsyncFd::register(inner) }.map_err(|e| io::Error::other(e.to_string()))
+}
