@@ -57,7 +57,8 @@ async fn echoes_through_wsedge(config: Config) {
     }
     let conns = p.connections().await;
     assert_eq!(conns[0].function, function);
-    assert_eq!(conns[0].data_plane, "kernel");
+    // Spawned on this host: the instance socket joins the splice.
+    assert_eq!(conns[0].data_plane, "kernel-zero-hop");
     assert_eq!(conns[0].instance, format!("{function}-1"));
     ws.close(Some(CloseFrame {
         code: CloseCode::Normal,

@@ -82,7 +82,7 @@ async fn first_connection_cold_starts_an_instance_in_its_own_namespace_and_echoe
     let conns = p.connections().await;
     assert_eq!(
         (conns[0].instance.as_str(), conns[0].data_plane.as_str()),
-        ("echo-1", "kernel")
+        ("echo-1", "kernel-zero-hop")
     );
     for size in [0, 1, 125, 126, 65535, 65536, 262144] {
         let payload = vec![0xA5u8; size];
