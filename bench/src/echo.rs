@@ -2,20 +2,26 @@
 //! listener per loop. It has to be cheap enough that the proxy, not the backend, dominates a
 //! measurement, and strict enough (real handshake, unmasking, ping/pong, close) that real
 //! clients accept it.
+//!
+//! A connection upgraded on `/push` is also pushed to (see [`Push`]), the way the documented
+//! chat and clock samples send to their clients unasked.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::ws::{self, Decoder, OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG, Piece};
+use crate::sys::{self, Rng};
+use crate::ws::{self, Decoder, OPCODE_BINARY, OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG, Piece};
 
 const LISTENER: Token = Token(0);
 /// How often an idle loop looks at the stop flag.
@@ -27,6 +33,62 @@ const HIGH_WATER: usize = 1 << 20;
 /// ...and resume once this little is still queued.
 const LOW_WATER: usize = 256 << 10;
 const SCRATCH: usize = 64 << 10;
+
+/// The request path that asks for server push.
+pub const PUSH_PATH: &str = "/push";
+/// Largest pushed message a client may ask for.
+pub const MAX_PUSH_SIZE: usize = 1 << 20;
+
+/// Server push, asked for with the request target `/push`, optionally `?rate=R&size=S`: from
+/// the upgrade on, the backend sends the client `R` messages a second (10 by default), each
+/// a binary message of `S` bytes (512 by default) whose first 8 are its CLOCK_MONOTONIC send
+/// time in nanoseconds (little-endian), so a client on the same machine measures one-way
+/// latency. The path passes unchanged through every proxy in the benchmark. Whatever the
+/// client sends is still echoed. A client that stops reading misses pushes (nothing queues
+/// past [`HIGH_WATER`]) rather than growing the backend's memory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Push {
+    pub period: Duration,
+    pub size: usize,
+}
+
+impl Push {
+    /// `Ok(None)` for any other target; `Err` for a push request with a bad parameter.
+    pub fn from_target(target: &[u8]) -> Result<Option<Push>, String> {
+        let Ok(target) = std::str::from_utf8(target) else {
+            return Ok(None);
+        };
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        if path != PUSH_PATH {
+            return Ok(None);
+        }
+        let (mut rate, mut size) = (10.0_f64, 512_usize);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let bad = || format!("bad push parameter {pair:?}");
+            match pair.split_once('=') {
+                Some(("rate", v)) => rate = v.parse().map_err(|_| bad())?,
+                Some(("size", v)) => size = v.parse().map_err(|_| bad())?,
+                _ => return Err(bad()),
+            }
+        }
+        if !(rate > 0.0 && rate <= 1e6) {
+            return Err(format!("push rate {rate} is not within (0, 1e6]"));
+        }
+        if !(8..=MAX_PUSH_SIZE).contains(&size) {
+            return Err(format!(
+                "push size {size} is not within 8..={MAX_PUSH_SIZE}"
+            ));
+        }
+        Ok(Some(Push {
+            period: Duration::from_secs_f64(1.0 / rate),
+            size,
+        }))
+    }
+}
+
+/// When each pushing connection sends next: (due, slot, connection serial). The serial
+/// tells a slot's current connection from an earlier one that held it.
+type PushTimers = BinaryHeap<Reverse<(Instant, usize, u64)>>;
 
 /// Binds `threads` listeners on `addr` (port 0 picks one port for all), reports the bound
 /// address on `ready`, then serves until `stop` is set.
@@ -82,6 +144,10 @@ struct Conn {
     wpos: usize,
     writable_armed: bool,
     paused: bool,
+    /// Set by a `/push` upgrade; `push_armed` once its timer runs.
+    push: Option<Push>,
+    push_armed: bool,
+    serial: u64,
 }
 
 impl Conn {
@@ -100,7 +166,18 @@ impl Conn {
                     false => Ok(()),
                 };
             };
-            if !ws::server_response(&head[..end], out) {
+            let accepted = match ws::request_target(&head[..end]).map(Push::from_target) {
+                Some(Err(_)) => {
+                    ws::bad_request(out);
+                    false
+                }
+                push => {
+                    self.push = push.and_then(Result::ok).flatten();
+                    ws::server_response(&head[..end], out)
+                }
+            };
+            if !accepted {
+                self.push = None;
                 self.closing = true;
             }
             data = &mut data[end - before..];
@@ -221,6 +298,26 @@ impl Conn {
         Ok(true)
     }
 
+    /// Sends one pushed message stamped with the time now, unless the client is closing or
+    /// not keeping up.
+    fn push_one(&mut self, size: usize, buf: &mut Buffers) -> io::Result<()> {
+        if self.closing || self.head.is_some() || self.queued() > HIGH_WATER {
+            return Ok(());
+        }
+        if buf.filler.len() < size - 8 {
+            buf.filler = (0..size - 8).map(|i| b'a' + (i % 26) as u8).collect();
+        }
+        buf.out.clear();
+        ws::write_header(&mut buf.out, true, OPCODE_BINARY, None, size as u64);
+        buf.out
+            .extend_from_slice(&sys::monotonic_ns().to_le_bytes());
+        buf.out.extend_from_slice(&buf.filler[..size - 8]);
+        let out = std::mem::take(&mut buf.out);
+        let sent = self.send(&out);
+        buf.out = out;
+        sent
+    }
+
     fn update_interest(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
         let want = self.queued() > 0;
         if want != self.writable_armed {
@@ -240,6 +337,8 @@ struct Buffers {
     scratch: Vec<u8>,
     out: Vec<u8>,
     again: Vec<Token>,
+    /// The bytes after a pushed message's timestamp.
+    filler: Vec<u8>,
 }
 
 fn serve(listener: std::net::TcpListener, stop: &AtomicBool) -> io::Result<()> {
@@ -254,13 +353,18 @@ fn serve(listener: std::net::TcpListener, stop: &AtomicBool) -> io::Result<()> {
         scratch: vec![0; SCRATCH],
         out: Vec::with_capacity(SCRATCH + 1024),
         again: Vec::new(),
+        filler: Vec::new(),
     };
+    let mut timers = PushTimers::new();
+    let mut serial = 0u64;
+    let mut rng = Rng::seeded();
     while !stop.load(Ordering::Relaxed) {
-        let timeout = if buf.again.is_empty() {
-            STOP_CHECK
-        } else {
-            Duration::ZERO
-        };
+        let timeout = match timers.peek() {
+            _ if !buf.again.is_empty() => Duration::ZERO,
+            Some(Reverse((due, ..))) => due.saturating_duration_since(Instant::now()),
+            None => STOP_CHECK,
+        }
+        .min(STOP_CHECK);
         match poll.poll(&mut events, Some(timeout)) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             r => r?,
@@ -272,7 +376,13 @@ fn serve(listener: std::net::TcpListener, stop: &AtomicBool) -> io::Result<()> {
         });
         for (token, ev) in ready.chain(retry.into_iter().map(|t| (t, None))) {
             if token == LISTENER {
-                accept_all(&listener, poll.registry(), &mut conns, &mut free);
+                accept_all(
+                    &listener,
+                    poll.registry(),
+                    &mut conns,
+                    &mut free,
+                    &mut serial,
+                );
                 continue;
             }
             let idx = token.0 - 1;
@@ -289,10 +399,62 @@ fn serve(listener: std::net::TcpListener, stop: &AtomicBool) -> io::Result<()> {
             if !keep {
                 conns[idx] = None;
                 free.push(idx);
+            } else if let Some(p) = conn.push.filter(|_| !conn.push_armed) {
+                // The 101 just went out. A random first phase spreads connections that
+                // upgraded together over the period.
+                conn.push_armed = true;
+                let phase = p
+                    .period
+                    .mul_f64((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64);
+                timers.push(Reverse((Instant::now() + phase, idx, conn.serial)));
             }
         }
+        push_due(
+            &mut timers,
+            &mut conns,
+            &mut free,
+            poll.registry(),
+            &mut buf,
+        );
     }
     Ok(())
+}
+
+/// Sends every push that is due and schedules each connection's next one. A loop that fell
+/// more than a period behind resumes from now instead of sending a burst.
+fn push_due(
+    timers: &mut PushTimers,
+    conns: &mut [Option<Conn>],
+    free: &mut Vec<usize>,
+    registry: &Registry,
+    buf: &mut Buffers,
+) {
+    let now = Instant::now();
+    while let Some(&Reverse((due, idx, serial))) = timers.peek() {
+        if due > now {
+            return;
+        }
+        timers.pop();
+        let Some(conn) = conns[idx].as_mut().filter(|c| c.serial == serial) else {
+            continue;
+        };
+        let Some(p) = conn.push else {
+            continue;
+        };
+        let token = Token(idx + 1);
+        if conn
+            .push_one(p.size, buf)
+            .and_then(|_| conn.update_interest(registry, token))
+            .is_err()
+        {
+            conns[idx] = None;
+            free.push(idx);
+            continue;
+        }
+        let next = due + p.period;
+        let next = if next > now { next } else { now + p.period };
+        timers.push(Reverse((next, idx, serial)));
+    }
 }
 
 fn accept_all(
@@ -300,6 +462,7 @@ fn accept_all(
     registry: &Registry,
     conns: &mut Vec<Option<Conn>>,
     free: &mut Vec<usize>,
+    serial: &mut u64,
 ) {
     loop {
         let mut stream = match listener.accept() {
@@ -329,6 +492,42 @@ fn accept_all(
             wpos: 0,
             writable_armed: false,
             paused: false,
+            push: None,
+            push_armed: false,
+            serial: *serial,
         });
+        *serial += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_parameters() {
+        let p = |t: &str| Push::from_target(t.as_bytes());
+        assert_eq!(p("/echo"), Ok(None));
+        assert_eq!(p("/pushy"), Ok(None));
+        let default = Push {
+            period: Duration::from_millis(100),
+            size: 512,
+        };
+        assert_eq!(p("/push"), Ok(Some(default)));
+        assert_eq!(
+            p("/push?rate=50&size=64"),
+            Ok(Some(Push {
+                period: Duration::from_millis(20),
+                size: 64
+            }))
+        );
+        for bad in [
+            "/push?rate=0",
+            "/push?size=4",
+            "/push?size=x",
+            "/push?speed=1",
+        ] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
     }
 }

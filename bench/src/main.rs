@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a WebSocket echo server until killed.
+    /// Run a WebSocket echo server until killed (a `/push` upgrade is also pushed to).
     Echo(EchoArgs),
     /// Drive a WebSocket URL and print a JSON report.
     Load(LoadArgs),
@@ -27,9 +27,10 @@ enum Cmd {
 
 #[derive(Args)]
 struct EchoArgs {
-    /// Address to listen on; port 0 picks a free port (printed on stdout).
+    /// Address to listen on; port 0 picks a free port (printed on stdout). Without it,
+    /// 0.0.0.0:$PORT (9000 if unset), as a function instance wsedge starts listens.
     #[arg(long)]
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     /// Event loops, each with its own SO_REUSEPORT listener.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -42,10 +43,11 @@ struct LoadArgs {
     url: String,
     #[arg(long, value_enum)]
     workload: Workload,
-    /// Connections (edge, bulk) or concurrent workers (handshake).
+    /// Connections (edge, bulk, push) or concurrent workers (handshake).
     #[arg(long)]
     connections: usize,
-    /// Messages per second per connection (edge).
+    /// Messages per second per connection (edge: sent by the client; push: asked of the
+    /// backend, which is sent `?rate=R&size=S` unless the URL has a query; use a `/push` URL).
     #[arg(long, default_value_t = 10.0)]
     rate: f64,
     /// Payload bytes per message.
@@ -67,13 +69,31 @@ fn secs(v: f64, name: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(v).map_err(|_| format!("--{name} must be a non-negative number"))
 }
 
+/// 0.0.0.0:$PORT, the address the platform's function samples listen on.
+fn instance_address() -> Result<SocketAddr, String> {
+    let port = match std::env::var("PORT") {
+        Ok(p) => p
+            .parse::<u16>()
+            .map_err(|_| format!("PORT={p:?} is not a port"))?,
+        Err(_) => 9000,
+    };
+    Ok(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))
+}
+
 fn main() -> ExitCode {
     match Cli::parse().cmd {
         Cmd::Echo(a) => {
+            let listen = match a.listen.map_or_else(instance_address, Ok) {
+                Ok(addr) => addr,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let nofile = sys::raise_nofile();
             let (tx, rx) = std::sync::mpsc::channel();
             let stop = Arc::new(AtomicBool::new(false));
-            let server = std::thread::spawn(move || run_echo(a.listen, a.threads, tx, stop));
+            let server = std::thread::spawn(move || run_echo(listen, a.threads, tx, stop));
             if let Ok(addr) = rx.recv() {
                 println!("listening on {addr}");
                 eprintln!("nofile limit {nofile}");

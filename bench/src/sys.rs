@@ -61,6 +61,19 @@ fn parse_cpu_line(line: &str) -> Option<CpuTimes> {
     })
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock every embedded send timestamp uses, so a
+/// backend process on the same machine (push) and the load generator agree on it. Network
+/// namespaces do not change it (only a time namespace would).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into an owned timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 pub fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -130,6 +143,15 @@ mod tests {
         let t = parse_cpu_line("cpu  10 1 5 100 4 2 3 1 50 50").unwrap();
         assert_eq!((t.busy, t.total), (22, 126));
         assert!(parse_cpu_line("intr 1 2 3").is_none());
+    }
+
+    #[test]
+    fn monotonic_matches_instant() {
+        // std's Instant is CLOCK_MONOTONIC on Linux: a span measured both ways agrees.
+        let (a, t) = (monotonic_ns(), std::time::Instant::now());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (b, e) = (monotonic_ns(), t.elapsed().as_nanos() as u64);
+        assert!(b - a >= 20_000_000 && (b - a).abs_diff(e) < 5_000_000);
     }
 
     #[test]

@@ -50,6 +50,12 @@ pub fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
     })
 }
 
+/// The request target of an HTTP request head (`/push?rate=10` in `GET /push?rate=10 HTTP/1.1`).
+pub fn request_target(head: &[u8]) -> Option<&[u8]> {
+    let line = head.split(|&b| b == b'\n').next()?;
+    line.split(|&b| b == b' ').nth(1)
+}
+
 /// Writes the server's answer to an upgrade request; false means "refused, close after it".
 pub fn server_response(head: &[u8], out: &mut Vec<u8>) -> bool {
     match header(head, "sec-websocket-key") {
@@ -63,12 +69,17 @@ pub fn server_response(head: &[u8], out: &mut Vec<u8>) -> bool {
             true
         }
         _ => {
-            out.extend_from_slice(
-                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            );
+            bad_request(out);
             false
         }
     }
+}
+
+/// A 400 answer to a request the server refuses; the connection closes after it.
+pub fn bad_request(out: &mut Vec<u8>) {
+    out.extend_from_slice(
+        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
 }
 
 pub fn client_request(out: &mut Vec<u8>, host: &str, path: &str, key: &str) {
@@ -307,5 +318,10 @@ mod tests {
             Ok(())
         );
         assert!(check_response(&out, b"s3pPLMBiTxaQ9kYGzzhZRbK+xOX=").is_err());
+        assert_eq!(request_target(req), Some(&b"/"[..]));
+        assert_eq!(
+            request_target(b"GET /push?rate=10 HTTP/1.1\r\n\r\n"),
+            Some(&b"/push?rate=10"[..])
+        );
     }
 }

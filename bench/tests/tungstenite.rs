@@ -50,3 +50,54 @@ async fn tungstenite_client_talks_to_echo() {
         .await
         .expect("exchange timed out");
 }
+
+#[tokio::test]
+async fn tungstenite_client_is_pushed_timestamped_messages() {
+    let echo = Echo::start(1);
+    let url = format!("{}?rate=50&size=512", echo.push_url());
+    let run = async move {
+        let (mut ws, resp) = tokio_tungstenite::connect_async(url).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        let start = bench::sys::monotonic_ns();
+        let mut stamps = Vec::new();
+        while stamps.len() < 5 {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Binary(b) => {
+                    assert_eq!(b.len(), 512);
+                    stamps.push(u64::from_le_bytes(b[..8].try_into().unwrap()));
+                }
+                other => panic!("expected a pushed binary message, got {other:?}"),
+            }
+        }
+        let now = bench::sys::monotonic_ns();
+        assert!(stamps.windows(2).all(|w| w[0] < w[1]), "{stamps:?}");
+        assert!(stamps[0] < now && stamps[4] <= now, "{stamps:?} now {now}");
+        // 50/s: five messages take about 80-100 ms after the first, which comes within 20 ms.
+        assert!(stamps[4] - stamps[0] >= 60_000_000, "{stamps:?}");
+        assert!(now - start < 2_000_000_000);
+        // What the client sends is still echoed, between the pushes.
+        ws.send(Message::text("still an echo server"))
+            .await
+            .unwrap();
+        loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Binary(_) => {}
+                m => break assert_eq!(m, Message::text("still an echo server")),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("push timed out");
+}
+
+#[tokio::test]
+async fn bad_push_parameters_are_refused() {
+    let echo = Echo::start(1);
+    let url = format!("{}?rate=0", echo.push_url());
+    let err = tokio_tungstenite::connect_async(url).await.unwrap_err();
+    assert!(
+        matches!(&err, tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 400),
+        "{err:?}"
+    );
+}

@@ -73,6 +73,31 @@ fn handshake_workload_cycles_connections() {
 }
 
 #[test]
+fn push_receives_what_the_backend_sends_at_the_asked_rate() {
+    let echo = Echo::start(1);
+    let mut cfg = config(echo.push_url(), Workload::Push, 20, 512);
+    cfg.rate = 10.0;
+    cfg.duration = Duration::from_secs(2);
+    let r = run_load(&cfg).unwrap();
+    assert_eq!((r.connect_errors, r.errors), (0, 0), "{r:#?}");
+    assert_eq!(r.connections_established, 20, "{r:#?}");
+    assert!((1.9..2.5).contains(&r.duration_s), "{r:#?}");
+    assert_eq!(r.offered_msgs_per_s, Some(200.0));
+    // The client only receives: 20 connections x 10/s for ~2 s.
+    assert_eq!(r.messages_sent, 0, "{r:#?}");
+    assert!((340..=460).contains(&r.messages_received), "{r:#?}");
+    assert!(r.msgs_per_s > 150.0, "{r:#?}");
+    // One-way latency from the backend's CLOCK_MONOTONIC stamp: a clock mix-up would show as
+    // all zeros (clamped to 1 µs) or as the machine's uptime.
+    assert!(
+        r.rtt_us.count == r.messages_received && r.rtt_us.p50 >= 2,
+        "{r:#?}"
+    );
+    assert!(r.rtt_us.max < 10_000_000, "{r:#?}");
+    assert!(r.cpu_busy_s > 0.0, "{r:#?}");
+}
+
+#[test]
 fn unreachable_target_counts_connect_errors() {
     // Bind then drop a listener so the port is (almost certainly) closed.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

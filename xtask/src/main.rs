@@ -2,7 +2,8 @@
 //!
 //! - `cargo xtask test [-- ARGS]`: set up what is missing, build everything, run every test.
 //! - `cargo xtask demo`: set up, build, run wsedge with `deploy/demo.toml` and the echo function.
-//! - `cargo xtask bench [--quick]`: wsedge against nginx and HAProxy, side by side.
+//! - `cargo xtask bench [--quick] [--modes M,..] [--workloads W,..]`: wsedge against nginx and
+//!   HAProxy, side by side.
 
 mod bench;
 mod cmd;
@@ -35,11 +36,20 @@ enum Task {
     },
     /// Set up, build, and run wsedge with deploy/demo.toml and the demo echo function.
     Demo,
-    /// The side-by-side benchmark: wsedge (kernel, userspace) against nginx and HAProxy.
+    /// The side-by-side benchmark: wsedge (kernel, zero-hop, userspace) against nginx and
+    /// HAProxy.
     Bench {
-        /// Only the edge and bulk workloads, 5 s each (under 5 minutes).
+        /// Only the edge, bulk and push workloads, 5 s each (under 5 minutes).
         #[arg(long)]
         quick: bool,
+        /// Only these modes (comma-separated: direct, wsedge-kernel, wsedge-zero-hop,
+        /// wsedge-userspace, nginx, haproxy); "added" columns need direct among them.
+        #[arg(long, value_delimiter = ',')]
+        modes: Vec<String>,
+        /// Only these workloads (comma-separated: edge, bulk, push, handshake, edge-max).
+        /// A filtered run writes its results but leaves the README's table alone.
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<String>,
     },
 }
 
@@ -48,7 +58,15 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Test { harness_args } => test::run(&harness_args),
         Task::Demo => demo::run(),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench {
+            quick,
+            modes,
+            workloads,
+        } => bench::run(&bench::Options {
+            quick,
+            modes,
+            workloads,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

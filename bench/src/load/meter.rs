@@ -19,6 +19,9 @@ pub enum Stage {
 
 pub struct Meter {
     clock: Instant,
+    /// CLOCK_MONOTONIC at `clock`: timestamps are absolute monotonic nanoseconds, the clock a
+    /// pushing backend stamps its messages with.
+    clock_ns: u64,
     duration: Duration,
     warmup_end: Instant,
     window_end: Instant,
@@ -37,11 +40,15 @@ pub struct Meter {
 }
 
 impl Meter {
-    /// Starts the schedule now. `clock` is the epoch for embedded send timestamps.
+    /// Starts the schedule now. Embedded send timestamps are CLOCK_MONOTONIC nanoseconds;
+    /// `clock` (any earlier instant) anchors the conversion from `Instant`.
     pub fn new(clock: Instant, warmup: Duration, duration: Duration) -> Meter {
         let now = Instant::now();
+        let clock_ns = sys::monotonic_ns()
+            .saturating_sub(now.saturating_duration_since(clock).as_nanos() as u64);
         Meter {
             clock,
+            clock_ns,
             duration,
             warmup_end: now + warmup,
             window_end: now + warmup + duration,
@@ -96,8 +103,9 @@ impl Meter {
         self.stage == Stage::Window
     }
 
+    /// `t` as CLOCK_MONOTONIC nanoseconds.
     pub fn ns(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.clock).as_nanos() as u64
+        self.clock_ns + t.saturating_duration_since(self.clock).as_nanos() as u64
     }
 
     pub fn now_ns(&self) -> u64 {
@@ -116,7 +124,7 @@ impl Meter {
         self.handshakes += self.measuring() as u64;
     }
 
-    /// An echo arrived `rtt_ns` after its message was sent.
+    /// An echo (or, for push, a pushed message) arrived `rtt_ns` after it was sent.
     pub fn on_echo(&mut self, rtt_ns: u64) {
         if self.measuring() {
             self.received += 1;

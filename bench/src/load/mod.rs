@@ -8,6 +8,7 @@ mod edge;
 mod handshake;
 mod meter;
 mod payload;
+mod push;
 
 use std::io;
 use std::net::SocketAddr;
@@ -31,6 +32,9 @@ pub enum Workload {
     Bulk,
     /// Connect, upgrade, one echo, close, repeat.
     Handshake,
+    /// Many connections the backend pushes small messages to at a fixed rate; the client
+    /// only receives (latency is one-way).
+    Push,
 }
 
 #[derive(Clone, Debug)]
@@ -38,7 +42,7 @@ pub struct LoadConfig {
     pub url: String,
     pub workload: Workload,
     pub connections: usize,
-    /// Messages per second per connection (edge only).
+    /// Messages per second per connection (edge: sent; push: asked of the backend).
     pub rate: f64,
     pub size: usize,
     pub duration: Duration,
@@ -69,8 +73,9 @@ pub struct Report {
     pub messages_sent: u64,
     pub messages_received: u64,
     pub msgs_per_s: f64,
-    /// Established connections times the per-connection rate (edge only).
+    /// Established connections times the per-connection rate (edge and push).
     pub offered_msgs_per_s: Option<f64>,
+    /// Round trip of an echo; for push, one way (backend send to client receive).
     pub rtt_us: Rtt,
     pub late_sends: u64,
     pub handshakes: u64,
@@ -135,7 +140,7 @@ fn validate(cfg: &LoadConfig) -> io::Result<()> {
     if cfg.connections == 0 {
         return Err(usage("--connections must be at least 1"));
     }
-    if cfg.workload == Workload::Edge
+    if matches!(cfg.workload, Workload::Edge | Workload::Push)
         && (cfg.rate.is_nan() || cfg.rate <= 0.0 || cfg.rate.is_infinite())
     {
         return Err(usage("--rate must be positive"));
@@ -155,7 +160,10 @@ fn validate(cfg: &LoadConfig) -> io::Result<()> {
 /// Runs one load test. Usage errors come back as `InvalidInput`.
 pub fn run_load(cfg: &LoadConfig) -> io::Result<Report> {
     validate(cfg)?;
-    let target = parse_url(&cfg.url)?;
+    let mut target = parse_url(&cfg.url)?;
+    if cfg.workload == Workload::Push && !target.path.contains('?') {
+        target.path = format!("{}?rate={}&size={}", target.path, cfg.rate, cfg.size);
+    }
     let nofile = sys::raise_nofile();
     let rss_before = sys::rss_kb(&cfg.rss_pids);
     let mut ctx = Ctx {
@@ -173,7 +181,7 @@ pub fn run_load(cfg: &LoadConfig) -> io::Result<Report> {
             let (est, rss) = handshake::run(&mut ctx, &mut meter, cfg);
             (meter, est, rss)
         }
-        Workload::Edge | Workload::Bulk => {
+        Workload::Edge | Workload::Bulk | Workload::Push => {
             let (mut clients, connect_errors) =
                 connect_all(&mut ctx, cfg.connections, cfg.connect_rate);
             let established = clients.iter().filter(|c| c.is_open()).count();
@@ -184,6 +192,7 @@ pub fn run_load(cfg: &LoadConfig) -> io::Result<Report> {
             if established > 0 {
                 match cfg.workload {
                     Workload::Edge => edge::run(&mut ctx, &mut meter, &mut clients, cfg)?,
+                    Workload::Push => push::run(&mut ctx, &mut meter, &mut clients)?,
                     _ => bulk::run(&mut ctx, &mut meter, &mut clients, cfg)?,
                 }
             }
@@ -235,7 +244,7 @@ fn report(
         messages_sent: m.sent,
         messages_received: m.received,
         msgs_per_s: per_s(m.received),
-        offered_msgs_per_s: (cfg.workload == Workload::Edge)
+        offered_msgs_per_s: matches!(cfg.workload, Workload::Edge | Workload::Push)
             .then_some(established as f64 * cfg.rate),
         rtt_us: Rtt {
             p50: q(0.5),

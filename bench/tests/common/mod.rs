@@ -32,6 +32,11 @@ impl Echo {
     pub fn url(&self) -> String {
         format!("ws://{}/echo", self.addr)
     }
+
+    /// Upgrades here are pushed to (`bench::echo::Push`).
+    pub fn push_url(&self) -> String {
+        format!("ws://{}/push", self.addr)
+    }
 }
 
 impl Drop for Echo {

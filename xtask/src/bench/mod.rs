@@ -9,10 +9,12 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::{cmd, setup};
 use modes::Mode;
@@ -43,7 +45,80 @@ struct Load {
 /// (a proxy holds two descriptors per WebSocket).
 const EDGE_MAX_STEPS: [u64; 5] = [2000, 4000, 6000, 8000, 9500];
 
-pub fn run(quick: bool) -> Result<()> {
+/// Every workload, in the order a full run measures them.
+const WORKLOADS: [&str; 5] = ["edge", "bulk", "push", "handshake", "edge-max"];
+/// `--quick`: 5 s each, about four minutes on the 2-core VM with all six modes.
+const QUICK_WORKLOADS: [&str; 3] = ["edge", "bulk", "push"];
+
+/// What `cargo xtask bench` was asked for. Empty lists mean "all" (or the quick set).
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub quick: bool,
+    pub modes: Vec<String>,
+    pub workloads: Vec<String>,
+}
+
+impl Options {
+    /// A run limited by `--modes` or `--workloads`: a partial table, kept out of the README.
+    fn filtered(&self) -> bool {
+        !self.modes.is_empty() || !self.workloads.is_empty()
+    }
+}
+
+fn select_modes(names: &[String]) -> Result<Vec<Mode>> {
+    for name in names {
+        if !Mode::ALL.iter().any(|m| m.name() == name) {
+            let known: Vec<&str> = Mode::ALL.iter().map(|m| m.name()).collect();
+            bail!("unknown mode {name:?} (modes: {})", known.join(", "));
+        }
+    }
+    Ok(Mode::ALL
+        .into_iter()
+        .filter(|m| names.is_empty() || names.iter().any(|n| n == m.name()))
+        .collect())
+}
+
+fn select_workloads(opts: &Options) -> Result<Vec<&'static str>> {
+    for name in &opts.workloads {
+        if !WORKLOADS.contains(&name.as_str()) {
+            bail!(
+                "unknown workload {name:?} (workloads: {})",
+                WORKLOADS.join(", ")
+            );
+        }
+    }
+    Ok(WORKLOADS
+        .into_iter()
+        .filter(|w| match opts.workloads.is_empty() {
+            true => !opts.quick || QUICK_WORKLOADS.contains(w),
+            false => opts.workloads.iter().any(|n| n == w),
+        })
+        .collect())
+}
+
+/// The load a workload puts on every mode (`edge-max` steps `edge` up).
+fn load_of(workload: &'static str, duration_s: u64) -> Load {
+    let (kind, connections, rate, size) = match workload {
+        "edge" | "edge-max" => ("edge", 2000, 10, 512),
+        "bulk" => ("bulk", 16, 0, 65536),
+        "handshake" => ("handshake", 32, 0, 64),
+        // Same connections and rate as edge, sent by the backend: one-way latency.
+        "push" => ("push", 2000, 10, 512),
+        other => unreachable!("workload {other} is checked against WORKLOADS"),
+    };
+    Load {
+        workload,
+        kind,
+        connections,
+        rate,
+        size,
+        duration_s,
+    }
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    let modes = select_modes(&opts.modes)?;
+    let workloads = select_workloads(opts)?;
     setup::run()?;
     install_packages(&["nginx", "haproxy"])?;
     cmd::run(cmd::cargo().args(["build", "--release", "-p", "proxy", "-p", "bench"]))?;
@@ -51,40 +126,13 @@ pub fn run(quick: bool) -> Result<()> {
     let work = cmd::root().join("target/bench-run");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let duration = if quick { 5 } else { 10 };
-    let edge = Load {
-        workload: "edge",
-        kind: "edge",
-        connections: 2000,
-        rate: 10,
-        size: 512,
-        duration_s: duration,
-    };
-    let bulk = Load {
-        workload: "bulk",
-        kind: "bulk",
-        connections: 16,
-        rate: 0,
-        size: 65536,
-        duration_s: duration,
-    };
-    let handshake = Load {
-        workload: "handshake",
-        kind: "handshake",
-        connections: 32,
-        rate: 0,
-        size: 64,
-        duration_s: duration,
-    };
-    let mut plan: Vec<Load> = vec![edge, bulk];
-    if !quick {
-        plan.push(handshake);
-    }
-    let total = plan.len() * Mode::ALL.len() + if quick { 0 } else { Mode::ALL.len() };
+    let duration = if opts.quick { 5 } else { 10 };
+    let total = workloads.len() * modes.len();
     let mut cells = Vec::new();
     let mut step = 0;
-    for load in plan {
-        for mode in Mode::ALL {
+    for &workload in workloads.iter().filter(|&&w| w != "edge-max") {
+        let load = load_of(workload, duration);
+        for &mode in &modes {
             step += 1;
             println!(
                 "bench: [{step}/{total}] {} through {} ...",
@@ -102,18 +150,23 @@ pub fn run(quick: bool) -> Result<()> {
             });
         }
     }
-    if !quick {
-        for mode in Mode::ALL {
+    if workloads.contains(&"edge-max") {
+        for &mode in &modes {
             step += 1;
             println!(
                 "bench: [{step}/{total}] edge-max through {} ...",
                 mode.name()
             );
-            cells.push(edge_max(mode, edge, &work, &release)?);
+            cells.push(edge_max(
+                mode,
+                load_of("edge-max", duration),
+                &work,
+                &release,
+            )?);
         }
     }
     let machine = report::machine();
-    let out = report::write_all(&cells, &machine, quick)?;
+    let out = report::write_all(&cells, &machine, opts.quick, opts.filtered())?;
     println!("bench: results in {}", out.display());
     Ok(())
 }
@@ -124,7 +177,6 @@ fn edge_max(mode: Mode, edge: Load, work: &Path, release: &Path) -> Result<Cell>
     let mut best: Option<(u64, Value)> = None;
     for connections in EDGE_MAX_STEPS {
         let load = Load {
-            workload: "edge-max",
             connections,
             ..edge
         };
@@ -169,7 +221,10 @@ fn summary(r: &Value) -> String {
     )
 }
 
-/// One run: a fresh echo backend, the mode in front of it, the load generator.
+/// One run: a fresh echo backend (or, for the zero-hop mode, wsedge spawning its own), the
+/// mode in front of it, the load generator. For wsedge, `/connections` is sampled once all
+/// connections are open (during the warm-up, outside the measured window) and the data planes
+/// seen are added to the report as `data_planes`.
 fn measure(mode: Mode, load: Load, work: &Path, release: &Path) -> Result<Value> {
     let dir = work.join(format!(
         "{}-{}-{}",
@@ -178,11 +233,15 @@ fn measure(mode: Mode, load: Load, work: &Path, release: &Path) -> Result<Value>
         load.connections
     ));
     std::fs::create_dir_all(&dir)?;
-    let (mut backend, backend_addr) = start_backend(release)?;
+    let mut backend = match mode.needs_backend() {
+        true => Some(start_backend(release)?),
+        false => None,
+    };
     let result = (|| {
-        let proxy = modes::start(mode, backend_addr, &dir, release)?;
+        let mut proxy = modes::start(mode, backend.as_ref().map(|b| b.1), &dir, release)?;
+        let path = if load.kind == "push" { "push" } else { "echo" };
         let mut cmd = Command::new(release.join("bench"));
-        cmd.args(["load", "--url", &format!("ws://{}/echo", proxy.target)])
+        cmd.args(["load", "--url", &format!("ws://{}/{path}", proxy.target)])
             .args(["--workload", load.kind])
             .args(["--connections", &load.connections.to_string()])
             .args(["--rate", &load.rate.max(1).to_string()])
@@ -191,10 +250,37 @@ fn measure(mode: Mode, load: Load, work: &Path, release: &Path) -> Result<Value>
         for pid in proxy.pids() {
             cmd.args(["--rss-pid", &pid.to_string()]);
         }
-        let out = cmd
-            .stderr(Stdio::inherit())
-            .output()
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .context("running the load generator")?;
+        // Its stderr passes through; "ready N" says every connection is open.
+        let stderr = child.stderr.take().expect("piped");
+        let (ready_tx, ready) = mpsc::channel();
+        let forward = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.starts_with("ready ") {
+                    let _ = ready_tx.send(());
+                }
+                eprintln!("{line}");
+            }
+        });
+        let mut planes = None;
+        if mode.expected_data_plane().is_some() && ready.recv_timeout(READY_WAIT).is_ok() {
+            if load.kind == "handshake" {
+                // Workers connect only now; catch some of their short-lived connections.
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            match proxy.data_planes() {
+                Ok(p) => planes = p,
+                Err(e) => println!("bench: WARNING: sampling /connections failed: {e:#}"),
+            }
+        }
+        let out = child
+            .wait_with_output()
+            .context("running the load generator")?;
+        let _ = forward.join();
         if !out.status.success() {
             bail!(
                 "load generator failed ({}) against {}",
@@ -202,14 +288,41 @@ fn measure(mode: Mode, load: Load, work: &Path, release: &Path) -> Result<Value>
                 mode.name()
             );
         }
-        let report: Value = serde_json::from_slice(&out.stdout).context("load generator JSON")?;
+        let mut report: Value =
+            serde_json::from_slice(&out.stdout).context("load generator JSON")?;
+        if let Some(planes) = planes {
+            report["data_planes"] = json!(planes);
+        }
+        if let Some(status) = proxy.exited() {
+            println!(
+                "bench: WARNING: {} exited during the run ({status}); its log is in {}",
+                mode.name(),
+                dir.display()
+            );
+            report["proxy_exited"] = json!(status.to_string());
+        }
+        if let Some(expected) = mode.expected_data_plane() {
+            let seen = report::data_plane_seen(&report["data_planes"]);
+            if seen != expected {
+                println!(
+                    "bench: WARNING: {} connections ran on data plane {seen}, not {expected}",
+                    mode.name()
+                );
+            }
+        }
         drop(proxy);
         Ok(report)
     })();
-    let _ = backend.kill();
-    let _ = backend.wait();
+    if let Some((b, _)) = backend.as_mut() {
+        let _ = b.kill();
+        let _ = b.wait();
+    }
     result
 }
+
+/// How long the load generator may take to open its connections (9,500 at 2,000/s, plus
+/// its own handshake timeouts).
+const READY_WAIT: Duration = Duration::from_secs(120);
 
 fn start_backend(release: &Path) -> Result<(Child, SocketAddr)> {
     let mut child = Command::new(release.join("bench"))

@@ -1,7 +1,11 @@
 //! The proxies under test, each started the same way: listen on a free loopback port, proxy
 //! WebSocket upgrades to the echo backend, report the PIDs whose memory counts as "proxy".
+//! `wsedge-zero-hop` is the exception: wsedge starts the echo backend itself, as a function
+//! instance, and the bench starts none.
 
 use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -9,21 +13,27 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use serde_json::Value;
 
 /// One mode of the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Direct,
+    /// wsedge in front of the bench's backend as an upstream: the two-socket splice.
     WsedgeKernel,
+    /// wsedge with the backend as a function instance it spawns (one instance takes every
+    /// connection): the zero-hop data plane once it exists, the two-socket splice before.
+    WsedgeZeroHop,
     WsedgeUserspace,
     Nginx,
     Haproxy,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Direct,
         Mode::WsedgeKernel,
+        Mode::WsedgeZeroHop,
         Mode::WsedgeUserspace,
         Mode::Nginx,
         Mode::Haproxy,
@@ -33,29 +43,92 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::WsedgeKernel => "wsedge-kernel",
+            Mode::WsedgeZeroHop => "wsedge-zero-hop",
             Mode::WsedgeUserspace => "wsedge-userspace",
             Mode::Nginx => "nginx",
             Mode::Haproxy => "haproxy",
         }
+    }
+
+    /// The `data_plane` wsedge's `/connections` should report for this mode's connections.
+    pub fn expected_data_plane(self) -> Option<&'static str> {
+        match self {
+            Mode::WsedgeKernel => Some("kernel"),
+            Mode::WsedgeZeroHop => Some("kernel-zero-hop"),
+            Mode::WsedgeUserspace => Some("userspace"),
+            Mode::Direct | Mode::Nginx | Mode::Haproxy => None,
+        }
+    }
+
+    /// Whether the bench starts the echo backend (every mode but the one whose proxy spawns
+    /// it as a function instance).
+    pub fn needs_backend(self) -> bool {
+        self != Mode::WsedgeZeroHop
     }
 }
 
 /// A running proxy (or none, for `direct`): where clients connect, and its processes.
 pub struct Running {
     pub target: SocketAddr,
+    /// wsedge's admin API.
+    pub admin: Option<SocketAddr>,
     child: Option<Child>,
     root_pid: Option<u32>,
+    /// Whether the proxy's children are proxy too (nginx workers; not wsedge's function
+    /// instances, which are the backend).
+    count_children: bool,
 }
 
 impl Running {
-    /// The proxy's PIDs now: the process and its children (nginx workers).
+    /// The proxy's PIDs now: the process and, for nginx, its workers.
     pub fn pids(&self) -> Vec<u32> {
         let Some(root) = self.root_pid else {
             return Vec::new();
         };
         let mut pids = vec![root];
-        pids.extend(children_of(root));
+        if self.count_children {
+            pids.extend(children_of(root));
+        }
         pids
+    }
+}
+
+impl Running {
+    /// The proxy's exit status if it is no longer running (it should outlive every run).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// How many of wsedge's open connections run on each data plane now (`GET /connections`),
+    /// or `None` for a proxy without an admin API.
+    pub fn data_planes(&self) -> Result<Option<BTreeMap<String, u64>>> {
+        let Some(admin) = self.admin else {
+            return Ok(None);
+        };
+        let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        // HTTP/1.0: the answer is delimited by the close, never chunked.
+        s.write_all(format!("GET /connections HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)?;
+        let split = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .context("no end of the response head")?;
+        if !answer.starts_with(b"HTTP/1.1 200") && !answer.starts_with(b"HTTP/1.0 200") {
+            bail!(
+                "/connections answered {:?}",
+                String::from_utf8_lossy(&answer[..split])
+            );
+        }
+        let conns: Vec<Value> =
+            serde_json::from_slice(&answer[split + 4..]).context("/connections JSON")?;
+        let mut planes = BTreeMap::new();
+        for c in &conns {
+            let plane = c["data_plane"].as_str().unwrap_or("(missing)").to_string();
+            *planes.entry(plane).or_insert(0) += 1;
+        }
+        Ok(Some(planes))
     }
 }
 
@@ -114,21 +187,42 @@ fn wait_listening(addr: SocketAddr, child: &mut Child, name: &str) -> Result<()>
     bail!("{name} did not listen on {addr} within 15 s")
 }
 
-/// Starts `mode` in front of `backend`, with its files in `dir`.
-pub fn start(mode: Mode, backend: SocketAddr, dir: &Path, release: &Path) -> Result<Running> {
+/// Starts `mode` in front of `backend` (`None` only for the mode that spawns its own), with
+/// its files in `dir`.
+pub fn start(
+    mode: Mode,
+    backend: Option<SocketAddr>,
+    dir: &Path,
+    release: &Path,
+) -> Result<Running> {
+    let backend = match (mode.needs_backend(), backend) {
+        (true, Some(b)) => Some(b),
+        (true, None) => bail!("{} needs a running backend", mode.name()),
+        (false, _) => None,
+    };
     if mode == Mode::Direct {
         return Ok(Running {
-            target: backend,
+            target: backend.expect("checked above"),
+            admin: None,
             child: None,
             root_pid: None,
+            count_children: false,
         });
     }
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let mut cmd = match mode {
-        Mode::WsedgeKernel | Mode::WsedgeUserspace => wsedge(mode, listen, backend, dir, release)?,
-        Mode::Nginx => nginx(listen, backend, dir)?,
-        Mode::Haproxy => haproxy(listen, backend, dir)?,
-        Mode::Direct => unreachable!(),
+    let mut admin = None;
+    let mut cmd = match (mode, backend) {
+        (Mode::WsedgeKernel | Mode::WsedgeUserspace, Some(b)) => {
+            let upstream = format!("upstreams = [\"{b}\"]");
+            wsedge(mode, listen, &upstream, dir, release, &mut admin)?
+        }
+        (Mode::WsedgeZeroHop, _) => {
+            let function = zero_hop_function(release);
+            wsedge(mode, listen, &function, dir, release, &mut admin)?
+        }
+        (Mode::Nginx, Some(b)) => nginx(listen, b, dir)?,
+        (Mode::Haproxy, Some(b)) => haproxy(listen, b, dir)?,
+        _ => unreachable!("backend presence checked above"),
     };
     let log = std::fs::File::create(dir.join(format!("{}.log", mode.name())))?;
     let mut child = cmd
@@ -139,11 +233,66 @@ pub fn start(mode: Mode, backend: SocketAddr, dir: &Path, release: &Path) -> Res
         .with_context(|| format!("starting {}", mode.name()))?;
     wait_listening(listen, &mut child, mode.name())?;
     let root_pid = Some(child.id());
-    Ok(Running {
+    let running = Running {
         target: listen,
+        admin,
         child: Some(child),
         root_pid,
-    })
+        count_children: mode == Mode::Nginx,
+    };
+    if mode == Mode::WsedgeZeroHop {
+        // Cold-start the instance before the load, as every other mode's backend is already
+        // running; it then stays warm (keep_warm_s) for the whole measurement.
+        warm_up(listen).context("cold-starting the zero-hop instance")?;
+    }
+    Ok(running)
+}
+
+/// One WebSocket connection through the proxy: upgrade (101), then a clean close both ways,
+/// so it ends as a client's would.
+fn warm_up(proxy: SocketAddr) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(
+        format!(
+            "GET /echo HTTP/1.1\r\nHost: {proxy}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let end = loop {
+        if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break head.len();
+        }
+        head.extend_from_slice(&buf[..n]);
+    };
+    if !head.starts_with(b"HTTP/1.1 101") {
+        bail!(
+            "upgrade answered {:?}",
+            String::from_utf8_lossy(&head)
+                .lines()
+                .next()
+                .unwrap_or("nothing")
+        );
+    }
+    // Close 1000, masked with the key 1,2,3,4; the echo answers with its own close frame.
+    s.write_all(&[0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xe8 ^ 2])?;
+    let mut rest = head.split_off(end);
+    while rest.first() != Some(&0x88) {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            bail!("the connection ended without a close frame");
+        }
+        rest.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
 }
 
 fn write(path: PathBuf, text: String) -> Result<PathBuf> {
@@ -151,26 +300,38 @@ fn write(path: PathBuf, text: String) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// wsedge with quotas raised far above the load, so they do not shape it.
+/// The zero-hop mode's function: the bench's echo backend as a spawned instance in its own
+/// network namespace, listening on 0.0.0.0:$PORT, one instance for every connection.
+fn zero_hop_function(release: &Path) -> String {
+    format!(
+        "command = [\"{}\", \"echo\"]\nisolation = \"netns\"\n\
+         instance_concurrency = 100000\nmax_instances = 1",
+        release.join("bench").display()
+    )
+}
+
+/// wsedge with quotas raised far above the load, so they do not shape it; `instances` is the
+/// function's `upstreams` or `command` lines.
 fn wsedge(
     mode: Mode,
     listen: SocketAddr,
-    backend: SocketAddr,
+    instances: &str,
     dir: &Path,
     release: &Path,
+    admin_addr: &mut Option<SocketAddr>,
 ) -> Result<Command> {
-    let plane = if mode == Mode::WsedgeKernel {
-        "kernel"
-    } else {
-        "userspace"
+    let plane = match mode {
+        Mode::WsedgeUserspace => "userspace",
+        _ => "kernel",
     };
     let admin = free_port()?;
+    *admin_addr = Some(SocketAddr::from(([127, 0, 0, 1], admin)));
     let config = write(
         dir.join(format!("{}.toml", mode.name())),
         format!(
             "[server]\nlisten = \"{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
              data_plane = \"{plane}\"\nstate_dir = \"{state}\"\ndrain_timeout_s = 1\n\n\
-             [[function]]\nname = \"echo\"\nroute = \"/\"\nupstreams = [\"{backend}\"]\n\
+             [[function]]\nname = \"echo\"\nroute = \"/\"\n{instances}\n\
              idle_timeout_s = 7200\nexecution_timeout_s = 7200\n\
              [function.limits]\nmax_message_bytes = 262144\nmessages_per_s = 1000000000\n\
              bytes_per_s = 1000000000000\n",
