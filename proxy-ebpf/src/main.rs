@@ -28,8 +28,8 @@ use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, MessageTracker, SideState,
     frame::{close_code, header_len},
     maps::{
-        BACKLOG_CHECK_EVERY, FLAG_CLOSE_SEEN, FLAG_MESSAGE_TOO_BIG, FLAG_PEER_BACKLOG,
-        FLAG_PROTOCOL_ERROR, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
+        BACKLOG_CHECK_EVERY, FLAG_CLOSE_SEEN, FLAG_DIVERTED, FLAG_MESSAGE_TOO_BIG,
+        FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
     },
     parse_header,
     policy::{FrameViolation, check_frame},
@@ -145,6 +145,17 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
     // SAFETY: map value pointer from a successful lookup; the parser and the verdict of one
     // socket do not run concurrently.
     let mut side = SIDES.get_ptr_mut(cookie).map(|side| unsafe { &mut *side });
+    if let Some(side) = side.as_deref()
+        && side.flags & FLAG_DIVERTED != 0
+    {
+        // Zero-hop, moved to userspace: hand over whatever is there, frame boundaries or
+        // not. Waiting for the rest of a frame would keep it in the socket's receive queue,
+        // and the kernel refuses userspace reads while that queue is not empty: with the
+        // receive window closed (userspace not keeping up), both would wait for good.
+        // Userspace accounts these bytes with the same parser.
+        let offset = message_offset(ctx).map_err(|()| EBADMSG)?;
+        return Ok(ctx.len().saturating_sub(offset).max(1));
+    }
     if let Some(side) = side.as_deref_mut() {
         // The lookup costs a few helper calls: only every BACKLOG_CHECK_EVERY bytes, which
         // a reader that keeps up never lets pile up anyway.
@@ -257,6 +268,10 @@ fn try_ws_forward(ctx: &SkBuffContext) -> Result<u32, ()> {
     // left, so a frame without state cannot occur; if one did, it would be dropped.
     let side = SIDES.get_ptr_mut(cookie).ok_or(())?;
     let side = unsafe { &mut *side };
+    if side.flags & FLAG_DIVERTED != 0 {
+        // Pieces of frames now (see the parser): userspace reads and accounts them.
+        return Ok(SK_PASS);
+    }
     let (window, avail, offset) = load_window(ctx)?;
     let HeaderParse::Complete(h) = parse_header(&window, avail) else {
         side.flags |= FLAG_PROTOCOL_ERROR;

@@ -92,6 +92,10 @@ static PSOCK_INGRESS_QLEN_AT: u32 = 0;
 #[unsafe(no_mangle)]
 static PSOCK_INGRESS_MSG_AT: u32 = 0;
 
+/// Frames redirected to an instance socket that the kernel has not yet made readable, beyond
+/// which the client's frames move to userspace whatever the instance's receive buffer says.
+const MAX_PENDING_FRAMES: u32 = 16;
+
 /// Low bits of `sk_user_data` that are flags, not pointer (`SK_USER_DATA_PTRMASK`).
 const SK_USER_DATA_FLAGS: u64 = 7;
 
@@ -245,11 +249,13 @@ pub fn client_frame(
         let mut divert = link.stop != 0;
         if !divert && side.bytes.wrapping_sub(side.backlog_checked_at) >= ZERO_HOP_CHECK_EVERY {
             side.backlog_checked_at = side.bytes;
-            // Readable queue at its limit with frames still waiting behind it: the instance
-            // is not reading, and the kernel would queue the client's frames without bound.
+            // Readable queue at its limit with frames waiting behind it, or the kernel
+            // falling behind moving them there: the kernel would otherwise queue the
+            // client's frames without bound.
             let mut q = InstanceQueue::default();
             divert = !instance_queue(&link.instance, &mut q)
-                || (q.pending_skbs > 0 && q.rmem >= q.rcvbuf);
+                || (q.pending_skbs > 0 && q.rmem >= q.rcvbuf)
+                || q.pending_skbs >= MAX_PENDING_FRAMES;
         }
         if divert {
             side.flags |= FLAG_DIVERTED;

@@ -28,16 +28,19 @@ use proxy_common::{
     SideState,
     maps::{
         ClientLink, DataPlaneEvent, EVENT_CLIENT_DIVERTED, EVENT_INSTANCE_MESSAGE_TOO_BIG,
-        FLAG_DIVERTED, InstanceLink, InstanceRecord, ROLE_CLIENT_PROBE, ROLE_INSTANCE,
-        ROLE_PROXY_PIPELINED, ROLE_PROXY_SENDS, ROLE_QUEUE_PROBE, SocketKey,
+        FLAG_DIVERTED, FLAG_MESSAGE_TOO_BIG, InstanceLink, InstanceRecord, ROLE_CLIENT_PROBE,
+        ROLE_INSTANCE, ROLE_PROXY_PIPELINED, ROLE_PROXY_SENDS, ROLE_QUEUE_PROBE, SocketKey,
     },
-    policy::Ending,
+    policy::{Ending, FrameViolation},
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info};
 
 use super::{KernelDataPlane, LoadError, Maps, teardown::Spliced};
-use crate::data_plane::socket;
+use crate::{
+    data_plane::socket,
+    protocols::frames::{FrameCursor, FrameError},
+};
 
 /// Map update flag: fail if the key exists.
 const BPF_NOEXIST: u64 = 1;
@@ -560,6 +563,9 @@ async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<()> {
     let to = with_runtime(OwnedFd::from(conn.instance.try_clone()?))?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut drained = false;
+    // The kernel diverted at a frame boundary and stopped accounting this direction: from
+    // here userspace does, with the same parser, into the same counters.
+    let mut cursor = FrameCursor::default();
     loop {
         let n = loop {
             let mut guard = from.readable().await?;
@@ -568,10 +574,12 @@ async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<()> {
                 Err(_would_block) => continue,
             }
         };
+        debug!(n, "relay read from client");
         if !drained {
             // The first relayed byte must not overtake what the kernel queued.
             wait_instance_drained(maps, conn, &keys, Duration::from_secs(24 * 3600)).await?;
             drained = true;
+            debug!("instance drained");
         }
         if n == 0 {
             return Ok(());
@@ -579,8 +587,40 @@ async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<()> {
         if conn.ended_by_proxy() {
             continue;
         }
-        write_all_async(&to, &conn.instance, &buf[..n]).await?;
+        let (whole, refused) =
+            account_client_bytes(maps, conn.pair.client, &mut cursor, &buf[..n])?;
+        write_all_async(&to, &conn.instance, &buf[..whole]).await?;
+        if refused {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, MESSAGE_TOO_BIG));
+        }
     }
+}
+
+/// What a relay reports when the client's message went over the limit (closed with 1009).
+pub(super) const MESSAGE_TOO_BIG: &str = "message over max_message_bytes";
+
+/// Accounts relayed client bytes in the kernel's counters for the client side (the kernel
+/// no longer touches them once diverted). Returns how many bytes may be forwarded, and
+/// whether a frame was refused for the message limit (the bytes before it still go).
+fn account_client_bytes(
+    maps: &Mutex<Maps>,
+    client: u64,
+    cursor: &mut FrameCursor,
+    bytes: &[u8],
+) -> io::Result<(usize, bool)> {
+    let mut m = maps.lock().expect("maps lock");
+    let mut side = m.sides.get(&client, 0).unwrap_or_default();
+    let result = cursor.feed(bytes, &mut side, socket::monotonic_ns());
+    let outcome = match result {
+        Ok(()) => Ok((bytes.len(), false)),
+        Err(FrameError::Policy(FrameViolation::MessageTooBig)) => {
+            side.flags |= FLAG_MESSAGE_TOO_BIG;
+            Ok((cursor.refused_at().unwrap_or(0), true))
+        }
+        Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+    };
+    let _ = m.sides.insert(client, side, 0);
+    outcome
 }
 
 /// Writes everything, waiting while TCP pushes back.
