@@ -176,6 +176,11 @@ pub struct InstanceLink {
     /// checked reads): `ROLE_INSTANCE`: the client socket, whose send buffer decides whether
     /// a write can go there; `ROLE_PROXY_*`: the instance socket, whose queue the gate watches.
     pub peer_sk: u64,
+    /// `ROLE_INSTANCE`, set by userspace: bytes of the instance socket's own TCP stream (the
+    /// handshake, and writes that went to the proxy's socket) read by userspace and written
+    /// to the client. The instance's writes go straight to the client only when this equals
+    /// what the proxy's socket acknowledged, so they never overtake those.
+    pub forwarded: u64,
 }
 
 /// What `record_instance_socket` knows about an instance socket, keyed by its [`SocketKey`].
@@ -207,8 +212,6 @@ pub struct DataPlaneEvent {
 pub const EVENT_CLIENT_DIVERTED: u32 = 1;
 /// The instance sent a message over `max_message_bytes`: it was refused; close with 1009.
 pub const EVENT_INSTANCE_MESSAGE_TOO_BIG: u32 = 2;
-/// The instance's frames now go to userspace (the client stopped keeping up).
-pub const EVENT_INSTANCE_DIVERTED: u32 = 3;
 
 /// Zero-hop: how many client bytes pass between two looks at the instance socket's queue.
 /// The instance side then holds at most its receive buffer plus this plus one frame before

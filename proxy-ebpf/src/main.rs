@@ -58,11 +58,11 @@ static STRP_OFFSET_AT: u32 = 0;
 /// Offsets into `struct tcp_sock` of `bytes_acked`, `snd_una` and `write_seq`, from the
 /// kernel's BTF, set at load time.
 #[unsafe(no_mangle)]
-static TCP_BYTES_ACKED_AT: u32 = 0;
+pub static TCP_BYTES_ACKED_AT: u32 = 0;
 #[unsafe(no_mangle)]
-static TCP_SND_UNA_AT: u32 = 0;
+pub static TCP_SND_UNA_AT: u32 = 0;
 #[unsafe(no_mangle)]
-static TCP_WRITE_SEQ_AT: u32 = 0;
+pub static TCP_WRITE_SEQ_AT: u32 = 0;
 
 const EMSGSIZE: i64 = 90;
 const EBADMSG: i64 = 74;

@@ -38,16 +38,16 @@ use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, SideState,
     frame::{OPCODE_CLOSE, close_code},
     maps::{
-        ClientLink, DataPlaneEvent, EVENT_CLIENT_DIVERTED, EVENT_INSTANCE_DIVERTED,
-        EVENT_INSTANCE_MESSAGE_TOO_BIG, FLAG_DIVERTED, FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR,
-        InstanceLink, InstanceRecord, MAX_CONNECTIONS, ROLE_CLIENT_PROBE, ROLE_INSTANCE,
-        ROLE_PROXY_PIPELINED, ROLE_QUEUE_PROBE, SocketKey, ZERO_HOP_CHECK_EVERY,
+        ClientLink, DataPlaneEvent, EVENT_CLIENT_DIVERTED, EVENT_INSTANCE_MESSAGE_TOO_BIG,
+        FLAG_DIVERTED, FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, InstanceLink, InstanceRecord,
+        MAX_CONNECTIONS, ROLE_CLIENT_PROBE, ROLE_INSTANCE, ROLE_PROXY_PIPELINED, ROLE_QUEUE_PROBE,
+        SocketKey, ZERO_HOP_CHECK_EVERY,
     },
     parse_header,
     policy::{FrameViolation, check_frame},
 };
 
-use crate::{SIDES, TARGETS};
+use crate::{SIDES, TARGETS, TCP_BYTES_ACKED_AT, TCP_SND_UNA_AT, TCP_WRITE_SEQ_AT};
 
 /// Instance-side sockets: those instances accepted (inserted by sock_ops) and the proxy's
 /// own instance-side sockets of zero-hop connections (inserted by userspace). The sk_msg
@@ -175,6 +175,19 @@ fn send_room(tp: *const u8) -> Option<i64> {
     let sndbuf: i32 = read_at(tp, offset(&SK_SNDBUF_AT))?;
     let queued: i32 = read_at(tp, offset(&SK_WMEM_QUEUED_AT))?;
     Some(sndbuf as i64 - queued as i64)
+}
+
+/// Whether every byte the socket's TCP took is acknowledged and `forwarded` counts them all.
+#[inline(always)]
+fn all_forwarded(tp: *const u8, forwarded: u64) -> bool {
+    let (Some(acked), Some(una), Some(seq)) = (
+        read_at::<u64>(tp, offset(&TCP_BYTES_ACKED_AT)),
+        read_at::<u32>(tp, offset(&TCP_SND_UNA_AT)),
+        read_at::<u32>(tp, offset(&TCP_WRITE_SEQ_AT)),
+    ) else {
+        return false;
+    };
+    una == seq && acked == forwarded
 }
 
 /// What the kernel holds for an instance socket that the instance has not read yet.
@@ -319,32 +332,27 @@ fn try_instance_send(ctx: &SkMsgContext) -> Result<u32, ()> {
         return Ok(SK_DROP);
     }
     let size = ctx.size() as u64;
-    let mut to_client = side.flags & FLAG_DIVERTED == 0 && link.stop == 0;
-    if to_client {
-        // A redirect that finds the client's send buffer full fails part-way and hands the
-        // instance a short write for bytes this program already accounted: send only what
-        // surely fits, with room for the kernel's per-packet overhead.
-        let fits = match send_room(link.peer_sk as usize as *const u8) {
-            Some(room) => room >= (size + size / 16 + 4096) as i64,
-            None => false,
-        };
-        if !fits {
-            to_client = false;
-            side.flags |= FLAG_DIVERTED;
-            notify(link.client_cookie, EVENT_INSTANCE_DIVERTED);
-        }
-    }
-    // Diverted bytes leave through the instance socket itself, whose own send buffer must
-    // take them whole for the same reason; the instance blocks on it as on any socket.
+    // SAFETY: the context's socket; the helper checks it is a TCP socket.
+    let own = unsafe { bpf_skc_to_tcp_sock((*ctx.msg).__bindgen_anon_3.sk.cast()) } as *const u8;
+    // Straight to the client only when nothing the instance sent through its own socket
+    // (before the link, or while the client was not keeping up) is still on its way there:
+    // all of it acknowledged by the proxy's socket and forwarded by userspace. A redirect
+    // that finds the client's send buffer full fails part-way and hands the instance a short
+    // write for bytes this program already accounted: only what surely fits goes.
+    let to_client = link.stop == 0
+        && !own.is_null()
+        && all_forwarded(own, link.forwarded)
+        && send_room(link.peer_sk as usize as *const u8)
+            .is_some_and(|room| room >= (size + size / 16 + 4096) as i64);
+    // Otherwise the bytes leave through the instance socket itself, whose own send buffer
+    // must take them whole for the same reason; the instance blocks on it as on any socket.
     let limit = if to_client {
         size
     } else {
-        // SAFETY: the context's socket; the helper checks it is a TCP socket.
-        let tp = unsafe { bpf_skc_to_tcp_sock((*ctx.msg).__bindgen_anon_3.sk.cast()) };
-        let room = if tp.is_null() {
+        let room = if own.is_null() {
             0
         } else {
-            send_room(tp.cast()).unwrap_or(0)
+            send_room(own).unwrap_or(0)
         };
         let usable = (room - 4096) * 15 / 16;
         if usable < 1 {

@@ -101,6 +101,22 @@ pub fn bytes_queued_to_tcp(fd: &impl AsRawFd) -> io::Result<u64> {
     Ok(info.tcpi_bytes_acked + unacked.max(0) as u64)
 }
 
+/// Bytes this socket's TCP received that userspace has read (received minus still queued).
+pub fn bytes_read(fd: &impl AsRawFd) -> io::Result<u64> {
+    // SAFETY: tcp_info is plain integers; zero is valid and so is whatever the kernel writes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    unsafe { getsockopt_into(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info) }?;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCINQ writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info
+        .tcpi_bytes_received
+        .saturating_sub(queued.max(0) as u64))
+}
+
 /// The pending socket error (SO_ERROR), if any.
 pub fn take_error(fd: &impl AsRawFd) -> Option<io::Error> {
     match getsockopt::<i32>(fd, libc::SOL_SOCKET, libc::SO_ERROR) {

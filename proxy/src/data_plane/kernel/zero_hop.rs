@@ -304,6 +304,10 @@ pub(super) fn insert(
     let z = &mut m.zero_hop;
     z.conns.insert(pair.client, (keys, Weak::new()));
     let client_sk = locate_client(z, client, &keys)?;
+    // What the instance sent before the link: the handshake response and any frames after
+    // it that userspace already passed on. Later arrivals on the proxy socket are relayed
+    // before the instance's writes may go straight to the client.
+    let forwarded = socket::bytes_read(proxy)?;
     z.client_links
         .insert(
             pair.client,
@@ -322,6 +326,7 @@ pub(super) fn insert(
                 side_cookie: pair.instance,
                 role: ROLE_INSTANCE,
                 peer_sk: client_sk,
+                forwarded,
                 ..InstanceLink::default()
             },
             0,
@@ -641,10 +646,13 @@ async fn write_all_async(
     Ok(())
 }
 
-/// Instance -> client after a divert (or a stop): the instance's writes arrive on the proxy
-/// socket; copy them to the client with ordinary back-pressure until the instance's EOF.
-/// Everything the kernel redirected earlier is already in the client socket (inline).
+/// Instance -> client whenever the instance's writes take its own socket's TCP path (the
+/// client's send buffer was full, or the proxy is closing): copy what arrives on the proxy
+/// socket to the client, with ordinary back-pressure, until the instance's EOF, and count it
+/// so the kernel knows when it may send straight to the client again. Everything it
+/// redirected earlier is already in the client socket (redirects are inline).
 pub(super) async fn relay_instance(conn: &Spliced) -> io::Result<()> {
+    let keys = conn.zero_hop.as_ref().expect("zero-hop connection").keys;
     let from = with_runtime(OwnedFd::from(conn.instance.try_clone()?))?;
     let to = with_runtime(OwnedFd::from(conn.client.try_clone()?))?;
     let mut buf = vec![0u8; 64 * 1024];
@@ -664,6 +672,13 @@ pub(super) async fn relay_instance(conn: &Spliced) -> io::Result<()> {
             continue;
         }
         write_all_async(&to, &conn.client, &buf[..n]).await?;
+        // Now in the client socket: the instance's next writes may go straight after them.
+        conn.plane
+            .maps
+            .lock()
+            .expect("maps lock")
+            .zero_hop
+            .update_link(&keys.instance, |l| l.forwarded += n as u64);
     }
 }
 
