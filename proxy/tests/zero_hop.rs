@@ -1,0 +1,963 @@
+//! The zero-hop data plane (issue 5): for a function whose instances wsedge spawns, the kernel
+//! redirects client frames straight into the instance's own socket and the instance's writes
+//! straight to the client, with no proxy-side socket carrying data.
+//!
+//! The kernel data-plane suite (sizes, fragments, ping/pong, close codes, 200 concurrent
+//! connections, pipelined bytes, a vanishing client, the instance closing first, the size limit)
+//! runs against each example function (Rust, Node.js `ws`, Python `websockets`, spawned by
+//! wsedge in its own network namespace), and every case checks `/connections` reports
+//! `kernel-zero-hop` while the connection is open. Node.js and Python cases are skipped when the
+//! interpreter is not installed (`cargo xtask test` installs `ws` and `websockets`).
+//!
+//! The slow-reader cases use `fixtures/slow_instance.py`, a stdlib-only instance that speaks
+//! RFC 6455 on a raw socket: they guard the two hazards the zero-hop prototype hit (see
+//! `PERFORMANCE.md`): unbounded kernel buffering toward an instance that does not read, and an
+//! instance whose write never wakes up again after its client stopped reading.
+//!
+//! After a closing handshake the tests drop their socket before waiting for the connection to
+//! go: the proxy ends a connection when the client's FIN arrives, not at the close frames.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpSocket, TcpStream},
+};
+use tokio_tungstenite::{
+    connect_async,
+    tungstenite::{
+        Message,
+        protocol::{
+            CloseFrame,
+            frame::{
+                Frame,
+                coding::{CloseCode, Data, OpCode},
+            },
+        },
+    },
+};
+
+/// What `/connections` says for a connection on the zero-hop plane.
+const ZERO_HOP: &str = "kernel-zero-hop";
+
+/// The most the proxy path (the kernel on wsedge's behalf, and wsedge) may take from a client
+/// or an instance whose peer does not read; the writer's own socket buffer is left out (pinned
+/// small on the client, measured on the instance). The design holds about 2 MiB per
+/// connection plus the client socket's send buffer; this leaves room without letting the
+/// prototype's unbounded queueing pass.
+const SLOW_READER_BOUND: u64 = 8 * 1024 * 1024;
+
+/// The pinned socket buffer of the slow-reader clients (the kernel doubles it).
+const CLIENT_SOCKET_BUFFER: u32 = 64 * 1024;
+
+const SIZES: [usize; 7] = [0, 1, 125, 126, 65535, 65536, 262144];
+
+/// A spawned example function, in the languages the platform docs show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Example {
+    Rust,
+    Node,
+    Python,
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .to_path_buf()
+}
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// Node resolves `require("ws")` through NODE_PATH: `cargo xtask test` sets it, a plain
+/// `cargo test` gets the directory where xtask installs the Node peers.
+fn node_command(script: String) -> Vec<String> {
+    let node_path = std::env::var("NODE_PATH").unwrap_or_else(|_| {
+        repo_root()
+            .join("target/node-peers/node_modules")
+            .display()
+            .to_string()
+    });
+    vec![
+        "env".into(),
+        format!("NODE_PATH={node_path}"),
+        "node".into(),
+        script,
+    ]
+}
+
+impl Example {
+    /// False (and the case is skipped, as `examples.rs` does) when the interpreter is missing.
+    fn installed(self) -> bool {
+        let interpreter = match self {
+            Example::Rust => return true,
+            Example::Node => "node",
+            Example::Python => "python3",
+        };
+        let found = std::process::Command::new(interpreter)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            eprintln!("{interpreter} is not installed: the {self:?} example is not run");
+        }
+        found
+    }
+
+    /// The example function itself, unchanged (`deploy/examples/`).
+    fn command(self) -> Vec<String> {
+        let examples = repo_root().join("deploy/examples");
+        match self {
+            Example::Rust => vec![echo_fn().display().to_string()],
+            Example::Node => {
+                node_command(examples.join("echo-node/server.js").display().to_string())
+            }
+            Example::Python => vec![
+                "python3".into(),
+                examples.join("echo-python/server.py").display().to_string(),
+            ],
+        }
+    }
+
+    /// The example with one addition: on the text "close:<code>" it closes first with that
+    /// code and the reason "bye" (the examples only ever echo).
+    fn closing_command(self) -> Vec<String> {
+        match self {
+            Example::Rust => vec![
+                std::env::current_exe()
+                    .expect("the test binary")
+                    .display()
+                    .to_string(),
+                "rust_instance_that_can_close_first".into(),
+                "--exact".into(),
+                "--ignored".into(),
+                "--nocapture".into(),
+            ],
+            Example::Node => node_command(fixture("close_first.js")),
+            Example::Python => vec!["python3".into(), fixture("close_first.py")],
+        }
+    }
+}
+
+/// One spawned function "echo" on "/echo". Rates are set far above what the tests send, so
+/// they measure the data plane, not throttling.
+fn spawned_function(command: &[String], extra: &str) -> String {
+    let command: Vec<String> = command.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        "name = \"echo\"\nroute = \"/echo\"\ncommand = [{}]\n{extra}\n[function.limits]\n\
+         messages_per_s = 1000000\nbytes_per_s = 1073741824\n",
+        command.join(", ")
+    )
+}
+
+async fn start_spawned(command: &[String], extra: &str) -> Proxy {
+    start_proxy(function_config(
+        "kernel",
+        "",
+        &spawned_function(command, extra),
+    ))
+    .await
+}
+
+/// wsedge with `example` as its function, or None when the example cannot run here.
+async fn example_proxy(example: Example, extra: &str) -> Option<Proxy> {
+    if !example.installed() {
+        return None;
+    }
+    Some(start_spawned(&example.command(), extra).await)
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket through wsedge; the first connection includes the instance's cold start.
+async fn open(p: &Proxy) -> Ws {
+    tokio::time::timeout(Duration::from_secs(20), connect_async(p.url("/echo")))
+        .await
+        .expect("upgraded in time (cold start included)")
+        .expect("upgrade")
+        .0
+}
+
+async fn recv(ws: &mut Ws) -> Message {
+    tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("a frame in time")
+        .expect("a frame, not the end")
+        .expect("a frame, not an error")
+}
+
+async fn echo_once(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+    assert_eq!(recv(ws).await, Message::text(text));
+}
+
+/// After the closing handshake the stream ends: the instance's FIN reached the client.
+async fn assert_stream_ends(ws: &mut Ws) {
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("the stream ends after the closing handshake");
+    assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
+}
+
+/// `open` connections are open, all of them on the zero-hop plane.
+async fn assert_zero_hop(p: &Proxy, open: usize) {
+    let conns = p.connections().await;
+    assert_eq!(conns.len(), open, "{conns:?}");
+    for c in &conns {
+        assert_eq!(
+            c.data_plane, ZERO_HOP,
+            "a spawned instance's connection is on the zero-hop plane: {c:?}"
+        );
+    }
+}
+
+/// Waits until no connection is open, or panics after `within`.
+async fn wait_gone(p: &Proxy, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let conns = p.connections().await;
+        if conns.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still open after {within:?}: {conns:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (5 s at most) until `/metrics` has `line`.
+async fn wait_metric(p: &Proxy, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = p.metrics().await;
+        if metrics.contains(line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {line:?} in:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ended_with_status(status: u16) -> String {
+    format!("wsedge_connections_ended_total{{function=\"echo\",status=\"{status}\"}} 1\n")
+}
+
+fn payload(size: usize, seed: u8) -> Vec<u8> {
+    (0..size)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Wire bytes of an unmasked server frame with `len` payload bytes.
+fn server_wire(len: usize) -> u64 {
+    (len + match len {
+        0..126 => 2,
+        126..65536 => 4,
+        _ => 10,
+    }) as u64
+}
+
+/// A raw client: the upgrade is sent; returns the stream and bytes read past the 101.
+async fn open_raw(stream: TcpStream, first_write: &[u8]) -> (TcpStream, Vec<u8>) {
+    let mut s = stream;
+    s.write_all(first_write).await.unwrap();
+    let (head, pending) = read_response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (s, pending)
+}
+
+/// Reads server frames until a close frame; returns its code.
+async fn close_code_after(s: &mut TcpStream, pending: &mut Vec<u8>) -> u16 {
+    loop {
+        let (opcode, payload) = read_server_frame(s, pending).await;
+        if opcode == 8 {
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+// --- The kernel data-plane suite, per example -------------------------------------------
+
+async fn echoes_every_size_as_text_and_binary_byte_for_byte_with_exact_counters(example: Example) {
+    let Some(p) = example_proxy(example, "").await else {
+        return;
+    };
+    let mut ws = open(&p).await;
+    let mut expected_out = 0;
+    for (i, size) in SIZES.into_iter().enumerate() {
+        let data = payload(size, i as u8);
+        ws.send(Message::binary(data.clone())).await.unwrap();
+        assert_eq!(recv(&mut ws).await, Message::binary(data), "binary {size}");
+        let text: String = (0..size)
+            .map(|j| char::from(b'a' + (j % 26) as u8))
+            .collect();
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(recv(&mut ws).await, Message::text(text), "text {size}");
+        expected_out += 2 * server_wire(size);
+    }
+    assert_zero_hop(&p, 1).await;
+    let c = &p.connections().await[0];
+    assert_eq!((c.messages_in, c.messages_out), (14, 14), "{c:?}");
+    assert_eq!(c.bytes_out, expected_out, "{c:?}");
+    // Client frames are masked: 4 more bytes each.
+    let client_wire: u64 = SIZES.iter().map(|&s| 2 * (server_wire(s) + 4)).sum();
+    assert_eq!(c.bytes_in, client_wire, "{c:?}");
+    assert_eq!(
+        c.bytes_relayed_by_userspace, 0,
+        "the proxy read no payload byte: {c:?}"
+    );
+    ws.close(None).await.unwrap();
+    assert!(matches!(recv(&mut ws).await, Message::Close(_)));
+    assert_stream_ends(&mut ws).await;
+    drop(ws);
+    wait_gone(&p, Duration::from_secs(5)).await;
+    p.stop().await;
+}
+
+async fn fragmented_messages_with_an_interleaved_ping_are_reassembled_intact(example: Example) {
+    let Some(p) = example_proxy(example, "").await else {
+        return;
+    };
+    let mut ws = open(&p).await;
+    let fragment =
+        |data: &[u8], opcode, fin| Message::Frame(Frame::message(data.to_vec(), opcode, fin));
+    // A text message in three frames, a ping between the first two.
+    ws.send(fragment(b"frag", OpCode::Data(Data::Text), false))
+        .await
+        .unwrap();
+    ws.send(Message::Ping(b"mid".to_vec().into()))
+        .await
+        .unwrap();
+    ws.send(fragment(b"mented ", OpCode::Data(Data::Continue), false))
+        .await
+        .unwrap();
+    ws.send(fragment(b"message", OpCode::Data(Data::Continue), true))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut ws).await, Message::Pong(b"mid".to_vec().into()));
+    assert_eq!(recv(&mut ws).await, Message::text("fragmented message"));
+    // A binary message whose fragments use all three length encodings.
+    let whole = payload(1000 + 70_000 + 5, 3);
+    let (a, rest) = whole.split_at(1000);
+    let (b, c) = rest.split_at(70_000);
+    ws.send(fragment(a, OpCode::Data(Data::Binary), false))
+        .await
+        .unwrap();
+    ws.send(fragment(b, OpCode::Data(Data::Continue), false))
+        .await
+        .unwrap();
+    ws.send(fragment(c, OpCode::Data(Data::Continue), true))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut ws).await, Message::binary(whole));
+    assert_zero_hop(&p, 1).await;
+    let c = &p.connections().await[0];
+    assert_eq!((c.frames_in, c.messages_in), (7, 2), "{c:?}");
+    assert_eq!((c.frames_out, c.messages_out), (3, 2), "{c:?}");
+    p.stop().await;
+}
+
+async fn pings_get_pongs_with_the_same_payload_and_are_not_messages(example: Example) {
+    let Some(p) = example_proxy(example, "").await else {
+        return;
+    };
+    let mut ws = open(&p).await;
+    for size in [0, 1, 125] {
+        let data = payload(size, 7);
+        ws.send(Message::Ping(data.clone().into())).await.unwrap();
+        assert_eq!(recv(&mut ws).await, Message::Pong(data.into()), "{size}");
+    }
+    echo_once(&mut ws, "after the pings").await;
+    assert_zero_hop(&p, 1).await;
+    let c = &p.connections().await[0];
+    assert_eq!((c.frames_in, c.messages_in), (4, 1), "{c:?}");
+    assert_eq!((c.frames_out, c.messages_out), (4, 1), "{c:?}");
+    p.stop().await;
+}
+
+async fn a_client_close_code_comes_back_from_the_instance_and_the_stream_ends(example: Example) {
+    let Some(p) = example_proxy(example, "").await else {
+        return;
+    };
+    let mut ws = open(&p).await;
+    echo_once(&mut ws, "before closing").await;
+    assert_zero_hop(&p, 1).await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4001),
+        reason: "bye".into(),
+    }))
+    .await
+    .unwrap();
+    match recv(&mut ws).await {
+        Message::Close(Some(f)) => {
+            assert_eq!((u16::from(f.code), f.reason.as_str()), (4001, "bye"))
+        }
+        other => panic!("expected the echoed close, got {other:?}"),
+    }
+    assert_stream_ends(&mut ws).await;
+    drop(ws);
+    wait_gone(&p, Duration::from_secs(5)).await;
+    // The client closed with a code other than 1000: 456.
+    wait_metric(&p, &ended_with_status(456)).await;
+    p.stop().await;
+}
+
+async fn the_instance_closing_first_reaches_the_client_with_its_code_then_eof(example: Example) {
+    if !example.installed() {
+        return;
+    }
+    let p = start_spawned(&example.closing_command(), "").await;
+    let mut ws = open(&p).await;
+    echo_once(&mut ws, "before the instance closes").await;
+    assert_zero_hop(&p, 1).await;
+    ws.send(Message::text("close:4000")).await.unwrap();
+    match recv(&mut ws).await {
+        Message::Close(Some(f)) => {
+            assert_eq!((u16::from(f.code), f.reason.as_str()), (4000, "bye"))
+        }
+        other => panic!("expected the instance's close, got {other:?}"),
+    }
+    // tungstenite answered the close; the instance then closes TCP and the client sees EOF.
+    assert_stream_ends(&mut ws).await;
+    drop(ws);
+    wait_gone(&p, Duration::from_secs(5)).await;
+    // The function closed with a code other than 1000 or 1011: 439.
+    wait_metric(&p, &ended_with_status(439)).await;
+    p.stop().await;
+}
+
+async fn two_hundred_concurrent_connections_each_get_their_own_echoes(example: Example) {
+    // One instance can take them all: the test is about the data plane, not scale-out.
+    let Some(p) = example_proxy(example, "instance_concurrency = 256\n").await else {
+        return;
+    };
+    // The cold start first, so 200 handshakes do not all wait on it.
+    let mut warm = open(&p).await;
+    echo_once(&mut warm, "warm").await;
+    let url = p.url("/echo");
+    let clients: Vec<_> = (0..200u32)
+        .map(|n| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let (mut ws, _) = connect_async(url).await.expect("upgrade");
+                for i in 0..5u32 {
+                    echo_once(&mut ws, &format!("connection {n} message {i}")).await;
+                }
+                ws
+            })
+        })
+        .collect();
+    let sockets = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut sockets = Vec::new();
+        for c in clients {
+            sockets.push(c.await.expect("a client task"));
+        }
+        sockets
+    })
+    .await
+    .expect("200 connections with 5 echoes each within 20 s");
+    assert_zero_hop(&p, 201).await;
+    let conns = p.connections().await;
+    let busy = conns.iter().filter(|c| c.messages_in == 5).count();
+    assert_eq!(busy, 200, "each counts only its own messages: {conns:?}");
+    assert!(
+        conns.iter().all(|c| c.messages_in == c.messages_out),
+        "{conns:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(20), async {
+        for mut ws in sockets.into_iter().chain([warm]) {
+            ws.close(None).await.unwrap();
+            assert!(matches!(recv(&mut ws).await, Message::Close(_)));
+        }
+    })
+    .await
+    .expect("201 closing handshakes within 20 s");
+    wait_gone(&p, Duration::from_secs(10)).await;
+    p.stop().await;
+}
+
+async fn frames_pipelined_with_the_handshake_are_forwarded_in_order(example: Example) {
+    let Some(p) = example_proxy(example, "").await else {
+        return;
+    };
+    // The request, two whole frames and the first 1000 bytes of a third, in one write.
+    let big = payload(70_000, 9);
+    let third = masked_frame(true, 2, &big);
+    let mut first_write = UPGRADE.as_bytes().to_vec();
+    first_write.extend(masked_frame(true, 1, b"one"));
+    first_write.extend(masked_frame(true, 1, b"two"));
+    first_write.extend_from_slice(&third[..1000]);
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut s, mut pending) =
+        tokio::time::timeout(Duration::from_secs(20), open_raw(stream, &first_write))
+            .await
+            .expect("upgraded in time (cold start included)");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(&third[1000..]).await.unwrap();
+    assert_eq!(
+        read_server_frame(&mut s, &mut pending).await,
+        (1, b"one".to_vec())
+    );
+    assert_eq!(
+        read_server_frame(&mut s, &mut pending).await,
+        (1, b"two".to_vec())
+    );
+    assert_eq!(read_server_frame(&mut s, &mut pending).await, (2, big));
+    // A frame sent once the zero-hop plane carries the connection still works.
+    s.write_all(&masked_frame(true, 1, b"after")).await.unwrap();
+    assert_eq!(
+        read_server_frame(&mut s, &mut pending).await,
+        (1, b"after".to_vec())
+    );
+    assert_zero_hop(&p, 1).await;
+    let c = &p.connections().await[0];
+    assert_eq!(c.messages_in, 4, "{c:?}");
+    p.stop().await;
+}
+
+async fn a_frame_sent_alone_right_after_the_101_is_not_stranded(example: Example) {
+    let Some(p) = example_proxy(example, "").await else {
+        return;
+    };
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut s, mut pending) = tokio::time::timeout(
+        Duration::from_secs(20),
+        open_raw(stream, UPGRADE.as_bytes()),
+    )
+    .await
+    .expect("upgraded in time (cold start included)");
+    // Sent at once, possibly before the sockets are in the maps, and nothing after it.
+    s.write_all(&masked_frame(true, 1, b"lonely"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_server_frame(&mut s, &mut pending).await,
+        (1, b"lonely".to_vec())
+    );
+    assert_zero_hop(&p, 1).await;
+    p.stop().await;
+}
+
+async fn a_client_that_vanishes_mid_frame_is_cleaned_up_and_the_next_connection_works(
+    example: Example,
+) {
+    let Some(p) = example_proxy(example, "").await else {
+        return;
+    };
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut s, mut pending) = tokio::time::timeout(
+        Duration::from_secs(20),
+        open_raw(stream, UPGRADE.as_bytes()),
+    )
+    .await
+    .expect("upgraded in time (cold start included)");
+    s.write_all(&masked_frame(true, 1, b"whole")).await.unwrap();
+    assert_eq!(
+        read_server_frame(&mut s, &mut pending).await,
+        (1, b"whole".to_vec())
+    );
+    assert_zero_hop(&p, 1).await;
+    // Half a frame, then the TCP connection goes without a close frame.
+    let partial = masked_frame(true, 2, &payload(5000, 1));
+    s.write_all(&partial[..2000]).await.unwrap();
+    drop(s);
+    wait_gone(&p, Duration::from_secs(5)).await;
+    let mut ws = open(&p).await;
+    echo_once(&mut ws, "still served").await;
+    assert_zero_hop(&p, 1).await;
+    p.stop().await;
+}
+
+async fn a_message_over_the_limit_closes_the_client_with_1009(example: Example) {
+    let Some(p) = example_proxy(example, "").await else {
+        return;
+    };
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut s, mut pending) = tokio::time::timeout(
+        Duration::from_secs(20),
+        open_raw(stream, UPGRADE.as_bytes()),
+    )
+    .await
+    .expect("upgraded in time (cold start included)");
+    s.write_all(&masked_frame(true, 1, b"ok")).await.unwrap();
+    assert_eq!(
+        read_server_frame(&mut s, &mut pending).await,
+        (1, b"ok".to_vec())
+    );
+    assert_zero_hop(&p, 1).await;
+    // One 1 MiB frame (the limit is 256 KiB), announced and partly sent.
+    let huge = masked_frame(true, 2, &payload(1 << 20, 3));
+    let _ = s.write_all(&huge[..64 * 1024]).await;
+    assert_eq!(close_code_after(&mut s, &mut pending).await, 1009);
+    drop(s);
+    wait_gone(&p, Duration::from_secs(5)).await;
+    p.stop().await;
+}
+
+/// Defines each named `async fn(Example)` case as three tests, `rust::<name>`,
+/// `node::<name>` and `python::<name>`: the same case against each example function.
+macro_rules! on_each_example {
+    ($($name:ident),* $(,)?) => {
+        mod rust {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Example::Rust).await;
+                }
+            )*
+        }
+        mod node {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Example::Node).await;
+                }
+            )*
+        }
+        mod python {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Example::Python).await;
+                }
+            )*
+        }
+    };
+}
+
+on_each_example!(
+    echoes_every_size_as_text_and_binary_byte_for_byte_with_exact_counters,
+    fragmented_messages_with_an_interleaved_ping_are_reassembled_intact,
+    pings_get_pongs_with_the_same_payload_and_are_not_messages,
+    a_client_close_code_comes_back_from_the_instance_and_the_stream_ends,
+    the_instance_closing_first_reaches_the_client_with_its_code_then_eof,
+    two_hundred_concurrent_connections_each_get_their_own_echoes,
+    frames_pipelined_with_the_handshake_are_forwarded_in_order,
+    a_frame_sent_alone_right_after_the_101_is_not_stranded,
+    a_client_that_vanishes_mid_frame_is_cleaned_up_and_the_next_connection_works,
+    a_message_over_the_limit_closes_the_client_with_1009,
+);
+
+// --- Which functions get zero-hop ---------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_data_plane_auto_spawned_instances_get_zero_hop_and_upstreams_the_kernel_splice() {
+    let upstream = start_echo().await;
+    let functions = format!(
+        "{}\n[[function]]\nname = \"fixed\"\nroute = \"/fixed\"\nupstreams = [\"{upstream}\"]\n",
+        spawned_function(&Example::Rust.command(), "")
+    );
+    let p = start_proxy(function_config("auto", "", &functions)).await;
+    let mut spawned = open(&p).await;
+    echo_once(&mut spawned, "to a spawned instance").await;
+    let (mut fixed, _) = connect_async(p.url("/fixed")).await.expect("upgrade");
+    echo_once(&mut fixed, "to a fixed upstream").await;
+    let conns = p.connections().await;
+    let plane_of = |function: &str| {
+        conns
+            .iter()
+            .find(|c| c.function == function)
+            .map(|c| c.data_plane.clone())
+            .unwrap_or_else(|| panic!("no {function} connection: {conns:?}"))
+    };
+    assert_eq!(plane_of("echo"), ZERO_HOP, "{conns:?}");
+    assert_eq!(plane_of("fixed"), "kernel", "{conns:?}");
+    p.stop().await;
+}
+
+// --- Slow readers -------------------------------------------------------------------------
+
+/// wsedge spawning `fixtures/slow_instance.py` in `mode`; the instance reports to `dir`.
+async fn slow_proxy(mode: &str, dir: &Path) -> Proxy {
+    let command = [
+        "python3".to_string(),
+        fixture("slow_instance.py"),
+        mode.to_string(),
+        dir.display().to_string(),
+    ];
+    start_spawned(&command, "").await
+}
+
+/// A client socket with pinned buffers, so what it gets rid of is what the proxy path holds.
+async fn connect_pinned(p: &Proxy, send: bool) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    if send {
+        socket.set_send_buffer_size(CLIENT_SOCKET_BUFFER).unwrap();
+    } else {
+        socket.set_recv_buffer_size(CLIENT_SOCKET_BUFFER).unwrap();
+    }
+    socket.connect(p.addr).await.unwrap()
+}
+
+/// Waits (at most `within`) for a status line of the slow instance starting with `prefix`.
+/// Fails at once when the instance reported a failure.
+async fn wait_status(dir: &Path, prefix: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(line) = status.lines().find(|l| l.starts_with(prefix)) {
+            return line.to_string();
+        }
+        let failed = ["error", "stuck", "unbounded"];
+        assert!(
+            !status
+                .lines()
+                .any(|l| failed.iter().any(|f| l.starts_with(f))),
+            "the instance failed waiting for {prefix:?}:\n{status}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no {prefix:?} from the instance within {within:?}:\n{status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The payload of the client's `n`th flood frame: differs per frame, so a lost, repeated or
+/// reordered frame changes the hash.
+fn flood_payload(n: u32) -> Vec<u8> {
+    (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(31).wrapping_add(n.wrapping_mul(7)) % 251) as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_flooding_an_instance_that_stops_reading_is_held_back_then_every_byte_arrives_in_order()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let p = slow_proxy("hold-reads", dir.path()).await;
+    let stream = connect_pinned(&p, true).await;
+    let (mut s, mut pending) = tokio::time::timeout(
+        Duration::from_secs(20),
+        open_raw(stream, UPGRADE.as_bytes()),
+    )
+    .await
+    .expect("upgraded in time (cold start included)");
+    assert_zero_hop(&p, 1).await;
+    // Push frames until a write makes no progress for a second: the client is held back.
+    let (mut hash, mut payload_bytes, mut pushed) = (Sha256::new(), 0u64, 0u64);
+    let (mut frames, mut frame, mut at) = (0u32, Vec::new(), 0);
+    let started = Instant::now();
+    loop {
+        if at == frame.len() {
+            let data = flood_payload(frames);
+            hash.update(&data);
+            payload_bytes += data.len() as u64;
+            frame = masked_frame(true, 2, &data);
+            at = 0;
+            frames += 1;
+        }
+        match tokio::time::timeout(Duration::from_secs(1), s.write(&frame[at..])).await {
+            Err(_) => break,
+            Ok(Ok(n)) if n > 0 => {
+                pushed += n as u64;
+                at += n;
+            }
+            Ok(result) => panic!(
+                "the connection failed after the client pushed {pushed} bytes ({result:?}): \
+                 zero-hop holds a client back, it does not cut it"
+            ),
+        }
+        assert!(
+            pushed <= SLOW_READER_BOUND,
+            "the client pushed {pushed} bytes into an instance that does not read"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the client was never held back ({pushed} bytes in 10 s)"
+        );
+    }
+    eprintln!("held back after {pushed} bytes ({frames} frames started)");
+    let status = std::fs::read_to_string(dir.path().join("status")).unwrap_or_default();
+    assert!(status.is_empty(), "the instance did not read yet: {status}");
+    assert_zero_hop(&p, 1).await;
+    // The instance reads now; the client finishes its frame and ends the run.
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        s.write_all(&frame[at..]).await.unwrap();
+        s.write_all(&masked_frame(true, 1, b"end")).await.unwrap();
+    })
+    .await
+    .expect("the client's writes resume once the instance reads");
+    wait_status(dir.path(), "answered", Duration::from_secs(10)).await;
+    let (opcode, answer) = read_server_frame(&mut s, &mut pending).await;
+    assert_eq!(opcode, 1);
+    let expected = format!("{payload_bytes} {:x}", hash.finalize());
+    assert_eq!(
+        String::from_utf8(answer).unwrap(),
+        expected,
+        "the instance received every byte in order"
+    );
+    s.write_all(&masked_frame(true, 8, &1000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(close_code_after(&mut s, &mut pending).await, 1000);
+    drop(s);
+    wait_gone(&p, Duration::from_secs(5)).await;
+    p.stop().await;
+}
+
+/// Reads the numbered binary frames of `slow_instance.py` until its text frame "final <n>":
+/// every frame complete, intact and in order, and `n` of them. Returns `n`.
+async fn read_numbered_frames(s: &mut TcpStream, pending: &mut Vec<u8>) -> u64 {
+    let mut next = 0u64;
+    loop {
+        let (opcode, data) = read_server_frame(s, pending).await;
+        match opcode {
+            2 => {
+                let seq = u64::from_be_bytes(data[..8].try_into().unwrap());
+                assert_eq!(seq, next, "frame {seq} arrived where frame {next} was due");
+                assert!(
+                    data.len() == 16 * 1024 && data[8..].iter().all(|&b| u64::from(b) == seq % 251),
+                    "frame {seq} intact"
+                );
+                next += 1;
+            }
+            1 => {
+                assert_eq!(String::from_utf8(data).unwrap(), format!("final {next}"));
+                return next;
+            }
+            other => panic!("unexpected opcode {other} after {next} frames"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_an_instance_writes_right_after_its_101_arrive_complete_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = slow_proxy("burst", dir.path()).await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    // The instance starts writing the moment its 101 is out, while the proxy is still
+    // putting the connection on the zero-hop plane.
+    let (mut s, mut pending) = tokio::time::timeout(
+        Duration::from_secs(20),
+        open_raw(stream, UPGRADE.as_bytes()),
+    )
+    .await
+    .expect("upgraded in time (cold start included)");
+    assert_zero_hop(&p, 1).await;
+    assert_eq!(read_numbered_frames(&mut s, &mut pending).await, 64);
+    s.write_all(&masked_frame(true, 8, &1000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(close_code_after(&mut s, &mut pending).await, 1000);
+    drop(s);
+    wait_gone(&p, Duration::from_secs(5)).await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_pushing_to_a_client_that_stops_reading_is_held_back_and_its_pending_write_completes_once_the_client_reads()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let p = slow_proxy("push", dir.path()).await;
+    let stream = connect_pinned(&p, false).await;
+    let (mut s, mut pending) = tokio::time::timeout(
+        Duration::from_secs(20),
+        open_raw(stream, UPGRADE.as_bytes()),
+    )
+    .await
+    .expect("upgraded in time (cold start included)");
+    assert_zero_hop(&p, 1).await;
+    // The client reads nothing until the instance says its writes stopped progressing.
+    let blocked = wait_status(dir.path(), "blocked", Duration::from_secs(10)).await;
+    let fields: Vec<u64> = blocked
+        .split(' ')
+        .skip(1)
+        .map(|f| f.parse().unwrap())
+        .collect();
+    let (pushed, whole_frames, own_queue) = (fields[0], fields[1], fields[2]);
+    // What still sits in the instance's own send queue is the instance's memory (as the
+    // client's own buffer is in the other direction); the rest is what the proxy path holds.
+    let held = pushed - own_queue;
+    eprintln!("instance held back after {pushed} bytes, {own_queue} of them in its own socket");
+    assert!(
+        held <= SLOW_READER_BOUND,
+        "the proxy path took {held} bytes for a client that does not read"
+    );
+    // Now read everything: numbered frames, complete and in order, then the final frame the
+    // instance sends once its pending write completed.
+    let frames = read_numbered_frames(&mut s, &mut pending).await;
+    assert!(
+        frames > whole_frames,
+        "every frame the instance wrote arrived ({frames} > {whole_frames})"
+    );
+    wait_status(dir.path(), "final sent", Duration::from_secs(5)).await;
+    let status = std::fs::read_to_string(dir.path().join("status")).unwrap();
+    assert!(
+        status.contains("resumed\n"),
+        "the instance's pending write completed once the client read:\n{status}"
+    );
+    s.write_all(&masked_frame(true, 8, &1000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(close_code_after(&mut s, &mut pending).await, 1000);
+    drop(s);
+    wait_gone(&p, Duration::from_secs(5)).await;
+    p.stop().await;
+}
+
+// --- Fixture programs -----------------------------------------------------------------------
+
+/// Not a test: the Rust instance of `the_instance_closing_first_...`, an echo function like
+/// `deploy/examples/echo-rust` (tokio-tungstenite, 0.0.0.0:$PORT) that on the text
+/// "close:<code>" closes first with that code and "bye". wsedge spawns this test binary with
+/// `rust_instance_that_can_close_first --exact --ignored`; `WSEDGE_INSTANCE`, which wsedge sets
+/// for its instances, keeps a plain `cargo test -- --ignored` from serving forever.
+#[test]
+#[ignore = "an instance program the zero-hop tests spawn through wsedge"]
+fn rust_instance_that_can_close_first() {
+    if std::env::var_os("WSEDGE_INSTANCE").is_none() {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let port = std::env::var("PORT").unwrap_or_else(|_| "9000".into());
+        let listener = TcpListener::bind(format!("0.0.0.0:{port}")).await.unwrap();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if let Message::Text(t) = &msg
+                        && let Some(code) = t.strip_prefix("close:")
+                    {
+                        let frame = CloseFrame {
+                            code: CloseCode::from(code.parse::<u16>().unwrap()),
+                            reason: "bye".into(),
+                        };
+                        let _ = ws.close(Some(frame)).await;
+                        // Until the client's close arrives; the stream then ends.
+                        while ws.next().await.is_some() {}
+                        return;
+                    }
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
