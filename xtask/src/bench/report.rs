@@ -112,6 +112,11 @@ fn entry(cell: &Cell, direct: Option<&Cell>) -> Value {
     if let Some(max) = cell.max_connections {
         e["max_connections"] = json!(max);
     }
+    for key in ["proxy_exited", "remeasured"] {
+        if let Some(v) = l.get(key) {
+            e[key] = v.clone();
+        }
+    }
     if cell.mode.expected_data_plane().is_some() {
         e["data_plane_seen"] = json!(data_plane_seen(&l["data_planes"]));
         e["data_plane_counts"] = l["data_planes"].clone();
@@ -274,6 +279,21 @@ fn markdown(
             "\nFor `push` (the backend sends, the client only receives) the latency columns are \
              one-way, backend to client.\n",
         );
+    }
+    let stopped: Vec<String> = entries
+        .iter()
+        .filter_map(|e| {
+            let status = e["proxy_exited"].as_str()?;
+            Some(format!(
+                "- {} on {}: the proxy exited during the run ({status}), even when measured \
+                 again; the row is not a measurement\n",
+                e["mode"].as_str().unwrap_or(""),
+                e["workload"].as_str().unwrap_or("")
+            ))
+        })
+        .collect();
+    if !stopped.is_empty() {
+        let _ = write!(md, "\n{}", stopped.concat());
     }
     let planes = data_plane_lines(entries);
     if !planes.is_empty() {
