@@ -28,8 +28,8 @@ use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, MessageTracker, SideState,
     frame::{close_code, header_len},
     maps::{
-        BACKLOG_CHECK_EVERY, FLAG_CLOSE_SEEN, FLAG_DIVERTED, FLAG_MESSAGE_TOO_BIG,
-        FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
+        BACKLOG_CHECK_EVERY, FLAG_CLOSE_SEEN, FLAG_MESSAGE_TOO_BIG, FLAG_PEER_BACKLOG,
+        FLAG_PROTOCOL_ERROR, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
     },
     parse_header,
     policy::{FrameViolation, check_frame},
@@ -64,6 +64,10 @@ pub static TCP_SND_UNA_AT: u32 = 0;
 #[unsafe(no_mangle)]
 pub static TCP_WRITE_SEQ_AT: u32 = 0;
 
+/// Byte offset from the `struct sk_buff` to its `strp_msg.full_len`, like `STRP_OFFSET_AT`.
+#[unsafe(no_mangle)]
+static STRP_FULL_LEN_AT: u32 = 0;
+
 const EMSGSIZE: i64 = 90;
 const EBADMSG: i64 = 74;
 const ENOBUFS: i64 = 105;
@@ -72,6 +76,20 @@ const ENOBUFS: i64 = 105;
 #[inline(always)]
 fn message_offset(ctx: &SkBuffContext) -> Result<u32, ()> {
     let at = unsafe { core::ptr::read_volatile(&STRP_OFFSET_AT) };
+    if at == 0 || at > 512 {
+        return Err(());
+    }
+    let src = (ctx.skb.skb as *const u8)
+        .wrapping_add(at as usize)
+        .cast::<u32>();
+    // SAFETY: reads 4 bytes of the skb's control block, located via the kernel's BTF.
+    unsafe { bpf_probe_read_kernel(src) }.map_err(|_| ())
+}
+
+/// Length of the current message (`strp_msg(skb)->full_len`): one frame or a piece of one.
+#[inline(always)]
+fn message_len(ctx: &SkBuffContext) -> Result<u32, ()> {
+    let at = unsafe { core::ptr::read_volatile(&STRP_FULL_LEN_AT) };
     if at == 0 || at > 512 {
         return Err(());
     }
@@ -146,15 +164,13 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
     // socket do not run concurrently.
     let mut side = SIDES.get_ptr_mut(cookie).map(|side| unsafe { &mut *side });
     if let Some(side) = side.as_deref()
-        && side.flags & FLAG_DIVERTED != 0
+        && side.frame_remaining > 0
     {
-        // Zero-hop, moved to userspace: hand over whatever is there, frame boundaries or
-        // not. Waiting for the rest of a frame would keep it in the socket's receive queue,
-        // and the kernel refuses userspace reads while that queue is not empty: with the
-        // receive window closed (userspace not keeping up), both would wait for good.
-        // Userspace accounts these bytes with the same parser.
+        // Inside a frame whose header was seen: hand over what is there now (see
+        // `frame_message_len`).
         let offset = message_offset(ctx).map_err(|()| EBADMSG)?;
-        return Ok(ctx.len().saturating_sub(offset).max(1));
+        let avail = ctx.len().saturating_sub(offset) as u64;
+        return Ok(side.frame_remaining.min(avail).max(1) as u32);
     }
     if let Some(side) = side.as_deref_mut() {
         // The lookup costs a few helper calls: only every BACKLOG_CHECK_EVERY bytes, which
@@ -176,7 +192,7 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
                 None => (MessageTracker::default(), 0),
             };
             match check_frame(&h, &tracker, limit) {
-                Ok(()) => Ok(h.wire_len() as u32),
+                Ok(()) => Ok(frame_message_len(&h, avail as u64)),
                 Err(violation) => {
                     let flag = match violation {
                         FrameViolation::MessageTooBig => FLAG_MESSAGE_TOO_BIG,
@@ -193,6 +209,24 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
             mark_side(ctx, FLAG_PROTOCOL_ERROR);
             Err(EBADMSG)
         }
+    }
+}
+
+/// How much of a frame whose header is complete the parser hands over now: a control frame
+/// (at most 131 bytes, its close code included) whole, 0 meaning "wait"; a data frame as much
+/// as has arrived, the rest following as further pieces. Waiting for a whole data frame would
+/// leave its bytes in the socket's receive queue (the stream parser only gathers a message
+/// it knows the length of once it is complete), and while that queue is not empty the kernel
+/// refuses userspace reads of the socket: with the receive window closed by a reader that is
+/// behind, the rest of the frame could never come. Pieces also keep the kernel from holding
+/// whole large frames.
+#[inline(always)]
+fn frame_message_len(h: &proxy_common::FrameHeader, avail: u64) -> u32 {
+    let wire = h.wire_len();
+    if h.is_control() {
+        if avail < wire { 0 } else { wire as u32 }
+    } else {
+        wire.min(avail) as u32
     }
 }
 
@@ -261,16 +295,18 @@ pub fn ws_forward(ctx: SkBuffContext) -> u32 {
     try_ws_forward(&ctx).unwrap_or(SK_DROP)
 }
 
-/// Accounts one whole frame and redirects it to the peer's egress.
+/// Accounts a frame at its header and sends it, or the next piece of it, to the peer.
 fn try_ws_forward(ctx: &SkBuffContext) -> Result<u32, ()> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     // Every spliced socket gets its state before it enters SPLICED and keeps it until it has
     // left, so a frame without state cannot occur; if one did, it would be dropped.
     let side = SIDES.get_ptr_mut(cookie).ok_or(())?;
     let side = unsafe { &mut *side };
-    if side.flags & FLAG_DIVERTED != 0 {
-        // Pieces of frames now (see the parser): userspace reads and accounts them.
-        return Ok(SK_PASS);
+    let piece = message_len(ctx)?;
+    if side.frame_remaining > 0 {
+        // The rest (or more) of a frame already accounted at its header.
+        side.frame_remaining = side.frame_remaining.saturating_sub(piece as u64);
+        return Ok(forward(ctx, cookie, side));
     }
     let (window, avail, offset) = load_window(ctx)?;
     let HeaderParse::Complete(h) = parse_header(&window, avail) else {
@@ -299,12 +335,18 @@ fn try_ws_forward(ctx: &SkBuffContext) -> Result<u32, ()> {
         };
         side.record_close(code);
     }
+    side.frame_remaining = h.wire_len().saturating_sub(piece as u64);
+    Ok(forward(ctx, cookie, side))
+}
+
+/// Sends a frame or a piece of one on to the peer.
+#[inline(always)]
+fn forward(ctx: &SkBuffContext, cookie: u64, side: &mut SideState) -> u32 {
     if let Some(link) = zero_hop::CLIENT_LINKS.get_ptr(cookie) {
         // SAFETY: map value pointer from a successful lookup, only read.
-        return Ok(zero_hop::client_frame(ctx, cookie, side, unsafe { &*link }));
+        return zero_hop::client_frame(ctx, cookie, side, unsafe { &*link });
     }
-    let verdict = TARGETS.redirect_skb(ctx, side.peer_cookie, 0);
-    Ok(verdict as u32)
+    TARGETS.redirect_skb(ctx, side.peer_cookie, 0) as u32
 }
 
 #[cfg(not(test))]

@@ -123,6 +123,8 @@ impl Structs {
 pub struct KernelOffsets {
     /// From a `struct sk_buff *` to its `strp_msg.offset` (an int).
     pub strp_offset: u32,
+    /// From a `struct sk_buff *` to its `strp_msg.full_len` (an int): the message's length.
+    pub strp_full_len: u32,
     /// From a `struct tcp_sock *` to `bytes_acked` (u64), `snd_una` and `write_seq` (u32):
     /// together, every byte the socket's TCP has taken from its writers.
     pub tcp_bytes_acked: u32,
@@ -145,6 +147,8 @@ pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
     let structs = parse(&std::fs::read("/sys/kernel/btf/vmlinux")?)?;
     Ok(KernelOffsets {
         strp_offset: strp_offset_location(&structs)?,
+        strp_full_len: strp_offset_location(&structs)? - structs.member("strp_msg", "offset")?.0
+            + structs.member("strp_msg", "full_len")?.0,
         tcp_bytes_acked: structs.member("tcp_sock", "bytes_acked")?.0,
         tcp_snd_una: structs.member("tcp_sock", "snd_una")?.0,
         tcp_write_seq: structs.member("tcp_sock", "write_seq")?.0,

@@ -113,6 +113,7 @@ impl KernelDataPlane {
         let offsets = super::btf::kernel_offsets()?;
         let mut ebpf = EbpfLoader::new()
             .override_global("STRP_OFFSET_AT", &offsets.strp_offset, true)
+            .override_global("STRP_FULL_LEN_AT", &offsets.strp_full_len, true)
             .override_global("TCP_BYTES_ACKED_AT", &offsets.tcp_bytes_acked, true)
             .override_global("TCP_SND_UNA_AT", &offsets.tcp_snd_una, true)
             .override_global("TCP_WRITE_SEQ_AT", &offsets.tcp_write_seq, true)

@@ -170,9 +170,6 @@ pub(super) async fn client_relay_done(
         if conn.ended_by_proxy() {
             return;
         }
-        if e.to_string() == zero_hop::MESSAGE_TOO_BIG {
-            return stop_by_proxy(maps, conn, Ending::MessageTooBig).await;
-        }
         return conn.finish(SpliceEnd::Aborted(e));
     }
     let _ = &maps;

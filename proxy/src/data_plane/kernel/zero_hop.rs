@@ -28,19 +28,16 @@ use proxy_common::{
     SideState,
     maps::{
         ClientLink, DataPlaneEvent, EVENT_CLIENT_DIVERTED, EVENT_INSTANCE_MESSAGE_TOO_BIG,
-        FLAG_DIVERTED, FLAG_MESSAGE_TOO_BIG, InstanceLink, InstanceRecord, ROLE_CLIENT_PROBE,
-        ROLE_INSTANCE, ROLE_PROXY_PIPELINED, ROLE_PROXY_SENDS, ROLE_QUEUE_PROBE, SocketKey,
+        FLAG_DIVERTED, InstanceLink, InstanceRecord, ROLE_CLIENT_PROBE, ROLE_INSTANCE,
+        ROLE_PROXY_PIPELINED, ROLE_PROXY_SENDS, ROLE_QUEUE_PROBE, SocketKey,
     },
-    policy::{Ending, FrameViolation},
+    policy::Ending,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info};
 
 use super::{KernelDataPlane, LoadError, Maps, teardown::Spliced};
-use crate::{
-    data_plane::socket,
-    protocols::frames::{FrameCursor, FrameError},
-};
+use crate::data_plane::socket;
 
 /// Map update flag: fail if the key exists.
 const BPF_NOEXIST: u64 = 1;
@@ -568,23 +565,25 @@ async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<()> {
     let to = with_runtime(OwnedFd::from(conn.instance.try_clone()?))?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut drained = false;
-    // The kernel diverted at a frame boundary and stopped accounting this direction: from
-    // here userspace does, with the same parser, into the same counters.
-    let mut cursor = FrameCursor::default();
     loop {
         let n = loop {
-            let mut guard = from.readable().await?;
-            match guard.try_io(|_| (&conn.client).read(&mut buf)) {
-                Ok(result) => break result?,
-                Err(_would_block) => continue,
+            match (&conn.client).read(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The kernel refuses the read while bytes wait in the socket's receive
+                    // queue for the stream parser, which runs from a work queue when the
+                    // reader holds the socket: no wake-up follows, so look again shortly.
+                    let _ = tokio::time::timeout(RETRY_READ, from.readable())
+                        .await
+                        .map(|ready| ready.map(|mut guard| guard.clear_ready()));
+                }
+                Err(e) => return Err(e),
             }
         };
-        debug!(n, "relay read from client");
         if !drained {
             // The first relayed byte must not overtake what the kernel queued.
             wait_instance_drained(maps, conn, &keys, Duration::from_secs(24 * 3600)).await?;
             drained = true;
-            debug!("instance drained");
         }
         if n == 0 {
             return Ok(());
@@ -592,41 +591,12 @@ async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<()> {
         if conn.ended_by_proxy() {
             continue;
         }
-        let (whole, refused) =
-            account_client_bytes(maps, conn.pair.client, &mut cursor, &buf[..n])?;
-        write_all_async(&to, &conn.instance, &buf[..whole]).await?;
-        if refused {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, MESSAGE_TOO_BIG));
-        }
+        write_all_async(&to, &conn.instance, &buf[..n]).await?;
     }
 }
 
-/// What a relay reports when the client's message went over the limit (closed with 1009).
-pub(super) const MESSAGE_TOO_BIG: &str = "message over max_message_bytes";
-
-/// Accounts relayed client bytes in the kernel's counters for the client side (the kernel
-/// no longer touches them once diverted). Returns how many bytes may be forwarded, and
-/// whether a frame was refused for the message limit (the bytes before it still go).
-fn account_client_bytes(
-    maps: &Mutex<Maps>,
-    client: u64,
-    cursor: &mut FrameCursor,
-    bytes: &[u8],
-) -> io::Result<(usize, bool)> {
-    let mut m = maps.lock().expect("maps lock");
-    let mut side = m.sides.get(&client, 0).unwrap_or_default();
-    let result = cursor.feed(bytes, &mut side, socket::monotonic_ns());
-    let outcome = match result {
-        Ok(()) => Ok((bytes.len(), false)),
-        Err(FrameError::Policy(FrameViolation::MessageTooBig)) => {
-            side.flags |= FLAG_MESSAGE_TOO_BIG;
-            Ok((cursor.refused_at().unwrap_or(0), true))
-        }
-        Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
-    };
-    let _ = m.sides.insert(client, side, 0);
-    outcome
-}
+/// How long the client relay waits for a wake-up before trying a refused read again.
+const RETRY_READ: Duration = Duration::from_millis(5);
 
 /// Writes everything, waiting while TCP pushes back.
 async fn write_all_async(
