@@ -359,7 +359,8 @@ fn install_packages(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
-        .filter(|p| !cmd::exists(p))
+        // nginx and HAProxy print their version for `-v`; `--version` is an error to both.
+        .filter(|p| cmd::output(cmd::new(p).arg("-v")).is_none())
         .collect();
     cmd::checking(&format!("{} for the comparison", packages.join(" and ")));
     if missing.is_empty() {
