@@ -75,28 +75,26 @@ const ENOBUFS: i64 = 105;
 /// Where the current message starts within the skb (`strp_msg(skb)->offset`).
 #[inline(always)]
 fn message_offset(ctx: &SkBuffContext) -> Result<u32, ()> {
-    let at = unsafe { core::ptr::read_volatile(&STRP_OFFSET_AT) };
-    if at == 0 || at > 512 {
-        return Err(());
-    }
-    let src = (ctx.skb.skb as *const u8)
-        .wrapping_add(at as usize)
-        .cast::<u32>();
-    // SAFETY: reads 4 bytes of the skb's control block, located via the kernel's BTF.
-    unsafe { bpf_probe_read_kernel(src) }.map_err(|_| ())
+    control_block_u32(ctx, &STRP_OFFSET_AT)
 }
 
 /// Length of the current message (`strp_msg(skb)->full_len`): one frame or a piece of one.
 #[inline(always)]
 fn message_len(ctx: &SkBuffContext) -> Result<u32, ()> {
-    let at = unsafe { core::ptr::read_volatile(&STRP_FULL_LEN_AT) };
+    control_block_u32(ctx, &STRP_FULL_LEN_AT)
+}
+
+/// Reads a u32 of the skb's control block at a location found in the kernel's BTF.
+#[inline(always)]
+fn control_block_u32(ctx: &SkBuffContext, location: &u32) -> Result<u32, ()> {
+    let at = unsafe { core::ptr::read_volatile(location) };
     if at == 0 || at > 512 {
         return Err(());
     }
     let src = (ctx.skb.skb as *const u8)
         .wrapping_add(at as usize)
         .cast::<u32>();
-    // SAFETY: reads 4 bytes of the skb's control block, located via the kernel's BTF.
+    // SAFETY: reads 4 bytes of the skb's control block.
     unsafe { bpf_probe_read_kernel(src) }.map_err(|_| ())
 }
 

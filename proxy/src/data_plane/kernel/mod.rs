@@ -275,16 +275,25 @@ impl KernelDataPlane {
             zero_hop: None,
             progress: Mutex::new(Progress::new(on_end)),
         });
+        self.watch(conn);
+    }
+
+    /// Hands a spliced connection to the hang-up watcher: FIN or error on either socket, and
+    /// for a zero-hop connection also data on the proxy's idle socket (the instance's writes
+    /// took the slow path).
+    fn watch(&self, conn: Arc<Spliced>) {
+        let pair = conn.pair;
+        let instance_fd = conn.instance.as_raw_fd();
         let watched = self
             .hangups
             .watch(pair.client, conn.client.as_raw_fd(), conn.clone(), true)
-            .and_then(|()| {
-                self.hangups.watch(
-                    pair.instance,
-                    conn.instance.as_raw_fd(),
-                    conn.clone(),
-                    false,
-                )
+            .and_then(|()| match conn.zero_hop {
+                Some(_) => self
+                    .hangups
+                    .watch_data(pair.instance, instance_fd, conn.clone(), false),
+                None => self
+                    .hangups
+                    .watch(pair.instance, instance_fd, conn.clone(), false),
             });
         if let Err(e) = watched {
             conn.finish(SpliceEnd::Aborted(e));
@@ -357,21 +366,7 @@ impl KernelDataPlane {
             progress: Mutex::new(Progress::new(on_end)),
         });
         zero_hop::register_conn(&self.maps, pair.client, &conn);
-        let watched = self
-            .hangups
-            .watch(pair.client, conn.client.as_raw_fd(), conn.clone(), true)
-            .and_then(|()| {
-                // Data on the idle proxy socket means the instance's writes were diverted.
-                self.hangups.watch_data(
-                    pair.instance,
-                    conn.instance.as_raw_fd(),
-                    conn.clone(),
-                    false,
-                )
-            });
-        if let Err(e) = watched {
-            conn.finish(SpliceEnd::Aborted(e));
-        }
+        self.watch(conn);
     }
 
     /// Sizes the buffers, inserts both sockets and kicks the parser.
