@@ -279,6 +279,36 @@ async fn a_client_that_vanishes_mid_frame_is_torn_down_cleanly(plane: DataPlaneM
     proxy.stop().await;
 }
 
+async fn a_client_keeping_tcp_open_after_the_closing_handshake_is_done_within_the_grace(
+    plane: DataPlaneMode,
+) {
+    let proxy = start(plane).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let (head, mut pending) = read_response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(&masked_frame(true, 8, &1000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(close_code_after(&mut s, &mut pending).await, 1000);
+    // The instance closes its TCP after the handshake, as servers do; this client never closes
+    // its own. The connection must end then (within the grace), not at the idle timeout.
+    let started = std::time::Instant::now();
+    proxy.wait_no_connections().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("wsedge_connections_ended_total{function=\"echo\",status=\"200\"} 1"),
+        "{metrics}"
+    );
+    drop(s);
+    proxy.stop().await;
+}
+
 /// Reads server frames until a close frame; returns its code.
 async fn close_code_after(s: &mut TcpStream, pending: &mut Vec<u8>) -> u16 {
     loop {
@@ -333,4 +363,5 @@ on_both_planes!(
     a_frame_sent_alone_right_after_the_101_is_not_stranded,
     a_client_that_vanishes_mid_frame_is_torn_down_cleanly,
     a_message_over_the_limit_closes_both_sides_with_1009,
+    a_client_keeping_tcp_open_after_the_closing_handshake_is_done_within_the_grace,
 );

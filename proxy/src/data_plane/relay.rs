@@ -7,6 +7,7 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
+use proxy_common::maps::FLAG_CLOSE_SEEN;
 use proxy_common::policy::{
     Ending, FrameViolation, close_for_instance_end, proxy_close_code, proxy_close_reason,
 };
@@ -100,10 +101,22 @@ pub async fn relay(
             &client_ended,
         );
         tokio::pin!(up_pump, down_pump);
+        // Set once the instance closed after a complete closing handshake: the client then
+        // has CLOSE_GRACE to close its side too, as it would with the instance directly.
+        let mut client_grace: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 r = &mut up_pump, if up.is_none() => up = Some(r),
                 r = &mut down_pump, if down.is_none() => down = Some(r),
+                _ = tokio::time::sleep_until(client_grace.unwrap_or_else(tokio::time::Instant::now)),
+                    if client_grace.is_some() => break,
+            }
+            if client_grace.is_none()
+                && up.is_none()
+                && matches!(down, Some((Ok(PumpEnd::Eof), _)))
+                && closing_handshake_done(conn)
+            {
+                client_grace = Some(tokio::time::Instant::now() + CLOSE_GRACE);
             }
             let done = match (&up, &down) {
                 (Some(_), Some(_)) => true,
@@ -160,6 +173,12 @@ pub async fn relay(
         (Some((Err(e), _)), _) | (_, Some((Err(e), _))) => Err(e.into()),
         _ => Ok(Ending::Closed),
     }
+}
+
+/// Both sides sent a close frame: the WebSocket is over, only TCP remains to be closed.
+pub fn closing_handshake_done(conn: &Connection) -> bool {
+    let seen = |dir| conn.account(dir, |side| side.flags & FLAG_CLOSE_SEEN != 0);
+    seen(Direction::ClientToInstance) && seen(Direction::InstanceToClient)
 }
 
 /// True when a stopped direction's receiver last got a whole frame, so a close frame may follow.

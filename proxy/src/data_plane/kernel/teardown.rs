@@ -11,7 +11,7 @@ use std::{
 
 use proxy_common::{
     SideState,
-    maps::FLAG_MESSAGE_TOO_BIG,
+    maps::{FLAG_CLOSE_SEEN, FLAG_MESSAGE_TOO_BIG},
     policy::{Ending, close_for_instance_end, proxy_close_code, proxy_close_reason},
 };
 
@@ -254,8 +254,21 @@ pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_
     };
     socket::shutdown_write(to);
     if both {
+        return conn.finish(SpliceEnd::Closed);
+    }
+    if !from_client && closing_handshake_done(&maps, conn.pair) {
+        // The instance closed after both close frames, as a server does: the client gets
+        // CLOSE_GRACE to close its side, as it would with the instance directly, and the
+        // connection (and its billed time) ends then even if it keeps TCP open.
+        tokio::time::sleep(CLOSE_GRACE).await;
         conn.finish(SpliceEnd::Closed);
     }
+}
+
+/// Both directions carried a close frame: the WebSocket is over, only TCP remains.
+fn closing_handshake_done(maps: &Mutex<Maps>, pair: SplicedPair) -> bool {
+    let seen = |cookie| side_of(maps, cookie).is_some_and(|s| s.flags & FLAG_CLOSE_SEEN != 0);
+    seen(pair.client) && seen(pair.instance)
 }
 
 /// The instance's side ended (FIN or reset) before the instance sent a close frame: what it
