@@ -2,7 +2,8 @@
 # Checks wsedge's kernel data plane on the LTS kernel edge hosts run: boots Debian bookworm's
 # 6.1 cloud kernel under qemu (TCG; KVM does not work on the development VM) with a busybox
 # initramfs holding the release wsedge and bench binaries, starts the echo backend and wsedge
-# with data_plane = "kernel" (then "auto" if that fails), and runs a short edge and bulk load.
+# with data_plane = "kernel" (then "auto" if that fails), and runs a short edge and bulk load;
+# then the same loads on the zero-hop data plane, the backend spawned by wsedge as a function.
 # Build first: cargo build --release -p proxy -p bench
 # Usage: deploy/lts/run-lts.sh [kernel-package]; work files and serial.log go to target/lts.
 set -euo pipefail
@@ -111,6 +112,33 @@ for mode in kernel auto; do
     wait $WP; echo "=== wsedge ($mode) exited rc=$?"
   fi
 done
+
+# Zero-hop: the same backend as an instance wsedge spawns itself (own netns, own cgroup).
+pkill -f "bench echo"
+mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
+cat > /z.toml <<EOC
+[server]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9901"
+data_plane = "kernel"
+state_dir = "/tmp"
+[[function]]
+name = "echo"
+route = "/echo"
+command = ["/bench", "echo"]
+instance_concurrency = 1000
+max_instances = 1
+EOC
+echo "=== starting wsedge zero-hop"
+/wsedge run -c /z.toml > /wsedge-zh.log 2>&1 &
+WP=$!
+sleep 2
+echo "--- wsedge-zh.log"; cat /wsedge-zh.log; echo "---"
+if kill -0 $WP 2>/dev/null; then
+  runload zero-hop
+  echo "--- wsedge-zh.log after load"; cat /wsedge-zh.log; echo "---"
+  kill $WP; sleep 1
+fi
 echo "=== uname -r: $(uname -r)"
 echo "=== TEST DONE"
 poweroff -f
