@@ -176,7 +176,6 @@ mod tests {
     #[test]
     fn finds_the_strparser_and_tcp_offsets_in_this_kernel() {
         let at = super::kernel_offsets().expect("kernel BTF readable");
-        eprintln!("OFFSETS {at:?}");
         // cb[] is 48 bytes starting past the list/sk/tstamp words; the offset lies inside it.
         assert!((24..24 + 48 + 16).contains(&at.strp_offset), "{at:?}");
         // tcp_sock embeds struct sock first, which alone is hundreds of bytes.

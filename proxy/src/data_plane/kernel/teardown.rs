@@ -161,18 +161,13 @@ pub(super) async fn on_hangup(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_c
 
 /// The userspace relay of a zero-hop connection's client -> instance direction reached the
 /// client's EOF (and the FIN went to the instance after everything else) or failed.
-pub(super) async fn client_relay_done(
-    maps: Arc<Mutex<Maps>>,
-    conn: Arc<Spliced>,
-    result: io::Result<()>,
-) {
+pub(super) fn client_relay_done(conn: Arc<Spliced>, result: io::Result<()>) {
     if let Err(e) = result {
         if conn.ended_by_proxy() {
             return;
         }
         return conn.finish(SpliceEnd::Aborted(e));
     }
-    let _ = &maps;
     if conn.progress.lock().expect("progress").instance_failed {
         return conn.finish(SpliceEnd::InstanceFailed);
     }

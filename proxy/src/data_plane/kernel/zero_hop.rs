@@ -552,7 +552,7 @@ pub(super) fn ensure_client_relay(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>) {
     }
     tokio::spawn(async move {
         let result = relay_client(&maps, &conn).await;
-        super::teardown::client_relay_done(maps, conn, result).await;
+        super::teardown::client_relay_done(conn, result);
     });
 }
 
