@@ -14,6 +14,10 @@ pub const FLAG_MESSAGE_TOO_BIG: u32 = 8;
 /// Zero-hop only: this direction left the kernel path for good and userspace relays it (the
 /// receiving side stopped keeping up, or the proxy is closing the connection).
 pub const FLAG_DIVERTED: u32 = 16;
+/// Set by userspace on a zero-hop connection's client side before the socket is spliced: its
+/// frames go to the instance socket (`CLIENT_LINKS`), and the two-socket backlog check, whose
+/// peer is not in `TARGETS`, does not apply.
+pub const FLAG_ZERO_HOP: u32 = 32;
 
 /// One direction of a spliced connection, keyed by the cookie of the socket the bytes
 /// arrive on. Userspace creates it before the socket enters the sockhash and reads the
@@ -66,9 +70,9 @@ pub const BACKLOG_CHECK_EVERY: u64 = 256 * 1024;
 /// Connections the kernel maps are sized for (two sockets, two sides each).
 pub const MAX_CONNECTIONS: u32 = 16384;
 
-/// Largest frame (header included) the kernel assembles: a 256 KiB message in one frame with
-/// a 14-byte header, rounded up. Bigger frames fail the socket (EMSGSIZE) instead of making the
-/// kernel buffer unbounded data; userspace sizes `SO_RCVBUF` so this always fits.
+/// Largest frame (header included) either plane accepts: a 256 KiB message in one frame with a
+/// 14-byte header, rounded up. Bigger frames are refused (`policy::check_frame`). The kernel
+/// hands data frames on in pieces, so it never holds one whole.
 pub const MAX_FRAME_WIRE_LEN: u64 = 256 * 1024 + 1024;
 
 impl SideState {

@@ -1,13 +1,14 @@
 //! Kernel data plane: a stream parser that finds WebSocket frame boundaries and a stream
-//! verdict that accounts each frame and redirects it to the peer socket.
+//! verdict that accounts each frame at its header and redirects it, whole or in pieces, to the
+//! peer socket.
 //!
 //! Why a strparser and not a verdict-only program with frame state carried across skbs
 //! (PERFORMANCE.md measured the latter ~25 % cheaper on raw TCP): a verdict-only program
 //! sees TCP-sized chunks, and one 64 KiB skb can hold thousands of 2-byte frames. The verifier
 //! only accepts a small bounded loop per skb, so a verdict-only parser would lose frame sync
-//! on such input, and with it every count and quota. The strparser hands the verdict exactly
-//! one frame at a time, however the bytes were segmented, which is what exact accounting and
-//! frame-precise quota decisions need. The cost is paid per frame and measured by
+//! on such input, and with it every count and quota. The strparser hands the verdict one frame,
+//! or one piece of one frame (see `frame_message_len`), at a time, however the bytes were
+//! segmented, which is what exact accounting and frame-precise quota decisions need. The cost is paid per frame and measured by
 //! `cargo xtask bench`; the zero-hop data plane is where the large saving lies.
 #![no_std]
 #![no_main]
@@ -29,7 +30,7 @@ use proxy_common::{
     frame::{close_code, header_len},
     maps::{
         BACKLOG_CHECK_EVERY, FLAG_CLOSE_SEEN, FLAG_MESSAGE_TOO_BIG, FLAG_PEER_BACKLOG,
-        FLAG_PROTOCOL_ERROR, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
+        FLAG_PROTOCOL_ERROR, FLAG_ZERO_HOP, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
     },
     parse_header,
     policy::{FrameViolation, check_frame},
@@ -170,8 +171,11 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
         let avail = ctx.len().saturating_sub(offset) as u64;
         return Ok(side.frame_remaining.min(avail).max(1) as u32);
     }
-    if let Some(side) = side.as_deref_mut() {
-        // The lookup costs a few helper calls: only every BACKLOG_CHECK_EVERY bytes, which
+    if let Some(side) = side.as_deref_mut()
+        && side.flags & FLAG_ZERO_HOP == 0
+    {
+        // Two-socket only (zero-hop watches its instance in `zero_hop::client_frame`, with the
+        // same `backlog_checked_at`). The lookup costs a few helper calls: only every BACKLOG_CHECK_EVERY bytes, which
         // a reader that keeps up never lets pile up anyway.
         if side.bytes.wrapping_sub(side.backlog_checked_at) >= BACKLOG_CHECK_EVERY {
             side.backlog_checked_at = side.bytes;
@@ -340,7 +344,10 @@ fn try_ws_forward(ctx: &SkBuffContext) -> Result<u32, ()> {
 /// Sends a frame or a piece of one on to the peer.
 #[inline(always)]
 fn forward(ctx: &SkBuffContext, cookie: u64, side: &mut SideState) -> u32 {
-    if let Some(link) = zero_hop::CLIENT_LINKS.get_ptr(cookie) {
+    // The flag spares two-socket connections a map lookup per frame.
+    if side.flags & FLAG_ZERO_HOP != 0
+        && let Some(link) = zero_hop::CLIENT_LINKS.get_ptr(cookie)
+    {
         // SAFETY: map value pointer from a successful lookup, only read.
         return zero_hop::client_frame(ctx, cookie, side, unsafe { &*link });
     }

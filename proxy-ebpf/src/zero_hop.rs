@@ -13,12 +13,12 @@
 //!   client socket inline.
 //!
 //! Neither redirect has TCP flow control of its own, so both directions watch the receiving
-//! side and, when it stops keeping up, leave the kernel path for good ("divert"): frames then
-//! go to userspace, which relays them over the ordinary two-socket path with TCP
-//! back-pressure. The handover keeps order: a diverted instance write goes out of the instance
-//! socket to the proxy's socket only after everything redirected earlier sits in the client
-//! socket (redirects are inline); userspace's writes into the instance pass only once the
-//! instance has taken every byte the kernel queued for it (the gate).
+//! side. An instance write the client socket cannot surely take leaves through the instance
+//! socket to the proxy's, and userspace relays it with TCP back-pressure; writes go straight to
+//! the client again once userspace has forwarded all of those (acknowledged = forwarded), so
+//! none is overtaken. A client whose instance stops reading has its frames moved for good
+//! ("divert") to its own socket's receive queue, where TCP holds it back; userspace relays them
+//! once the instance has taken every byte the kernel queued for it (`ROLE_QUEUE_PROBE`).
 
 use aya_ebpf::{
     bindings::{

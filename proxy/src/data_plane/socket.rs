@@ -71,9 +71,9 @@ pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE)
 }
 
-/// Sizes the receive buffer so the stream parser can hold a whole maximal frame (the
-/// parser fails the socket with EMSGSIZE for frames larger than `sk_rcvbuf`). FORCE
-/// ignores `net.core.rmem_max`, which is below what a 256 KiB frame needs.
+/// Sizes the receive buffer (the stream parser's largest message, and the receive window)
+/// to at least one maximal frame. FORCE ignores `net.core.rmem_max`, which is below what a
+/// 256 KiB frame needs.
 pub fn set_receive_buffer(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
     let bytes = i32::try_from(bytes).unwrap_or(i32::MAX);
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)

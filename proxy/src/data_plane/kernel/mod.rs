@@ -25,7 +25,11 @@ use aya::{
     maps::{HashMap, MapData, SockHash},
     programs::SkSkb,
 };
-use proxy_common::{SideState, maps::MAX_FRAME_WIRE_LEN, policy::Ending};
+use proxy_common::{
+    SideState,
+    maps::{FLAG_ZERO_HOP, MAX_FRAME_WIRE_LEN},
+    policy::Ending,
+};
 
 pub use zero_hop::ZeroHopUnavailable;
 
@@ -63,6 +67,45 @@ struct Maps {
     targets: SockHash<MapData, u64>,
     sides: HashMap<MapData, u64, SideState>,
     zero_hop: zero_hop::ZeroHopMaps,
+}
+
+impl Maps {
+    /// Both directions' state, made before either socket enters a map with programs;
+    /// `client_flags` marks the client side (zero-hop).
+    fn insert_sides(
+        &mut self,
+        pair: SplicedPair,
+        written: WrittenByHand,
+        max_message_bytes: u64,
+        client_flags: u32,
+    ) -> io::Result<()> {
+        let side = |peer, peer_written_by_hand, flags| SideState {
+            peer_cookie: peer,
+            peer_written_by_hand,
+            max_message_bytes,
+            flags,
+            ..SideState::default()
+        };
+        let client = side(pair.instance, written.to_instance, client_flags);
+        let instance = side(pair.client, written.to_client, 0);
+        for (cookie, state) in [(pair.client, client), (pair.instance, instance)] {
+            self.sides
+                .insert(cookie, state, 0)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Takes a map of the loaded object, typed.
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| LoadError::Map(name, "missing from object".into()))?;
+    T::try_from(map).map_err(|e| LoadError::Map(name, e.to_string()))
 }
 
 pub struct KernelDataPlane {
@@ -125,16 +168,9 @@ impl KernelDataPlane {
             .override_global("PSOCK_INGRESS_QLEN_AT", &offsets.psock_ingress_qlen, true)
             .override_global("PSOCK_INGRESS_MSG_AT", &offsets.psock_ingress_msg, true)
             .load(OBJECT)?;
-        let mut take = |name: &'static str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| LoadError::Map(name, "missing from object".into()))
-        };
-        let spliced = SockHash::try_from(take("SPLICED")?)
-            .map_err(|e| LoadError::Map("SPLICED", e.to_string()))?;
-        let targets = SockHash::try_from(take("TARGETS")?)
-            .map_err(|e| LoadError::Map("TARGETS", e.to_string()))?;
-        let sides = HashMap::try_from(take("SIDES")?)
-            .map_err(|e| LoadError::Map("SIDES", e.to_string()))?;
+        let spliced: SockHash<MapData, u64> = take_map(&mut ebpf, "SPLICED")?;
+        let targets = take_map(&mut ebpf, "TARGETS")?;
+        let sides = take_map(&mut ebpf, "SIDES")?;
         for name in ["ws_frame_len", "ws_forward"] {
             let program: &mut SkSkb = ebpf
                 .program_mut(name)
@@ -195,18 +231,7 @@ impl KernelDataPlane {
     ) -> io::Result<()> {
         let mut m = self.maps.lock().expect("maps lock");
         let to_io = |e: aya::maps::MapError| io::Error::other(e.to_string());
-        let side = |peer, peer_written_by_hand| SideState {
-            peer_cookie: peer,
-            peer_written_by_hand,
-            max_message_bytes,
-            ..SideState::default()
-        };
-        m.sides
-            .insert(pair.client, side(pair.instance, written.to_instance), 0)
-            .map_err(to_io)?;
-        m.sides
-            .insert(pair.instance, side(pair.client, written.to_client), 0)
-            .map_err(to_io)?;
+        m.insert_sides(pair, written, max_message_bytes, 0)?;
         m.targets
             .insert(pair.client, client.as_raw_fd(), 0)
             .map_err(to_io)?;
@@ -327,18 +352,19 @@ impl KernelDataPlane {
                 instance: socket::cookie(&instance)?,
             };
             socket::set_receive_buffer(&client, MAX_FRAME_WIRE_LEN as usize)?;
-            zero_hop::insert(
-                &self.maps,
-                &client,
-                &instance,
+            let sides = self.maps.lock().expect("maps lock").insert_sides(
                 pair,
-                keys,
-                &pipelined,
+                written,
                 max_message_bytes,
-            )
-            .inspect_err(|_| {
-                self.remove(pair);
-            })?;
+                FLAG_ZERO_HOP,
+            );
+            sides
+                .and_then(|()| {
+                    zero_hop::insert(&self.maps, &client, &instance, pair, keys, &pipelined)
+                })
+                .inspect_err(|_| {
+                    self.remove(pair);
+                })?;
             socket::kick_receive_path(&client)?;
             Ok::<_, io::Error>((client, instance, pair))
         })();

@@ -4,9 +4,9 @@
 //!
 //! Userspace's part: attach the programs, find the instance socket's key for a connection,
 //! fill the links in an order that never lets a byte through before its target is known,
-//! and take over a direction for good when the kernel diverts it (the receiving side stopped
-//! keeping up): then it relays with ordinary TCP back-pressure, exactly like the two-socket
-//! relay, only for that direction.
+//! and relay with ordinary TCP back-pressure what the kernel hands over when a receiving side
+//! stops keeping up: the instance's writes arriving on the proxy socket, and, once the client
+//! direction is diverted, the client's frames.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -25,7 +25,6 @@ use aya::{
     programs::{SkMsg, SockOps, links::CgroupAttachMode},
 };
 use proxy_common::{
-    SideState,
     maps::{
         ClientLink, DataPlaneEvent, EVENT_CLIENT_DIVERTED, EVENT_INSTANCE_MESSAGE_TOO_BIG,
         FLAG_DIVERTED, InstanceLink, InstanceRecord, ROLE_CLIENT_PROBE, ROLE_INSTANCE,
@@ -36,7 +35,7 @@ use proxy_common::{
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info};
 
-use super::{KernelDataPlane, LoadError, Maps, teardown::Spliced};
+use super::{KernelDataPlane, LoadError, Maps, take_map, teardown::Spliced};
 use crate::data_plane::socket;
 
 /// Map update flag: fail if the key exists.
@@ -100,25 +99,13 @@ pub(super) struct ZeroHopMaps {
     probe: Option<(TcpStream, TcpStream, SocketKey)>,
 }
 
-fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoadError {
-    move |e| LoadError::Map(name, e.to_string())
-}
-
 impl ZeroHopMaps {
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<ZeroHopMaps, LoadError> {
-        let mut take = |name: &'static str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| LoadError::Map(name, "missing from object".into()))
-        };
         Ok(ZeroHopMaps {
-            instance_sockets: SockHash::try_from(take("INSTANCE_SOCKETS")?)
-                .map_err(map_error("INSTANCE_SOCKETS"))?,
-            instance_records: HashMap::try_from(take("INSTANCE_RECORDS")?)
-                .map_err(map_error("INSTANCE_RECORDS"))?,
-            client_links: HashMap::try_from(take("CLIENT_LINKS")?)
-                .map_err(map_error("CLIENT_LINKS"))?,
-            instance_links: HashMap::try_from(take("INSTANCE_LINKS")?)
-                .map_err(map_error("INSTANCE_LINKS"))?,
+            instance_sockets: take_map(ebpf, "INSTANCE_SOCKETS")?,
+            instance_records: take_map(ebpf, "INSTANCE_RECORDS")?,
+            client_links: take_map(ebpf, "CLIENT_LINKS")?,
+            instance_links: take_map(ebpf, "INSTANCE_LINKS")?,
             conns: StdHashMap::new(),
             probe: None,
         })
@@ -269,7 +256,8 @@ impl KernelDataPlane {
     }
 }
 
-/// Fills the maps for one connection. The order matters: the instance's writes can go to
+/// Fills the maps for one connection whose state ([`Maps::insert_sides`], marked
+/// `FLAG_ZERO_HOP`) exists. The order matters: the instance's writes can go to
 /// the client once its link exists (the client socket is already a redirect target); the
 /// bytes userspace read past the handshake go into the instance socket's queue before any
 /// client frame can (the client socket enters `SPLICED` last).
@@ -280,21 +268,9 @@ pub(super) fn insert(
     pair: super::SplicedPair,
     keys: ZeroHopKeys,
     pipelined: &[u8],
-    max_message_bytes: u64,
 ) -> io::Result<()> {
     let to_io = |e: aya::maps::MapError| io::Error::other(e.to_string());
     let mut m = maps.lock().expect("maps lock");
-    let side = |peer| SideState {
-        peer_cookie: peer,
-        max_message_bytes,
-        ..SideState::default()
-    };
-    m.sides
-        .insert(pair.client, side(pair.instance), 0)
-        .map_err(to_io)?;
-    m.sides
-        .insert(pair.instance, side(pair.client), 0)
-        .map_err(to_io)?;
     m.targets
         .insert(pair.client, client.as_raw_fd(), 0)
         .map_err(to_io)?;
@@ -354,7 +330,7 @@ pub(super) fn insert(
 
 /// Asks the kernel where the client socket is (for the instance's sk_msg program, which
 /// must see its send buffer and cannot look sockets up): the socket joins the sk_msg map and
-/// a probing write, which the program refuses, records its address.
+/// a probing write records its address and comes back (see [`bounce`]).
 fn locate_client(z: &mut ZeroHopMaps, client: &TcpStream, keys: &ZeroHopKeys) -> io::Result<u64> {
     let to_io = |e: aya::maps::MapError| io::Error::other(e.to_string());
     let probe = InstanceLink {
@@ -526,10 +502,9 @@ fn on_event(plane: &Arc<KernelDataPlane>, event: DataPlaneEvent) {
                 Ending::MessageTooBig,
             ));
         }
-        _ => debug!(
+        kind => debug!(
             client = event.client_cookie,
-            kind = event.kind,
-            "client not keeping up: instance frames now relayed by userspace"
+            kind, "unknown data-plane event"
         ),
     }
 }
@@ -557,8 +532,8 @@ pub(super) fn ensure_client_relay(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>) {
 }
 
 /// Client -> instance after a divert: the diverted frames wait in the client socket's own
-/// queue; they go out through the proxy socket, whose gate passes them only once the
-/// instance has taken everything the kernel queued earlier. Returns at the client's EOF.
+/// queue; they go out through the proxy socket once the instance has taken everything the
+/// kernel queued earlier ([`wait_instance_drained`]). Returns at the client's EOF.
 async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<()> {
     let keys = conn.zero_hop.as_ref().expect("zero-hop connection").keys;
     let from = with_runtime(OwnedFd::from(conn.client.try_clone()?))?;
