@@ -25,6 +25,14 @@ pub fn close_for_instance_end(function_side: &SideState, client_ended: bool) -> 
     }
 }
 
+/// Both sides sent a close frame: the WebSocket is over and only TCP remains, so once the
+/// instance has closed (as a server does) the client gets a short grace to close its side,
+/// and the connection ends then even if it keeps TCP open.
+#[inline(always)]
+pub fn closing_handshake_done(client_side: &SideState, function_side: &SideState) -> bool {
+    client_side.flags & FLAG_CLOSE_SEEN != 0 && function_side.flags & FLAG_CLOSE_SEEN != 0
+}
+
 /// What ended a connection, apart from the close frames each side sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {
@@ -174,6 +182,14 @@ mod tests {
         assert_eq!(f(Ending::ExecutionTimeout), 433);
         assert_eq!(f(Ending::MessageTooBig), 429);
         assert_eq!(f(Ending::Shutdown), 200);
+    }
+
+    #[test]
+    fn the_closing_handshake_is_done_only_once_both_sides_sent_a_close_frame() {
+        let none = SideState::default();
+        assert!(closing_handshake_done(&closed(1000, 1), &closed(1000, 2)));
+        assert!(!closing_handshake_done(&closed(1000, 1), &none));
+        assert!(!closing_handshake_done(&none, &closed(1000, 2)));
     }
 
     #[test]

@@ -7,9 +7,9 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use proxy_common::maps::FLAG_CLOSE_SEEN;
 use proxy_common::policy::{
-    Ending, FrameViolation, close_for_instance_end, proxy_close_code, proxy_close_reason,
+    Ending, FrameViolation, close_for_instance_end, closing_handshake_done, proxy_close_code,
+    proxy_close_reason,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -114,7 +114,10 @@ pub async fn relay(
             if client_grace.is_none()
                 && up.is_none()
                 && matches!(down, Some((Ok(PumpEnd::Eof), _)))
-                && closing_handshake_done(conn)
+                && closing_handshake_done(
+                    &conn.account(Direction::ClientToInstance, |s| *s),
+                    &conn.account(Direction::InstanceToClient, |s| *s),
+                )
             {
                 client_grace = Some(tokio::time::Instant::now() + CLOSE_GRACE);
             }
@@ -173,12 +176,6 @@ pub async fn relay(
         (Some((Err(e), _)), _) | (_, Some((Err(e), _))) => Err(e.into()),
         _ => Ok(Ending::Closed),
     }
-}
-
-/// Both sides sent a close frame: the WebSocket is over, only TCP remains to be closed.
-pub fn closing_handshake_done(conn: &Connection) -> bool {
-    let seen = |dir| conn.account(dir, |side| side.flags & FLAG_CLOSE_SEEN != 0);
-    seen(Direction::ClientToInstance) && seen(Direction::InstanceToClient)
 }
 
 /// True when a stopped direction's receiver last got a whole frame, so a close frame may follow.

@@ -11,8 +11,11 @@ use std::{
 
 use proxy_common::{
     SideState,
-    maps::{FLAG_CLOSE_SEEN, FLAG_MESSAGE_TOO_BIG},
-    policy::{Ending, close_for_instance_end, proxy_close_code, proxy_close_reason},
+    maps::FLAG_MESSAGE_TOO_BIG,
+    policy::{
+        Ending, close_for_instance_end, closing_handshake_done, proxy_close_code,
+        proxy_close_reason,
+    },
 };
 
 /// How long the proxy's own close waits for in-flight frames to reach a peer's TCP: a peer
@@ -80,6 +83,30 @@ impl Spliced {
 
     pub(super) fn instance_done(&self) -> bool {
         self.progress.lock().expect("progress").instance_done
+    }
+
+    /// One side's FIN goes on to the other (everything before it has): the connection ends
+    /// when both have. Returns whether it did.
+    fn pass_fin(&self, from_client: bool) -> bool {
+        // Marked before the FIN is passed on: the peer's answering FIN must find it set.
+        let both = {
+            let mut p = self.progress.lock().expect("progress");
+            if from_client {
+                p.client_done = true
+            } else {
+                p.instance_done = true
+            }
+            p.client_done && p.instance_done
+        };
+        socket::shutdown_write(if from_client {
+            &self.instance
+        } else {
+            &self.client
+        });
+        if both {
+            self.finish(SpliceEnd::Closed);
+        }
+        both
     }
 
     pub(super) fn ended_by_proxy(&self) -> bool {
@@ -171,15 +198,7 @@ pub(super) fn client_relay_done(conn: Arc<Spliced>, result: io::Result<()>) {
     if conn.progress.lock().expect("progress").instance_failed {
         return conn.finish(SpliceEnd::InstanceFailed);
     }
-    let both = {
-        let mut p = conn.progress.lock().expect("progress");
-        p.client_done = true;
-        p.client_done && p.instance_done
-    };
-    socket::shutdown_write(&conn.instance);
-    if both {
-        conn.finish(SpliceEnd::Closed);
-    }
+    conn.pass_fin(true);
 }
 
 /// One side sent FIN (or failed): pass the FIN on once the kernel's redirected bytes are out.
@@ -237,33 +256,22 @@ pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_
     if let Err(e) = flushed {
         return conn.finish(SpliceEnd::Aborted(e));
     }
-    // Marked before the FIN is passed on: the peer's answering FIN must find it set.
-    let both = {
-        let mut p = conn.progress.lock().expect("progress");
-        if from_client {
-            p.client_done = true
-        } else {
-            p.instance_done = true
-        }
-        p.client_done && p.instance_done
-    };
-    socket::shutdown_write(to);
-    if both {
-        return conn.finish(SpliceEnd::Closed);
+    if conn.pass_fin(from_client) {
+        return;
     }
-    if !from_client && closing_handshake_done(&maps, conn.pair) {
+    let sides = (
+        side_of(&maps, conn.pair.client),
+        side_of(&maps, conn.pair.instance),
+    );
+    if let (false, (Some(client), Some(function))) = (from_client, sides)
+        && closing_handshake_done(&client, &function)
+    {
         // The instance closed after both close frames, as a server does: the client gets
         // CLOSE_GRACE to close its side, as it would with the instance directly, and the
         // connection (and its billed time) ends then even if it keeps TCP open.
         tokio::time::sleep(CLOSE_GRACE).await;
         conn.finish(SpliceEnd::Closed);
     }
-}
-
-/// Both directions carried a close frame: the WebSocket is over, only TCP remains.
-fn closing_handshake_done(maps: &Mutex<Maps>, pair: SplicedPair) -> bool {
-    let seen = |cookie| side_of(maps, cookie).is_some_and(|s| s.flags & FLAG_CLOSE_SEEN != 0);
-    seen(pair.client) && seen(pair.instance)
 }
 
 /// The instance's side ended (FIN or reset) before the instance sent a close frame: what it
