@@ -939,28 +939,7 @@ fn rust_instance_that_can_close_first() {
         let listener = TcpListener::bind(format!("0.0.0.0:{port}")).await.unwrap();
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if let Message::Text(t) = &msg
-                        && let Some(code) = t.strip_prefix("close:")
-                    {
-                        let frame = CloseFrame {
-                            code: CloseCode::from(code.parse::<u16>().unwrap()),
-                            reason: "bye".into(),
-                        };
-                        let _ = ws.close(Some(frame)).await;
-                        // Until the client's close arrives; the stream then ends.
-                        while ws.next().await.is_some() {}
-                        return;
-                    }
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            tokio::spawn(serve_echo(stream));
         }
     });
 }

@@ -27,31 +27,35 @@ pub async fn start_echo() -> SocketAddr {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if let Message::Text(t) = &msg
-                        && let Some(code) = t.strip_prefix("close:")
-                    {
-                        let code: u16 = code.parse().unwrap();
-                        let frame = CloseFrame {
-                            code: CloseCode::from(code),
-                            reason: "bye".into(),
-                        };
-                        let _ = ws.close(Some(frame)).await;
-                        while ws.next().await.is_some() {}
-                        return;
-                    }
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            tokio::spawn(serve_echo(stream));
         }
     });
     addr
+}
+
+/// One connection of [`start_echo`]'s function: echoes data messages; on the text
+/// "close:<code>" it closes first with that code and "bye", then waits for the client's close.
+pub async fn serve_echo(stream: TcpStream) {
+    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+        return;
+    };
+    while let Some(Ok(msg)) = ws.next().await {
+        if let Message::Text(t) = &msg
+            && let Some(code) = t.strip_prefix("close:")
+        {
+            let code: u16 = code.parse().unwrap();
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: "bye".into(),
+            };
+            let _ = ws.close(Some(frame)).await;
+            while ws.next().await.is_some() {}
+            return;
+        }
+        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// An echo instance that reports the close code it receives.
