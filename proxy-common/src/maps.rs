@@ -11,13 +11,26 @@ pub const FLAG_PROTOCOL_ERROR: u32 = 2;
 pub const FLAG_PEER_BACKLOG: u32 = 4;
 /// Set when a message of this direction went over `max_message_bytes` (closed with 1009).
 pub const FLAG_MESSAGE_TOO_BIG: u32 = 8;
-/// Zero-hop only: this direction left the kernel path for good and userspace relays it (the
-/// receiving side stopped keeping up, or the proxy is closing the connection).
+/// Zero-hop client side only: the instance stopped keeping up (or the proxy is closing the
+/// connection), so the client's frames are to leave the kernel path for good: the verdict
+/// stops the instance's writes going to the client socket, and the stream parser stops
+/// (`FLAG_HELD`) at the next frame boundary where no such write is still in flight.
 pub const FLAG_DIVERTED: u32 = 16;
 /// Set by userspace on a zero-hop connection's client side before the socket is spliced: its
 /// frames go to the instance socket (`CLIENT_LINKS`), and the two-socket backlog check, whose
 /// peer is not in `TARGETS`, does not apply.
 pub const FLAG_ZERO_HOP: u32 = 32;
+/// Zero-hop client side: the stream parser stopped at a frame boundary with an error
+/// (`EAGAIN`) without consuming the next byte, so everything from there on waits in the
+/// client socket's TCP receive queue, whose window holds the client back; userspace takes
+/// the socket out of `SPLICED` and relays from that point. (Passing frames up to the socket
+/// instead, `SK_PASS`, is unusable: on kernels since 6.14 it can move the socket's
+/// `copied_seq` past the received data when the passed bytes are not read before the parser's
+/// next read, after which the socket stalls.)
+pub const FLAG_HELD: u32 = 64;
+/// The stream parser's last answer was "need more bytes" (an incomplete header or control
+/// frame): the kernel holds those bytes in the parser, so it cannot stop there.
+pub const FLAG_PARSER_PENDING: u32 = 128;
 
 /// One direction of a spliced connection, keyed by the cookie of the socket the bytes
 /// arrive on. Userspace creates it before the socket enters the sockhash and reads the
@@ -187,6 +200,31 @@ pub struct InstanceLink {
     pub forwarded: u64,
 }
 
+/// Kernel-only state of a zero-hop instance socket's writes to the client, keyed by its
+/// [`SocketKey`]; userspace only creates it zeroed and deletes it (it rewrites whole
+/// [`InstanceLink`] values, which would lose concurrent kernel updates).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendState {
+    /// Bumped atomically by every write that goes to the client: the full memory barrier
+    /// between publishing `push_end` and reading `diverted`.
+    pub pushes: u64,
+    /// Made non-zero (atomically) by the client's verdict when it diverts: the instance's
+    /// writes go to the proxy's socket from then on.
+    pub diverted: u64,
+    /// `PUSH_END_SET | seq`, where `seq` is the client socket's `write_seq` once the latest
+    /// write sent to it has landed there (0: none yet). The client's parser stops only once
+    /// the socket got that far: a write that met the stop's socket error would fail after its
+    /// bytes were accounted.
+    pub push_end: u64,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SendState {}
+
+/// Marks [`SendState::push_end`] as set.
+pub const PUSH_END_SET: u64 = 1 << 32;
+
 /// What `record_instance_socket` knows about an instance socket, keyed by its [`SocketKey`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -212,8 +250,8 @@ pub struct DataPlaneEvent {
     pub _pad: u32,
 }
 
-/// The client's frames now go to userspace (the instance stopped keeping up).
-pub const EVENT_CLIENT_DIVERTED: u32 = 1;
+/// The client socket's stream parser stopped (`FLAG_HELD`): userspace takes over its frames.
+pub const EVENT_CLIENT_HELD: u32 = 1;
 /// The instance sent a message over `max_message_bytes`: it was refused; close with 1009.
 pub const EVENT_INSTANCE_MESSAGE_TOO_BIG: u32 = 2;
 

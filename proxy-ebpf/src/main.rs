@@ -12,6 +12,9 @@
 //! `cargo xtask bench`; the zero-hop data plane is where the large saving lies.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no atomic read-modify-write types, only the instruction.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod zero_hop;
 
@@ -29,8 +32,9 @@ use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, MessageTracker, SideState,
     frame::{close_code, header_len},
     maps::{
-        BACKLOG_CHECK_EVERY, FLAG_CLOSE_SEEN, FLAG_MESSAGE_TOO_BIG, FLAG_PEER_BACKLOG,
-        FLAG_PROTOCOL_ERROR, FLAG_ZERO_HOP, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
+        BACKLOG_CHECK_EVERY, EVENT_CLIENT_HELD, FLAG_CLOSE_SEEN, FLAG_DIVERTED, FLAG_HELD,
+        FLAG_MESSAGE_TOO_BIG, FLAG_PARSER_PENDING, FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR,
+        FLAG_ZERO_HOP, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
     },
     parse_header,
     policy::{FrameViolation, check_frame},
@@ -72,6 +76,8 @@ static STRP_FULL_LEN_AT: u32 = 0;
 const EMSGSIZE: i64 = 90;
 const EBADMSG: i64 = 74;
 const ENOBUFS: i64 = 105;
+/// The zero-hop hold (`FLAG_HELD`): the least alarming errno for anyone who meets it.
+const EAGAIN: i64 = 11;
 
 /// Where the current message starts within the skb (`strp_msg(skb)->offset`).
 #[inline(always)]
@@ -162,6 +168,36 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
     // SAFETY: map value pointer from a successful lookup; the parser and the verdict of one
     // socket do not run concurrently.
     let mut side = SIDES.get_ptr_mut(cookie).map(|side| unsafe { &mut *side });
+    if let Some(side) = side.as_deref_mut()
+        && side.flags & FLAG_DIVERTED != 0
+        && side.flags & FLAG_PARSER_PENDING == 0
+    {
+        // A zero-hop client leaving the kernel path: stop here, at a boundary, before the
+        // kernel consumes a byte of this message. An error is the only way a stream parser
+        // stops without taking the bytes; the kernel then reads nothing more from the socket
+        // and calls this again only for the rest of an skb it was in (same answer).
+        if side.flags & FLAG_HELD != 0 || zero_hop::instance_writes_landed(cookie) {
+            if side.flags & FLAG_HELD == 0 {
+                side.flags |= FLAG_HELD;
+                zero_hop::notify(cookie, EVENT_CLIENT_HELD);
+            }
+            return Err(EAGAIN);
+        }
+    }
+    let len = frame_len(ctx, side.as_deref_mut())?;
+    if let Some(side) = side {
+        // The kernel keeps what it has of a message it was told to wait for.
+        if len == 0 {
+            side.flags |= FLAG_PARSER_PENDING;
+        } else {
+            side.flags &= !FLAG_PARSER_PENDING;
+        }
+    }
+    Ok(len)
+}
+
+#[inline(always)]
+fn frame_len(ctx: &SkBuffContext, mut side: Option<&mut SideState>) -> Result<u32, i64> {
     if let Some(side) = side.as_deref()
         && side.frame_remaining > 0
     {
@@ -349,7 +385,7 @@ fn forward(ctx: &SkBuffContext, cookie: u64, side: &mut SideState) -> u32 {
         && let Some(link) = zero_hop::CLIENT_LINKS.get_ptr(cookie)
     {
         // SAFETY: map value pointer from a successful lookup, only read.
-        return zero_hop::client_frame(ctx, cookie, side, unsafe { &*link });
+        return zero_hop::client_frame(ctx, side, unsafe { &*link });
     }
     TARGETS.redirect_skb(ctx, side.peer_cookie, 0) as u32
 }

@@ -16,9 +16,12 @@
 //! side. An instance write the client socket cannot surely take leaves through the instance
 //! socket to the proxy's, and userspace relays it with TCP back-pressure; writes go straight to
 //! the client again once userspace has forwarded all of those (acknowledged = forwarded), so
-//! none is overtaken. A client whose instance stops reading has its frames moved for good
-//! ("divert") to its own socket's receive queue, where TCP holds it back; userspace relays them
-//! once the instance has taken every byte the kernel queued for it (`ROLE_QUEUE_PROBE`).
+//! none is overtaken. A client whose instance stops reading leaves the kernel path for good
+//! ("divert"): its stream parser stops at the next frame boundary without consuming a byte
+//! (`FLAG_HELD`), so TCP holds the client back, and userspace relays from that point once the
+//! instance has taken every byte the kernel queued for it (`ROLE_QUEUE_PROBE`).
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{
@@ -38,16 +41,16 @@ use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, SideState,
     frame::{OPCODE_CLOSE, close_code},
     maps::{
-        ClientLink, DataPlaneEvent, EVENT_CLIENT_DIVERTED, EVENT_INSTANCE_MESSAGE_TOO_BIG,
-        FLAG_DIVERTED, FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, InstanceLink, InstanceRecord,
-        MAX_CONNECTIONS, ROLE_CLIENT_PROBE, ROLE_INSTANCE, ROLE_PROXY_PIPELINED, ROLE_QUEUE_PROBE,
-        SocketKey, ZERO_HOP_CHECK_EVERY,
+        ClientLink, DataPlaneEvent, EVENT_INSTANCE_MESSAGE_TOO_BIG, FLAG_DIVERTED,
+        FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, InstanceLink, InstanceRecord, MAX_CONNECTIONS,
+        PUSH_END_SET, ROLE_CLIENT_PROBE, ROLE_INSTANCE, ROLE_PROXY_PIPELINED, ROLE_QUEUE_PROBE,
+        SendState, SocketKey, ZERO_HOP_CHECK_EVERY,
     },
     parse_header,
     policy::{FrameViolation, check_frame},
 };
 
-use crate::{SIDES, TARGETS, TCP_BYTES_ACKED_AT, TCP_SND_UNA_AT, TCP_WRITE_SEQ_AT};
+use crate::{SIDES, SPLICED, TARGETS, TCP_BYTES_ACKED_AT, TCP_SND_UNA_AT, TCP_WRITE_SEQ_AT};
 
 /// Instance-side sockets: those instances accepted (inserted by sock_ops) and the proxy's
 /// own instance-side sockets of zero-hop connections (inserted by userspace). The sk_msg
@@ -71,6 +74,11 @@ pub static CLIENT_LINKS: HashMap<u64, ClientLink> = HashMap::with_max_entries(MA
 #[map]
 static INSTANCE_LINKS: HashMap<SocketKey, InstanceLink> =
     HashMap::with_max_entries(2 * MAX_CONNECTIONS, 0);
+
+/// Zero-hop instance sockets -> how their writes to the client stand (see `SendState`).
+#[map]
+static INSTANCE_SENDS: HashMap<SocketKey, SendState> =
+    HashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 /// Diverts and refusals, for userspace to act on.
 #[map]
@@ -122,7 +130,7 @@ fn host_port(raw: u32) -> u32 {
     u16::from_be(raw as u16) as u32
 }
 
-fn notify(client_cookie: u64, kind: u32) {
+pub fn notify(client_cookie: u64, kind: u32) {
     let event = DataPlaneEvent {
         client_cookie,
         kind,
@@ -254,7 +262,6 @@ fn read_queue(sk: *const u8, q: &mut InstanceQueue) -> bool {
 #[inline(always)]
 pub fn client_frame(
     ctx: &aya_ebpf::programs::SkBuffContext,
-    cookie: u64,
     side: &mut SideState,
     link: &ClientLink,
 ) -> u32 {
@@ -272,15 +279,55 @@ pub fn client_frame(
         }
         if divert {
             side.flags |= FLAG_DIVERTED;
-            notify(cookie, EVENT_CLIENT_DIVERTED);
+            // The instance's writes stop going to this socket before its parser stops with
+            // the socket error that would fail them (see `instance_writes_landed`).
+            if let Some(sends) = INSTANCE_SENDS.get_ptr_mut(&link.instance) {
+                // SAFETY: map value pointer from a successful lookup; an atomic add is also
+                // the full barrier the other side's `pushes` pairs with.
+                unsafe { full_barrier_add(&raw mut (*sends).diverted) };
+            }
         }
     }
-    if side.flags & FLAG_DIVERTED != 0 {
-        // Into the client socket's own receive queue: userspace reads it from there, and
-        // while it does not, the socket's receive window closes on the client.
-        return SK_PASS;
-    }
+    // This frame (or piece) still goes to the instance: the parser stops before the next.
     INSTANCE_SOCKETS.redirect_skb(ctx, link.instance, BPF_F_INGRESS as u64) as u32
+}
+
+/// For the client socket's parser, after a divert: whether every instance write sent to the
+/// client socket has landed in its TCP stream, so that the parser may stop (which sets the
+/// socket error a write still on its way would fail on, after its bytes were accounted).
+#[inline(always)]
+pub fn instance_writes_landed(cookie: u64) -> bool {
+    let Some(link) = CLIENT_LINKS.get_ptr(cookie) else {
+        return true;
+    };
+    // SAFETY: map value pointers from successful lookups, only read.
+    let Some(sends) = INSTANCE_SENDS.get_ptr(unsafe { &(*link).instance }) else {
+        return true;
+    };
+    let push_end = unsafe { core::ptr::read_volatile(&raw const (*sends).push_end) };
+    if push_end & PUSH_END_SET == 0 {
+        return true;
+    }
+    // SAFETY: `SPLICED` is a sockhash keyed by cookie; the reference is released below.
+    let sk = unsafe {
+        bpf_map_lookup_elem(
+            core::ptr::from_ref(&SPLICED).cast_mut().cast(),
+            core::ptr::from_ref(&cookie).cast(),
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is a referenced socket from the lookup.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) };
+    let seq = if tp.is_null() {
+        None
+    } else {
+        read_at::<u32>(tp as *const u8, offset(&TCP_WRITE_SEQ_AT))
+    };
+    // SAFETY: releases the lookup's reference.
+    unsafe { bpf_sk_release(sk) };
+    seq.is_some_and(|seq| seq.wrapping_sub(push_end as u32) as i32 >= 0)
 }
 
 #[sk_msg]
@@ -339,27 +386,26 @@ fn try_instance_send(ctx: &SkMsgContext) -> Result<u32, ()> {
     // all of it acknowledged by the proxy's socket and forwarded by userspace. A redirect
     // that finds the client's send buffer full fails part-way and hands the instance a short
     // write for bytes this program already accounted: only what surely fits goes.
-    let to_client = link.stop == 0
+    let mut to_client = link.stop == 0
         && !own.is_null()
         && all_forwarded(own, link.forwarded)
         && send_room(link.peer_sk as usize as *const u8)
             .is_some_and(|room| room >= (size + size / 16 + 4096) as i64);
     // Otherwise the bytes leave through the instance socket itself, whose own send buffer
     // must take them whole for the same reason; the instance blocks on it as on any socket.
-    let limit = if to_client {
-        size
+    // A piece meant for the client fits there too, in case a divert turns it back below.
+    let room = if own.is_null() {
+        0
     } else {
-        let room = if own.is_null() {
-            0
-        } else {
-            send_room(own).unwrap_or(0)
-        };
-        let usable = (room - 4096) * 15 / 16;
-        if usable < 1 {
-            1
-        } else {
-            (usable as u64).min(size)
-        }
+        send_room(own).unwrap_or(0)
+    };
+    // (With everything forwarded, as a write to the client requires, the instance socket's
+    // send buffer is empty, so this does not shrink those.)
+    let usable = (room - 4096) * 15 / 16;
+    let limit = if usable < 1 {
+        1
+    } else {
+        (usable as u64).min(size)
     };
     let n = match next_piece(ctx, side, size, limit) {
         Piece::Bytes(n) => n,
@@ -379,10 +425,52 @@ fn try_instance_send(ctx: &SkMsgContext) -> Result<u32, ()> {
         unsafe { bpf_msg_apply_bytes(ctx.msg, n as u32) };
     }
     if to_client {
+        to_client = INSTANCE_SENDS
+            .get_ptr_mut(&key)
+            // SAFETY: map value pointer from a successful lookup.
+            .is_some_and(|sends| announce_push(unsafe { &mut *sends }, link.peer_sk, n));
+    }
+    if to_client {
         Ok(TARGETS.redirect_msg(ctx, link.client_cookie, 0) as u32)
     } else {
         Ok(SK_PASS)
     }
+}
+
+/// Adds 1 atomically (BPF `XADD`, a locked add on x86 and a fully ordered one on arm64: a
+/// full memory barrier). The old value is not used: older BPF CPUs cannot return it.
+///
+/// # Safety
+/// `at` points into a map value.
+#[inline(always)]
+unsafe fn full_barrier_add(at: *mut u64) {
+    // SAFETY: as the caller promises.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(at, 1) };
+}
+
+/// Publishes where the client socket's stream will end once this write of `n` bytes lands
+/// (`push_end`), then looks for a divert: one that came in between sees the write (and its
+/// parser waits for it), or this write sees the divert and goes the instance socket's way.
+#[inline(always)]
+fn announce_push(sends: &mut SendState, client_sk: u64, n: u64) -> bool {
+    let Some(seq) = read_at::<u32>(client_sk as usize as *const u8, offset(&TCP_WRITE_SEQ_AT))
+    else {
+        return false;
+    };
+    let before = sends.push_end;
+    // SAFETY: fields of a map value this program holds a pointer to.
+    unsafe {
+        core::ptr::write_volatile(
+            &raw mut sends.push_end,
+            PUSH_END_SET | seq.wrapping_add(n as u32) as u64,
+        );
+        full_barrier_add(&raw mut sends.pushes);
+        if core::ptr::read_volatile(&raw const sends.diverted) != 0 {
+            core::ptr::write_volatile(&raw mut sends.push_end, before);
+            return false;
+        }
+    }
+    true
 }
 
 enum Piece {

@@ -739,9 +739,6 @@ fn flood_payload(n: u32) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug, issue 5 left open: after the client's frames move to userspace the \
-            instance's reply is accounted and redirected but never leaves the client socket, \
-            and in this in-process run the relayed frames sometimes stall; run with --ignored"]
 async fn a_client_flooding_an_instance_that_stops_reading_is_held_back_then_every_byte_arrives_in_order()
  {
     let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,15 @@ struct CloseCode {
 }
 
 impl FrameCursor {
+    /// A cursor `payload_left` bytes before the end of a data frame's payload (0: at a frame
+    /// boundary), for a stream the kernel parsed up to there.
+    pub fn inside_payload(payload_left: u64) -> FrameCursor {
+        FrameCursor {
+            payload_left,
+            ..FrameCursor::default()
+        }
+    }
+
     /// True when the bytes seen so far end exactly at a frame boundary.
     pub fn at_boundary(&self) -> bool {
         self.header_have == 0 && self.payload_left == 0

@@ -233,6 +233,11 @@ pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_
         // The client answered the close the proxy sent for the failed instance.
         return conn.finish(SpliceEnd::InstanceFailed);
     }
+    if from_client && conn.zero_hop.is_some() && zero_hop::client_held(&maps, conn.pair.client) {
+        // The kernel stopped parsing the client's frames (its stop is the socket error seen
+        // here): the relay takes over and finishes this direction after the relayed bytes.
+        return zero_hop::take_over_client(maps.clone(), conn.clone());
+    }
     if let Some(e) = socket::take_error(from) {
         let from_side = side_of(&maps, from_cookie).unwrap_or_default();
         if from_side.flags & FLAG_MESSAGE_TOO_BIG != 0 {
@@ -242,10 +247,6 @@ pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_
         return conn.finish(SpliceEnd::Aborted(e));
     }
     let flushed = match &conn.zero_hop {
-        // A diverted client direction is finished by its relay, after the relayed bytes.
-        Some(_) if from_client && zero_hop::client_diverted(&maps, conn.pair.client) => {
-            return zero_hop::ensure_client_relay(maps.clone(), conn.clone());
-        }
         Some(z) if from_client => {
             zero_hop::wait_instance_drained(&maps, &conn, &z.keys, FLUSH_TIMEOUT).await
         }

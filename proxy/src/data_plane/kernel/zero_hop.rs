@@ -6,7 +6,7 @@
 //! fill the links in an order that never lets a byte through before its target is known,
 //! and relay with ordinary TCP back-pressure what the kernel hands over when a receiving side
 //! stops keeping up: the instance's writes arriving on the proxy socket, and, once the client
-//! direction is diverted, the client's frames.
+//! socket's stream parser stopped, the client's frames.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -15,7 +15,7 @@ use std::{
     net::{SocketAddr, TcpStream},
     os::fd::{AsRawFd, OwnedFd},
     path::Path,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex, Weak, atomic::Ordering as AtomicOrdering},
     time::{Duration, Instant},
 };
 
@@ -26,17 +26,20 @@ use aya::{
 };
 use proxy_common::{
     maps::{
-        ClientLink, DataPlaneEvent, EVENT_CLIENT_DIVERTED, EVENT_INSTANCE_MESSAGE_TOO_BIG,
-        FLAG_DIVERTED, InstanceLink, InstanceRecord, ROLE_CLIENT_PROBE, ROLE_INSTANCE,
-        ROLE_PROXY_PIPELINED, ROLE_PROXY_SENDS, ROLE_QUEUE_PROBE, SocketKey,
+        ClientLink, DataPlaneEvent, EVENT_CLIENT_HELD, EVENT_INSTANCE_MESSAGE_TOO_BIG, FLAG_HELD,
+        InstanceLink, InstanceRecord, ROLE_CLIENT_PROBE, ROLE_INSTANCE, ROLE_PROXY_PIPELINED,
+        ROLE_PROXY_SENDS, ROLE_QUEUE_PROBE, SendState, SocketKey,
     },
-    policy::Ending,
+    policy::{Ending, FrameViolation},
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info};
 
 use super::{KernelDataPlane, LoadError, Maps, take_map, teardown::Spliced};
-use crate::data_plane::socket;
+use crate::{
+    data_plane::socket,
+    protocols::frames::{FrameCursor, FrameError},
+};
 
 /// Map update flag: fail if the key exists.
 const BPF_NOEXIST: u64 = 1;
@@ -92,6 +95,7 @@ pub(super) struct ZeroHopMaps {
     instance_records: HashMap<MapData, SocketKey, InstanceRecord>,
     client_links: HashMap<MapData, u64, ClientLink>,
     instance_links: HashMap<MapData, SocketKey, InstanceLink>,
+    instance_sends: HashMap<MapData, SocketKey, SendState>,
     /// Zero-hop connections by client cookie, for the kernel's events.
     conns: StdHashMap<u64, (ZeroHopKeys, Weak<Spliced>)>,
     /// A loopback connection whose first socket asks the kernel about instance queues (its
@@ -106,6 +110,7 @@ impl ZeroHopMaps {
             instance_records: take_map(ebpf, "INSTANCE_RECORDS")?,
             client_links: take_map(ebpf, "CLIENT_LINKS")?,
             instance_links: take_map(ebpf, "INSTANCE_LINKS")?,
+            instance_sends: take_map(ebpf, "INSTANCE_SENDS")?,
             conns: StdHashMap::new(),
             probe: None,
         })
@@ -116,6 +121,7 @@ impl ZeroHopMaps {
         let _ = self.client_links.remove(&client);
         if let Some((keys, _)) = self.conns.remove(&client) {
             let _ = self.instance_links.remove(&keys.instance);
+            let _ = self.instance_sends.remove(&keys.instance);
             let _ = self.instance_links.remove(&keys.proxy);
             let _ = self.instance_records.remove(&keys.instance);
             let _ = self.instance_sockets.remove(&keys.proxy);
@@ -290,6 +296,9 @@ pub(super) fn insert(
             },
             0,
         )
+        .map_err(to_io)?;
+    z.instance_sends
+        .insert(keys.instance, SendState::default(), 0)
         .map_err(to_io)?;
     z.instance_links
         .insert(
@@ -488,13 +497,7 @@ fn on_event(plane: &Arc<KernelDataPlane>, event: DataPlaneEvent) {
         return;
     };
     match event.kind {
-        EVENT_CLIENT_DIVERTED => {
-            info!(
-                client = event.client_cookie,
-                "instance not keeping up: client frames now relayed by userspace"
-            );
-            ensure_client_relay(plane.maps.clone(), conn);
-        }
+        EVENT_CLIENT_HELD => take_over_client(plane.maps.clone(), conn),
         EVENT_INSTANCE_MESSAGE_TOO_BIG => {
             tokio::spawn(super::teardown::stop_by_proxy(
                 plane.maps.clone(),
@@ -509,50 +512,80 @@ fn on_event(plane: &Arc<KernelDataPlane>, event: DataPlaneEvent) {
     }
 }
 
-/// Whether the client's frames left the kernel path.
-pub(super) fn client_diverted(maps: &Mutex<Maps>, client: u64) -> bool {
-    super::teardown::side_of(maps, client).is_some_and(|s| s.flags & FLAG_DIVERTED != 0)
+/// Whether the client socket's stream parser stopped for userspace to take over.
+pub(super) fn client_held(maps: &Mutex<Maps>, client: u64) -> bool {
+    super::teardown::side_of(maps, client).is_some_and(|s| s.flags & FLAG_HELD != 0)
 }
 
-/// Starts relaying client -> instance in userspace, once per connection.
-pub(super) fn ensure_client_relay(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>) {
+/// The client socket's stream parser stopped at a frame boundary (`FLAG_HELD`): take the
+/// socket out of `SPLICED`, which stops the kernel's programs for it (it stays a redirect
+/// target), clear the socket error the stop left, and relay from where the kernel stopped.
+/// Once per connection; called for the kernel's event and for the socket error it raised.
+pub(super) fn take_over_client(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>) {
     let Some(zero_hop) = &conn.zero_hop else {
         return;
     };
-    if zero_hop
-        .client_relay
-        .swap(true, std::sync::atomic::Ordering::AcqRel)
-    {
+    if zero_hop.client_relay.swap(true, AtomicOrdering::AcqRel) {
         return;
     }
+    info!(
+        client = conn.pair.client,
+        "instance not keeping up: client frames now relayed by userspace"
+    );
+    let _ = maps
+        .lock()
+        .expect("maps lock")
+        .spliced
+        .remove(&conn.pair.client);
+    // The stop's own EAGAIN; anything else is the connection's real end, which the relay
+    // meets on its first read.
+    let stop_error =
+        socket::take_error(&conn.client).filter(|e| e.kind() != io::ErrorKind::WouldBlock);
     tokio::spawn(async move {
-        let result = relay_client(&maps, &conn).await;
-        super::teardown::client_relay_done(conn, result);
+        let result = match stop_error {
+            Some(e) => Err(e),
+            None => relay_client(&maps, &conn).await,
+        };
+        match result {
+            Ok(ClientRelayEnd::Refused) => {
+                super::teardown::stop_by_proxy(maps, conn, Ending::MessageTooBig).await
+            }
+            Ok(ClientRelayEnd::Eof) => super::teardown::client_relay_done(conn, Ok(())),
+            Err(e) => super::teardown::client_relay_done(conn, Err(e)),
+        }
     });
 }
 
-/// Client -> instance after a divert: the diverted frames wait in the client socket's own
-/// queue; they go out through the proxy socket once the instance has taken everything the
-/// kernel queued earlier ([`wait_instance_drained`]). Returns at the client's EOF.
-async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<()> {
+/// How the userspace relay of a client's frames ended.
+enum ClientRelayEnd {
+    /// The client's EOF; the instance got everything before it.
+    Eof,
+    /// A message over the function's limit: the frames before it went on, the proxy closes
+    /// the connection with 1009.
+    Refused,
+}
+
+/// Client -> instance once the kernel stopped: the client's bytes from the frame boundary
+/// where its parser stopped on wait in the socket's own TCP receive queue (TCP holds the
+/// client back while they do). They go out through the proxy socket, accounted with the
+/// shared frame parser into the same side state the kernel kept, once the instance has taken
+/// everything the kernel queued for it earlier ([`wait_instance_drained`]).
+async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<ClientRelayEnd> {
     let keys = conn.zero_hop.as_ref().expect("zero-hop connection").keys;
+    let client = conn.pair.client;
     let from = with_runtime(OwnedFd::from(conn.client.try_clone()?))?;
     let to = with_runtime(OwnedFd::from(conn.instance.try_clone()?))?;
+    // The kernel stopped between frames or between two pieces of a data frame.
+    let remaining = super::teardown::side_of(maps, client).map_or(0, |s| s.frame_remaining);
+    let mut cursor = FrameCursor::inside_payload(remaining);
     let mut buf = vec![0u8; 64 * 1024];
     let mut drained = false;
     loop {
         let n = loop {
-            match (&conn.client).read(&mut buf) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // The kernel refuses the read while bytes wait in the socket's receive
-                    // queue for the stream parser, which runs from a work queue when the
-                    // reader holds the socket: no wake-up follows, so look again shortly.
-                    let _ = tokio::time::timeout(RETRY_READ, from.readable())
-                        .await
-                        .map(|ready| ready.map(|mut guard| guard.clear_ready()));
-                }
-                Err(e) => return Err(e),
+            let mut guard = from.readable().await?;
+            match guard.try_io(|_| (&conn.client).read(&mut buf)) {
+                Ok(result) => break result?,
+                Err(_would_block) => continue,
             }
         };
         if !drained {
@@ -561,17 +594,32 @@ async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<()> {
             drained = true;
         }
         if n == 0 {
-            return Ok(());
+            return Ok(ClientRelayEnd::Eof);
         }
+        let accounted = {
+            let mut m = maps.lock().expect("maps lock");
+            let mut side = m.sides.get(&client, 0).unwrap_or_default();
+            let result = cursor.feed(&buf[..n], &mut side, socket::monotonic_ns());
+            let _ = m.sides.insert(client, side, 0);
+            result
+        };
+        let forward = match accounted {
+            Ok(()) => n,
+            Err(FrameError::Policy(FrameViolation::MessageTooBig)) => {
+                let before = cursor.refused_at().unwrap_or(0);
+                if !conn.ended_by_proxy() {
+                    write_all_async(&to, &conn.instance, &buf[..before]).await?;
+                }
+                return Ok(ClientRelayEnd::Refused);
+            }
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        };
         if conn.ended_by_proxy() {
             continue;
         }
-        write_all_async(&to, &conn.instance, &buf[..n]).await?;
+        write_all_async(&to, &conn.instance, &buf[..forward]).await?;
     }
 }
-
-/// How long the client relay waits for a wake-up before trying a refused read again.
-const RETRY_READ: Duration = Duration::from_millis(5);
 
 /// Writes everything, waiting while TCP pushes back.
 async fn write_all_async(
