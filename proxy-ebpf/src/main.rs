@@ -186,10 +186,12 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
     }
     let len = frame_len(ctx, side.as_deref_mut())?;
     if let Some(side) = side {
-        // The kernel keeps what it has of a message it was told to wait for.
-        if len == 0 {
+        // The kernel keeps what it has of a message it was told to wait for. (Written only
+        // when it changes: this runs for every frame.)
+        let pending = side.flags & FLAG_PARSER_PENDING != 0;
+        if len == 0 && !pending {
             side.flags |= FLAG_PARSER_PENDING;
-        } else {
+        } else if len != 0 && pending {
             side.flags &= !FLAG_PARSER_PENDING;
         }
     }
