@@ -217,10 +217,17 @@ pub struct SendState {
     /// the socket got that far: a write that met the stop's socket error would fail after its
     /// bytes were accounted.
     pub push_end: u64,
+    /// When the client's verdict diverted (monotonic ns). A write that has not landed
+    /// `HOLD_WAIT_NS` later is not on its way any more (it failed, or blocks for kernel
+    /// memory), and no longer keeps the client from being held back.
+    pub diverted_at_ns: u64,
 }
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SendState {}
+
+/// See [`SendState::diverted_at_ns`].
+pub const HOLD_WAIT_NS: u64 = 1_000_000_000;
 
 /// Marks [`SendState::push_end`] as set.
 pub const PUSH_END_SET: u64 = 1 << 32;

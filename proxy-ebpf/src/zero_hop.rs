@@ -42,7 +42,7 @@ use proxy_common::{
     frame::{OPCODE_CLOSE, close_code},
     maps::{
         ClientLink, DataPlaneEvent, EVENT_INSTANCE_MESSAGE_TOO_BIG, FLAG_DIVERTED,
-        FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, InstanceLink, InstanceRecord, MAX_CONNECTIONS,
+        FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, HOLD_WAIT_NS, InstanceLink, InstanceRecord, MAX_CONNECTIONS,
         PUSH_END_SET, ROLE_CLIENT_PROBE, ROLE_INSTANCE, ROLE_PROXY_PIPELINED, ROLE_QUEUE_PROBE,
         SendState, SocketKey, ZERO_HOP_CHECK_EVERY,
     },
@@ -284,7 +284,10 @@ pub fn client_frame(
             if let Some(sends) = INSTANCE_SENDS.get_ptr_mut(&link.instance) {
                 // SAFETY: map value pointer from a successful lookup; an atomic add is also
                 // the full barrier the other side's `pushes` pairs with.
-                unsafe { full_barrier_add(&raw mut (*sends).diverted) };
+                unsafe {
+                    (*sends).diverted_at_ns = bpf_ktime_get_ns();
+                    full_barrier_add(&raw mut (*sends).diverted);
+                }
             }
         }
     }
@@ -304,8 +307,15 @@ pub fn instance_writes_landed(cookie: u64) -> bool {
     let Some(sends) = INSTANCE_SENDS.get_ptr(unsafe { &(*link).instance }) else {
         return true;
     };
-    let push_end = unsafe { core::ptr::read_volatile(&raw const (*sends).push_end) };
-    if push_end & PUSH_END_SET == 0 {
+    let (push_end, diverted_at) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*sends).push_end),
+            (*sends).diverted_at_ns,
+        )
+    };
+    // SAFETY: plain helper call.
+    let waited = unsafe { bpf_ktime_get_ns() }.wrapping_sub(diverted_at);
+    if push_end & PUSH_END_SET == 0 || waited > HOLD_WAIT_NS {
         return true;
     }
     // SAFETY: `SPLICED` is a sockhash keyed by cookie; the reference is released below.
