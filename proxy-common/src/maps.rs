@@ -61,9 +61,12 @@ pub struct SideState {
     /// Status code of the first close frame seen, 1005 when it carried none.
     pub close_code: u32,
     pub flags: u32,
-    /// Zero-hop instance side only: bytes of the current frame the instance has yet to write
-    /// (its writes need not follow frame boundaries).
+    /// Bytes of the current frame still to come after the last piece the kernel handled: the
+    /// parser hands a data frame over in pieces, and an instance's writes need not follow
+    /// frame boundaries.
     pub frame_remaining: u64,
+    /// Zero-hop instance side only: how the instance's writes to the client stand.
+    pub sends: SendState,
 }
 
 #[cfg(feature = "user")]
@@ -200,9 +203,10 @@ pub struct InstanceLink {
     pub forwarded: u64,
 }
 
-/// Kernel-only state of a zero-hop instance socket's writes to the client, keyed by its
-/// [`SocketKey`]; userspace only creates it zeroed and deletes it (it rewrites whole
-/// [`InstanceLink`] values, which would lose concurrent kernel updates).
+/// Kernel-only state of a zero-hop instance socket's writes to the client, in the instance
+/// side's [`SideState`] (which the instance's program holds anyway, and which userspace writes
+/// only when it creates it: it rewrites whole [`InstanceLink`] values, which would lose
+/// concurrent kernel updates).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SendState {
@@ -222,9 +226,6 @@ pub struct SendState {
     /// memory), and no longer keeps the client from being held back.
     pub diverted_at_ns: u64,
 }
-
-#[cfg(feature = "user")]
-unsafe impl aya::Pod for SendState {}
 
 /// See [`SendState::diverted_at_ns`].
 pub const HOLD_WAIT_NS: u64 = 1_000_000_000;

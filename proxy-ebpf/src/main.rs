@@ -176,7 +176,8 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
         // kernel consumes a byte of this message. An error is the only way a stream parser
         // stops without taking the bytes; the kernel then reads nothing more from the socket
         // and calls this again only for the rest of an skb it was in (same answer).
-        if side.flags & FLAG_HELD != 0 || zero_hop::instance_writes_landed(cookie) {
+        if side.flags & FLAG_HELD != 0 || zero_hop::instance_writes_landed(cookie, side.peer_cookie)
+        {
             if side.flags & FLAG_HELD == 0 {
                 side.flags |= FLAG_HELD;
                 zero_hop::notify(cookie, EVENT_CLIENT_HELD);

@@ -42,9 +42,9 @@ use proxy_common::{
     frame::{OPCODE_CLOSE, close_code},
     maps::{
         ClientLink, DataPlaneEvent, EVENT_INSTANCE_MESSAGE_TOO_BIG, FLAG_DIVERTED,
-        FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, HOLD_WAIT_NS, InstanceLink, InstanceRecord, MAX_CONNECTIONS,
-        PUSH_END_SET, ROLE_CLIENT_PROBE, ROLE_INSTANCE, ROLE_PROXY_PIPELINED, ROLE_QUEUE_PROBE,
-        SendState, SocketKey, ZERO_HOP_CHECK_EVERY,
+        FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, HOLD_WAIT_NS, InstanceLink, InstanceRecord,
+        MAX_CONNECTIONS, PUSH_END_SET, ROLE_CLIENT_PROBE, ROLE_INSTANCE, ROLE_PROXY_PIPELINED,
+        ROLE_QUEUE_PROBE, SendState, SocketKey, ZERO_HOP_CHECK_EVERY,
     },
     parse_header,
     policy::{FrameViolation, check_frame},
@@ -74,11 +74,6 @@ pub static CLIENT_LINKS: HashMap<u64, ClientLink> = HashMap::with_max_entries(MA
 #[map]
 static INSTANCE_LINKS: HashMap<SocketKey, InstanceLink> =
     HashMap::with_max_entries(2 * MAX_CONNECTIONS, 0);
-
-/// Zero-hop instance sockets -> how their writes to the client stand (see `SendState`).
-#[map]
-static INSTANCE_SENDS: HashMap<SocketKey, SendState> =
-    HashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 /// Diverts and refusals, for userspace to act on.
 #[map]
@@ -281,10 +276,11 @@ pub fn client_frame(
             side.flags |= FLAG_DIVERTED;
             // The instance's writes stop going to this socket before its parser stops with
             // the socket error that would fail them (see `instance_writes_landed`).
-            if let Some(sends) = INSTANCE_SENDS.get_ptr_mut(&link.instance) {
+            if let Some(instance_side) = SIDES.get_ptr_mut(&side.peer_cookie) {
                 // SAFETY: map value pointer from a successful lookup; an atomic add is also
                 // the full barrier the other side's `pushes` pairs with.
                 unsafe {
+                    let sends = &raw mut (*instance_side).sends;
                     (*sends).diverted_at_ns = bpf_ktime_get_ns();
                     full_barrier_add(&raw mut (*sends).diverted);
                 }
@@ -299,18 +295,15 @@ pub fn client_frame(
 /// client socket has landed in its TCP stream, so that the parser may stop (which sets the
 /// socket error a write still on its way would fail on, after its bytes were accounted).
 #[inline(always)]
-pub fn instance_writes_landed(cookie: u64) -> bool {
-    let Some(link) = CLIENT_LINKS.get_ptr(cookie) else {
+pub fn instance_writes_landed(cookie: u64, instance_side_cookie: u64) -> bool {
+    let Some(instance_side) = SIDES.get_ptr(instance_side_cookie) else {
         return true;
     };
-    // SAFETY: map value pointers from successful lookups, only read.
-    let Some(sends) = INSTANCE_SENDS.get_ptr(unsafe { &(*link).instance }) else {
-        return true;
-    };
+    // SAFETY: map value pointer from a successful lookup, only read.
     let (push_end, diverted_at) = unsafe {
         (
-            core::ptr::read_volatile(&raw const (*sends).push_end),
-            (*sends).diverted_at_ns,
+            core::ptr::read_volatile(&raw const (*instance_side).sends.push_end),
+            (*instance_side).sends.diverted_at_ns,
         )
     };
     // SAFETY: plain helper call.
@@ -435,10 +428,7 @@ fn try_instance_send(ctx: &SkMsgContext) -> Result<u32, ()> {
         unsafe { bpf_msg_apply_bytes(ctx.msg, n as u32) };
     }
     if to_client {
-        to_client = INSTANCE_SENDS
-            .get_ptr_mut(&key)
-            // SAFETY: map value pointer from a successful lookup.
-            .is_some_and(|sends| announce_push(unsafe { &mut *sends }, link.peer_sk, n));
+        to_client = announce_push(&mut side.sends, link.peer_sk, n);
     }
     if to_client {
         Ok(TARGETS.redirect_msg(ctx, link.client_cookie, 0) as u32)

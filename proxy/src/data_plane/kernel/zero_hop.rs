@@ -28,7 +28,7 @@ use proxy_common::{
     maps::{
         ClientLink, DataPlaneEvent, EVENT_CLIENT_HELD, EVENT_INSTANCE_MESSAGE_TOO_BIG, FLAG_HELD,
         InstanceLink, InstanceRecord, ROLE_CLIENT_PROBE, ROLE_INSTANCE, ROLE_PROXY_PIPELINED,
-        ROLE_PROXY_SENDS, ROLE_QUEUE_PROBE, SendState, SocketKey,
+        ROLE_PROXY_SENDS, ROLE_QUEUE_PROBE, SocketKey,
     },
     policy::{Ending, FrameViolation},
 };
@@ -95,7 +95,6 @@ pub(super) struct ZeroHopMaps {
     instance_records: HashMap<MapData, SocketKey, InstanceRecord>,
     client_links: HashMap<MapData, u64, ClientLink>,
     instance_links: HashMap<MapData, SocketKey, InstanceLink>,
-    instance_sends: HashMap<MapData, SocketKey, SendState>,
     /// Zero-hop connections by client cookie, for the kernel's events.
     conns: StdHashMap<u64, (ZeroHopKeys, Weak<Spliced>)>,
     /// A loopback connection whose first socket asks the kernel about instance queues (its
@@ -110,7 +109,6 @@ impl ZeroHopMaps {
             instance_records: take_map(ebpf, "INSTANCE_RECORDS")?,
             client_links: take_map(ebpf, "CLIENT_LINKS")?,
             instance_links: take_map(ebpf, "INSTANCE_LINKS")?,
-            instance_sends: take_map(ebpf, "INSTANCE_SENDS")?,
             conns: StdHashMap::new(),
             probe: None,
         })
@@ -121,7 +119,6 @@ impl ZeroHopMaps {
         let _ = self.client_links.remove(&client);
         if let Some((keys, _)) = self.conns.remove(&client) {
             let _ = self.instance_links.remove(&keys.instance);
-            let _ = self.instance_sends.remove(&keys.instance);
             let _ = self.instance_links.remove(&keys.proxy);
             let _ = self.instance_records.remove(&keys.instance);
             let _ = self.instance_sockets.remove(&keys.proxy);
@@ -296,9 +293,6 @@ pub(super) fn insert(
             },
             0,
         )
-        .map_err(to_io)?;
-    z.instance_sends
-        .insert(keys.instance, SendState::default(), 0)
         .map_err(to_io)?;
     z.instance_links
         .insert(
