@@ -682,6 +682,72 @@ async fn with_data_plane_auto_spawned_instances_get_zero_hop_and_upstreams_the_k
     p.stop().await;
 }
 
+// --- The proxy ending zero-hop connections -------------------------------------------------
+
+/// Reads past other messages to the proxy's close frame and returns its code.
+async fn proxy_close_code(ws: &mut Ws, within: Duration) -> Option<u16> {
+    tokio::time::timeout(within, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                other => panic!("expected the proxy's close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the proxy closed the connection in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_closes_zero_hop_websockets_with_1001_and_ends_once_the_clients_answer() {
+    let mut config = function_config(
+        "kernel",
+        "",
+        &spawned_function(&Example::Rust.command(), ""),
+    );
+    config.server.drain_timeout_s = 10;
+    let mut p = start_proxy(config).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let mut ws = open(&p).await;
+        echo_once(&mut ws, &format!("hello {i}")).await;
+        clients.push(ws);
+    }
+    assert_zero_hop(&p, 3).await;
+    p.begin_stop();
+    for ws in &mut clients {
+        // tokio-tungstenite answers the close frame it reads; that answer is a client frame
+        // arriving after the proxy took the connection off the kernel path.
+        assert_eq!(
+            proxy_close_code(ws, Duration::from_secs(5)).await,
+            Some(1001)
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(8), p.stop())
+        .await
+        .expect("the drain ends once every connection answered (not at its 10 s limit)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_zero_hop_connection_is_closed_with_1001_and_the_next_one_works() {
+    let p = start_spawned(&Example::Rust.command(), "idle_timeout_s = 10").await;
+    let mut idle = open(&p).await;
+    echo_once(&mut idle, "before going quiet").await;
+    assert_zero_hop(&p, 1).await;
+    assert_eq!(
+        proxy_close_code(&mut idle, Duration::from_secs(16)).await,
+        Some(1001)
+    );
+    wait_gone(&p, Duration::from_secs(5)).await;
+    let mut next = open(&p).await;
+    echo_once(&mut next, "a fresh connection").await;
+    assert_zero_hop(&p, 1).await;
+    next.close(None).await.unwrap();
+    wait_gone(&p, Duration::from_secs(5)).await;
+    p.stop().await;
+}
+
 // --- Slow readers -------------------------------------------------------------------------
 
 /// wsedge spawning `fixtures/slow_instance.py` in `mode`; the instance reports to `dir`.

@@ -522,10 +522,17 @@ pub(super) fn take_over_client(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>) {
     if zero_hop.client_relay.swap(true, AtomicOrdering::AcqRel) {
         return;
     }
-    info!(
-        client = conn.pair.client,
-        "instance not keeping up: client frames now relayed by userspace"
-    );
+    if conn.ended_by_proxy() {
+        debug!(
+            client = conn.pair.client,
+            "proxy closing: the client's last frames are relayed by userspace"
+        );
+    } else {
+        info!(
+            client = conn.pair.client,
+            "instance not keeping up: client frames now relayed by userspace"
+        );
+    }
     let _ = maps
         .lock()
         .expect("maps lock")
