@@ -880,6 +880,68 @@ async fn a_client_flooding_an_instance_that_stops_reading_is_held_back_then_ever
     p.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_limit_after_the_client_was_held_back_closes_it_with_1009() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = slow_proxy("hold-reads", dir.path()).await;
+    let stream = connect_pinned(&p, true).await;
+    let (mut s, mut pending) = tokio::time::timeout(
+        Duration::from_secs(20),
+        open_raw(stream, UPGRADE.as_bytes()),
+    )
+    .await
+    .expect("upgraded in time (cold start included)");
+    assert_zero_hop(&p, 1).await;
+    // Held back as in the flooding case: from here on userspace relays the client's frames.
+    let (mut frames, mut frame, mut at, mut pushed) = (0u32, Vec::new(), 0, 0u64);
+    let started = Instant::now();
+    loop {
+        if at == frame.len() {
+            frame = masked_frame(true, 2, &flood_payload(frames));
+            at = 0;
+            frames += 1;
+        }
+        match tokio::time::timeout(Duration::from_secs(1), s.write(&frame[at..])).await {
+            Err(_) => break,
+            Ok(Ok(n)) if n > 0 => {
+                at += n;
+                pushed += n as u64;
+            }
+            Ok(result) => panic!("the connection failed after {pushed} bytes: {result:?}"),
+        }
+        assert!(
+            pushed <= SLOW_READER_BOUND,
+            "never held back ({pushed} bytes)"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never held back"
+        );
+    }
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    // The rest of the frame, then the header (and a little) of a 300 KiB message.
+    let mut oversized = masked_frame(true, 2, &vec![7u8; 300 * 1024]);
+    oversized.truncate(14 + 100);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        s.write_all(&frame[at..]).await.unwrap();
+        s.write_all(&oversized).await.unwrap();
+    })
+    .await
+    .expect("the client's writes resume once the instance reads");
+    assert_eq!(
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            close_code_after(&mut s, &mut pending)
+        )
+        .await
+        .expect("the proxy closes the connection"),
+        1009
+    );
+    drop(s);
+    wait_gone(&p, Duration::from_secs(5)).await;
+    p.stop().await;
+}
+
 /// Reads the numbered binary frames of `slow_instance.py` until its text frame "final <n>":
 /// every frame complete, intact and in order, and `n` of them. Returns `n`.
 async fn read_numbered_frames(s: &mut TcpStream, pending: &mut Vec<u8>) -> u64 {

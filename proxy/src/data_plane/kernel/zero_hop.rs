@@ -41,6 +41,9 @@ use crate::{
     protocols::frames::{FrameCursor, FrameError},
 };
 
+/// How many times (1 ms apart) to look for the record of an instance's socket.
+const RECORD_LOOKS: u32 = 20;
+
 /// Map update flag: fail if the key exists.
 const BPF_NOEXIST: u64 = 1;
 
@@ -226,7 +229,7 @@ impl KernelDataPlane {
 
     /// The keys of the instance socket at the other end of `proxy_socket`, if the kernel
     /// recorded it (the instance runs in wsedge's instance cgroup). `None`: use two sockets.
-    pub fn zero_hop_keys(
+    pub async fn zero_hop_keys(
         &self,
         client: &tokio::net::TcpStream,
         proxy_socket: &tokio::net::TcpStream,
@@ -248,14 +251,34 @@ impl KernelDataPlane {
             client.local_addr().ok()?,
             client.peer_addr().ok()?,
         );
-        let m = self.maps.lock().expect("maps lock");
-        let record = m.zero_hop.instance_records.get(&instance, 0).ok()?;
+        let record = self.instance_record(&instance).await?;
         (record.sk != 0).then_some(ZeroHopKeys {
             instance,
             proxy: socket_key(netns_cookie, local, peer),
             client,
             instance_sk: record.sk,
         })
+    }
+
+    /// What the sock_ops program recorded about an instance socket. The kernel queues an
+    /// accepted socket for `accept` before it runs the program for it, so on a busy (or
+    /// descheduled) CPU the instance can answer the handshake first: look again briefly.
+    async fn instance_record(&self, instance: &SocketKey) -> Option<InstanceRecord> {
+        for _ in 0..RECORD_LOOKS {
+            let found = {
+                let m = self.maps.lock().expect("maps lock");
+                m.zero_hop.instance_records.get(instance, 0).ok()
+            };
+            if found.is_some() {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        debug!(
+            ?instance,
+            "no record of the instance's socket: two-socket splice"
+        );
+        None
     }
 }
 

@@ -64,7 +64,7 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
     // Zero-hop for instances on this host whose socket the kernel recorded.
     let zero_hop = match &state.data_plane {
         DataPlane::Kernel(k) if upgraded.lease.is_some() => {
-            k.zero_hop_keys(&client, &upgraded.instance)
+            k.zero_hop_keys(&client, &upgraded.instance).await
         }
         _ => None,
     };
