@@ -385,10 +385,10 @@ impl KernelDataPlane {
             pair,
             written,
             plane: self.clone(),
-            zero_hop: Some(teardown::ZeroHopConn {
+            zero_hop: Some(Box::new(teardown::ZeroHopConn {
                 keys,
                 client_relay: Default::default(),
-            }),
+            })),
             progress: Mutex::new(Progress::new(on_end)),
         });
         zero_hop::register_conn(&self.maps, pair.client, &conn);

@@ -41,7 +41,8 @@ pub struct Spliced {
     pub(super) pair: SplicedPair,
     pub(super) written: WrittenByHand,
     pub(super) plane: Arc<KernelDataPlane>,
-    pub(super) zero_hop: Option<ZeroHopConn>,
+    /// Boxed: two-socket connections, the many on an edge, pay one pointer for it.
+    pub(super) zero_hop: Option<Box<ZeroHopConn>>,
     pub(super) progress: Mutex<Progress>,
 }
 
