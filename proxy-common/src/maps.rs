@@ -225,6 +225,12 @@ pub struct SendState {
     /// `HOLD_WAIT_NS` later is not on its way any more (it failed, or blocks for kernel
     /// memory), and no longer keeps the client from being held back.
     pub diverted_at_ns: u64,
+    /// Where the instance's first refused frame starts in its socket's own byte stream (the
+    /// stream the proxy's socket reads, handshake included), 0 while none was. A refused
+    /// frame and everything after it leave through that stream, so the instance's writes
+    /// succeed as they would toward a client that fails the connection, and userspace
+    /// forwards nothing from there on.
+    pub refused_at: u64,
 }
 
 /// See [`SendState::diverted_at_ns`].
@@ -260,8 +266,9 @@ pub struct DataPlaneEvent {
 
 /// The client socket's stream parser stopped (`FLAG_HELD`): userspace takes over its frames.
 pub const EVENT_CLIENT_HELD: u32 = 1;
-/// The instance sent a message over `max_message_bytes`: it was refused; close with 1009.
-pub const EVENT_INSTANCE_MESSAGE_TOO_BIG: u32 = 2;
+/// The instance's write was refused: a message over `max_message_bytes` (close with 1009) or,
+/// with `FLAG_PROTOCOL_ERROR` on its side, a frame RFC 6455 forbids (close with 1002).
+pub const EVENT_INSTANCE_FRAME_REFUSED: u32 = 2;
 
 /// Zero-hop: how many client bytes pass between two looks at the instance socket's queue.
 /// The instance side then holds at most its receive buffer plus this plus one frame before

@@ -48,6 +48,23 @@ pub enum Ending {
     MessageTooBig,
     /// The proxy closed it because it is shutting down (SIGTERM).
     Shutdown,
+    /// The client sent a frame RFC 6455 forbids (a reserved opcode, a fragmented or oversized
+    /// control frame, a 64-bit length with its top bit set): the proxy fails the connection
+    /// with 1002, as the function would have, and the frame goes nowhere.
+    ClientProtocolError,
+    /// The same from the function's side.
+    FunctionProtocolError,
+}
+
+impl Ending {
+    /// The protocol-error ending for a frame that came from the client or the function.
+    pub fn protocol_error(from_client: bool) -> Ending {
+        if from_client {
+            Ending::ClientProtocolError
+        } else {
+            Ending::FunctionProtocolError
+        }
+    }
 }
 
 /// The close frame's reason text for [`proxy_close_code`].
@@ -56,6 +73,7 @@ pub fn proxy_close_reason(ending: Ending) -> &'static str {
         Ending::IdleTimeout => "idle timeout",
         Ending::Shutdown => "proxy shutting down",
         Ending::MessageTooBig => "message too big",
+        Ending::ClientProtocolError | Ending::FunctionProtocolError => "protocol error",
         _ => "closed by the proxy",
     }
 }
@@ -68,6 +86,9 @@ pub fn proxy_close_code(ending: Ending) -> Option<u16> {
         Ending::IdleTimeout | Ending::Shutdown => Some(1001),
         Ending::ExecutionTimeout => None,
         Ending::MessageTooBig => Some(1009),
+        // 1002 "protocol error", what the receiving endpoint sends when it fails the
+        // connection (RFC 6455 7.4.1).
+        Ending::ClientProtocolError | Ending::FunctionProtocolError => Some(1002),
         Ending::Closed | Ending::InstanceFailed => None,
     }
 }
@@ -80,6 +101,9 @@ pub fn function_status(ending: Ending, client_side: &SideState, function_side: &
         Ending::ExecutionTimeout => return 433,
         Ending::IdleTimeout => return 455,
         Ending::InstanceFailed => return 439,
+        // The side that broke the protocol ended it, with a code other than a plain close.
+        Ending::ClientProtocolError => return 456,
+        Ending::FunctionProtocolError => return 439,
         // Neither side failed: the platform ended it (SPEC.md's table has no row for it).
         Ending::Shutdown => return 200,
         Ending::Closed => {}
@@ -182,6 +206,17 @@ mod tests {
         assert_eq!(f(Ending::ExecutionTimeout), 433);
         assert_eq!(f(Ending::MessageTooBig), 429);
         assert_eq!(f(Ending::Shutdown), 200);
+        assert_eq!(f(Ending::ClientProtocolError), 456);
+        assert_eq!(f(Ending::FunctionProtocolError), 439);
+    }
+
+    #[test]
+    fn a_protocol_error_either_way_fails_the_connection_with_1002() {
+        for from_client in [true, false] {
+            let ending = Ending::protocol_error(from_client);
+            assert_eq!(proxy_close_code(ending), Some(1002));
+            assert_eq!(proxy_close_reason(ending), "protocol error");
+        }
     }
 
     #[test]

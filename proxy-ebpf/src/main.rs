@@ -237,7 +237,8 @@ fn frame_len(ctx: &SkBuffContext, mut side: Option<&mut SideState>) -> Result<u3
                 Err(violation) => {
                     let flag = match violation {
                         FrameViolation::MessageTooBig => FLAG_MESSAGE_TOO_BIG,
-                        FrameViolation::TooLarge => FLAG_PROTOCOL_ERROR,
+                        // Too large to assemble: refused as too big, as a message over the limit is.
+                        FrameViolation::TooLarge => FLAG_MESSAGE_TOO_BIG,
                     };
                     if let Some(side) = side {
                         side.flags |= flag;

@@ -24,10 +24,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{
-        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        sk_action::{SK_DROP, SK_PASS},
-    },
+    bindings::{BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS},
     helpers::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem,
         bpf_msg_apply_bytes, bpf_msg_cork_bytes, bpf_msg_pull_data, bpf_probe_read_kernel,
@@ -41,7 +38,7 @@ use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, SideState,
     frame::{OPCODE_CLOSE, close_code},
     maps::{
-        ClientLink, DataPlaneEvent, EVENT_INSTANCE_MESSAGE_TOO_BIG, FLAG_DIVERTED,
+        ClientLink, DataPlaneEvent, EVENT_INSTANCE_FRAME_REFUSED, FLAG_DIVERTED,
         FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, HOLD_WAIT_NS, InstanceLink, InstanceRecord,
         MAX_CONNECTIONS, PUSH_END_SET, ROLE_CLIENT_PROBE, ROLE_INSTANCE, ROLE_PROXY_PIPELINED,
         ROLE_QUEUE_PROBE, SendState, SocketKey, ZERO_HOP_CHECK_EVERY,
@@ -178,6 +175,16 @@ fn send_room(tp: *const u8) -> Option<i64> {
     let sndbuf: i32 = read_at(tp, offset(&SK_SNDBUF_AT))?;
     let queued: i32 = read_at(tp, offset(&SK_WMEM_QUEUED_AT))?;
     Some(sndbuf as i64 - queued as i64)
+}
+
+/// How many bytes of its stream the socket's TCP has taken so far (`bytes_acked` plus what is
+/// in flight): where the next byte written starts.
+#[inline(always)]
+fn stream_position(tp: *const u8) -> Option<u64> {
+    let acked = read_at::<u64>(tp, offset(&TCP_BYTES_ACKED_AT))?;
+    let una = read_at::<u32>(tp, offset(&TCP_SND_UNA_AT))?;
+    let seq = read_at::<u32>(tp, offset(&TCP_WRITE_SEQ_AT))?;
+    Some(acked + seq.wrapping_sub(una) as u64)
 }
 
 /// Whether every byte the socket's TCP took is acknowledged and `forwarded` counts them all.
@@ -378,12 +385,13 @@ fn try_instance_send(ctx: &SkMsgContext) -> Result<u32, ()> {
     }
     // SAFETY: as above; the instance socket's sends are serialized by its socket lock.
     let side = unsafe { &mut *SIDES.get_ptr_mut(&link.side_cookie).ok_or(())? };
-    if side.flags & (FLAG_MESSAGE_TOO_BIG | FLAG_PROTOCOL_ERROR) != 0 {
-        return Ok(SK_DROP);
-    }
-    let size = ctx.size() as u64;
     // SAFETY: the context's socket; the helper checks it is a TCP socket.
     let own = unsafe { bpf_skc_to_tcp_sock((*ctx.msg).__bindgen_anon_3.sk.cast()) } as *const u8;
+    if side.flags & (FLAG_MESSAGE_TOO_BIG | FLAG_PROTOCOL_ERROR) != 0 {
+        // After a refused frame: out through the instance socket, where userspace drops it.
+        return Ok(SK_PASS);
+    }
+    let size = ctx.size() as u64;
     // Straight to the client only when nothing the instance sent through its own socket
     // (before the link, or while the client was not keeping up) is still on its way there:
     // all of it acknowledged by the proxy's socket and forwarded by userspace. A redirect
@@ -418,8 +426,14 @@ fn try_instance_send(ctx: &SkMsgContext) -> Result<u32, ()> {
             return Ok(SK_PASS);
         }
         Piece::Refused => {
-            notify(link.client_cookie, EVENT_INSTANCE_MESSAGE_TOO_BIG);
-            return Ok(SK_DROP);
+            // Not a refusal of the write (an sk_msg SK_DROP would fail it, and every later
+            // write of the socket): the bytes leave through the instance socket's own
+            // stream, and userspace forwards nothing from where they start.
+            if let Some(at) = stream_position(own) {
+                side.sends.refused_at = at;
+            }
+            notify(link.client_cookie, EVENT_INSTANCE_FRAME_REFUSED);
+            return Ok(SK_PASS);
         }
     };
     if n < size {
@@ -506,7 +520,8 @@ fn next_piece(ctx: &SkMsgContext, side: &mut SideState, size: u64, limit: u64) -
     if let Err(violation) = check_frame(&h, &side.tracker, side.max_message_bytes) {
         side.flags |= match violation {
             FrameViolation::MessageTooBig => FLAG_MESSAGE_TOO_BIG,
-            FrameViolation::TooLarge => FLAG_PROTOCOL_ERROR,
+            // Too large to assemble: refused as too big, as a message over the limit is.
+            FrameViolation::TooLarge => FLAG_MESSAGE_TOO_BIG,
         };
         return Piece::Refused;
     }

@@ -4,15 +4,19 @@
 #[macro_use]
 mod common;
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+};
 use tokio_tungstenite::{
     connect_async,
     tungstenite::{
         Message,
+        handshake::derive_accept_key,
         protocol::{
             CloseFrame,
             frame::{
@@ -354,6 +358,98 @@ async fn a_message_over_the_limit_closes_both_sides_with_1009(plane: DataPlaneMo
     proxy.stop().await;
 }
 
+/// An instance that answers the handshake itself and, after the client's first frame, sends a
+/// frame with the reserved opcode 3 (RFC 6455 5.2: its receiver must fail the connection);
+/// reports the close code it gets back.
+async fn reserved_opcode_instance() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<u16>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (head, mut pending) = read_response_head(&mut s).await;
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| value.trim().to_string())
+                    })
+                    .expect("a Sec-WebSocket-Key");
+                let response = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                    derive_accept_key(key.as_bytes())
+                );
+                s.write_all(response.as_bytes()).await.unwrap();
+                read_server_frame(&mut s, &mut pending).await;
+                s.write_all(&[0x83, 0x00]).await.unwrap();
+                loop {
+                    let (opcode, payload) = read_server_frame(&mut s, &mut pending).await;
+                    if opcode == 8 {
+                        let _ = tx.send(u16::from_be_bytes([payload[0], payload[1]]));
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+async fn a_client_frame_with_a_reserved_opcode_fails_the_connection_with_1002_both_ways(
+    plane: DataPlaneMode,
+) {
+    let (instance, mut closes) = recording_instance().await;
+    let proxy = start_proxy(config(plane, instance, "")).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let (head, mut pending) = read_response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(&masked_frame(true, 1, b"ok")).await.unwrap();
+    assert_eq!(
+        read_server_frame(&mut s, &mut pending).await,
+        (1, b"ok".to_vec())
+    );
+    s.write_all(&masked_frame(true, 3, b"")).await.unwrap();
+    assert_eq!(close_code_after(&mut s, &mut pending).await, 1002);
+    let to_instance = tokio::time::timeout(Duration::from_secs(5), closes.recv()).await;
+    assert_eq!(to_instance.unwrap(), Some(1002), "the instance is told too");
+    drop(s);
+    proxy.wait_no_connections().await;
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("wsedge_connections_ended_total{function=\"echo\",status=\"456\"} 1"),
+        "the client broke the protocol: {metrics}"
+    );
+    proxy.stop().await;
+}
+
+async fn an_instance_frame_with_a_reserved_opcode_fails_the_connection_with_1002_both_ways(
+    plane: DataPlaneMode,
+) {
+    let (instance, mut closes) = reserved_opcode_instance().await;
+    let proxy = start_proxy(config(plane, instance, "")).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let (head, mut pending) = read_response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(&masked_frame(true, 1, b"go")).await.unwrap();
+    assert_eq!(close_code_after(&mut s, &mut pending).await, 1002);
+    let to_instance = tokio::time::timeout(Duration::from_secs(5), closes.recv()).await;
+    assert_eq!(to_instance.unwrap(), Some(1002), "the instance is told too");
+    drop(s);
+    proxy.wait_no_connections().await;
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("wsedge_connections_ended_total{function=\"echo\",status=\"439\"} 1"),
+        "the function broke the protocol: {metrics}"
+    );
+    proxy.stop().await;
+}
+
 on_both_planes!(
     echoes_every_size_as_text_and_binary_byte_for_byte,
     fragmented_message_with_interleaved_ping_is_reassembled_and_counted_once,
@@ -364,4 +460,6 @@ on_both_planes!(
     a_client_that_vanishes_mid_frame_is_torn_down_cleanly,
     a_message_over_the_limit_closes_both_sides_with_1009,
     a_client_keeping_tcp_open_after_the_closing_handshake_is_done_within_the_grace,
+    a_client_frame_with_a_reserved_opcode_fails_the_connection_with_1002_both_ways,
+    an_instance_frame_with_a_reserved_opcode_fails_the_connection_with_1002_both_ways,
 );

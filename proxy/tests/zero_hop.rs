@@ -942,6 +942,60 @@ async fn a_message_over_the_limit_after_the_client_was_held_back_closes_it_with_
     p.stop().await;
 }
 
+// --- Frames RFC 6455 forbids ----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_frame_with_a_reserved_opcode_fails_the_connection_with_1002() {
+    let p = start_spawned(&Example::Rust.command(), "").await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut s, mut pending) = tokio::time::timeout(
+        Duration::from_secs(20),
+        open_raw(stream, UPGRADE.as_bytes()),
+    )
+    .await
+    .expect("upgraded in time (cold start included)");
+    assert_zero_hop(&p, 1).await;
+    s.write_all(&masked_frame(true, 3, b"")).await.unwrap();
+    assert_eq!(close_code_after(&mut s, &mut pending).await, 1002);
+    drop(s);
+    wait_gone(&p, Duration::from_secs(5)).await;
+    let metrics = p.metrics().await;
+    assert!(
+        metrics.contains("wsedge_connections_ended_total{function=\"echo\",status=\"456\"} 1"),
+        "the client broke the protocol: {metrics}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_frame_with_a_reserved_opcode_fails_the_connection_with_1002_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = slow_proxy("garbage", dir.path()).await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut s, mut pending) = tokio::time::timeout(
+        Duration::from_secs(20),
+        open_raw(stream, UPGRADE.as_bytes()),
+    )
+    .await
+    .expect("upgraded in time (cold start included)");
+    assert_zero_hop(&p, 1).await;
+    s.write_all(&masked_frame(true, 1, b"go")).await.unwrap();
+    assert_eq!(close_code_after(&mut s, &mut pending).await, 1002);
+    assert_eq!(
+        wait_status(dir.path(), "closed", Duration::from_secs(10)).await,
+        "closed 1002",
+        "the instance is told too"
+    );
+    drop(s);
+    wait_gone(&p, Duration::from_secs(5)).await;
+    let metrics = p.metrics().await;
+    assert!(
+        metrics.contains("wsedge_connections_ended_total{function=\"echo\",status=\"439\"} 1"),
+        "the function broke the protocol: {metrics}"
+    );
+    p.stop().await;
+}
+
 /// Reads the numbered binary frames of `slow_instance.py` until its text frame "final <n>":
 /// every frame complete, intact and in order, and `n` of them. Returns `n`.
 async fn read_numbered_frames(s: &mut TcpStream, pending: &mut Vec<u8>) -> u64 {

@@ -8,8 +8,7 @@ use std::{
 };
 
 use proxy_common::policy::{
-    Ending, FrameViolation, close_for_instance_end, closing_handshake_done, proxy_close_code,
-    proxy_close_reason,
+    Ending, close_for_instance_end, closing_handshake_done, proxy_close_code, proxy_close_reason,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -54,14 +53,12 @@ enum PumpError {
     Read(io::Error),
     /// Writing to the receiving side failed.
     Write(io::Error),
-    /// The stream broke the framing rules (or a frame was refused): both sides are closed.
-    Frame(io::Error),
 }
 
 impl From<PumpError> for io::Error {
     fn from(e: PumpError) -> Self {
         match e {
-            PumpError::Read(e) | PumpError::Write(e) | PumpError::Frame(e) => e,
+            PumpError::Read(e) | PumpError::Write(e) => e,
         }
     }
 }
@@ -124,8 +121,8 @@ pub async fn relay(
             let done = match (&up, &down) {
                 (Some(_), Some(_)) => true,
                 // The client broke the stream: close both.
-                (Some((Err(PumpError::Read(_) | PumpError::Frame(_)), _)), _) => true,
-                // The instance broke framing, or the client cannot be written to.
+                (Some((Err(PumpError::Read(_)), _)), _) => true,
+                // The client cannot be written to.
                 (_, Some((Err(_), _))) => true,
                 // The client is told below; its answer has nowhere to go.
                 (_, Some((Ok(PumpEnd::InstanceFailed), _))) => true,
@@ -234,21 +231,18 @@ async fn pump(
             cursor.feed(&buf[..n], side, monotonic_ns())
         }) {
             Ok(()) => {}
-            Err(FrameError::Policy(FrameViolation::MessageTooBig)) => {
-                // Forward the whole frames before the refused one, then close with 1009.
+            Err(refusal) => {
+                // Forward the whole frames before the refused one, then close: 1009 for a
+                // message over the limit, 1002 for a frame RFC 6455 forbids.
                 let before = cursor.refused_at();
                 if let Some(at) = before
                     && let Err(e) = to.write_all(&buf[..at]).await
                 {
                     return (Err(PumpError::Write(e)), cursor);
                 }
-                conn.request_stop(Ending::MessageTooBig);
+                conn.request_stop(refusal_ending(refusal, !from_instance));
                 let whole = before.is_some();
                 return (Ok(PumpEnd::Refused { whole }), cursor);
-            }
-            Err(e) => {
-                let e = io::Error::new(io::ErrorKind::InvalidData, e);
-                return (Err(PumpError::Frame(e)), cursor);
             }
         }
         // A receiver that stopped reading must not hold a stop off for ever: the write is
@@ -262,5 +256,13 @@ async fn pump(
             }
             () = conn.stopped() => return (Ok(PumpEnd::StoppedMidWrite), cursor),
         }
+    }
+}
+
+/// How the proxy ends a connection over a frame it refused (`from_client`: which side sent it).
+pub(crate) fn refusal_ending(refusal: FrameError, from_client: bool) -> Ending {
+    match refusal {
+        FrameError::Policy(_) => Ending::MessageTooBig,
+        FrameError::Header(_) => Ending::protocol_error(from_client),
     }
 }

@@ -25,8 +25,8 @@ pub struct FrameCursor {
     payload_left: u64,
     /// First two payload bytes of a close frame (with its mask) while they are being read.
     close: Option<CloseCode>,
-    /// After a refused frame: where in the last chunk its header began, when it began in
-    /// that chunk (everything before it was whole frames and may still be forwarded).
+    /// After a refused or invalid frame: where in the last chunk its header began, when it
+    /// began in that chunk (everything before it was whole frames and may still be forwarded).
     refused_at: Option<usize>,
 }
 
@@ -67,8 +67,8 @@ impl FrameCursor {
         }
     }
 
-    /// After [`FrameError::Policy`]: how many bytes of the chunk came before the refused frame,
-    /// if its header began in that chunk.
+    /// After an error: how many bytes of the chunk came before the refused frame, if its
+    /// header began in that chunk.
     pub fn refused_at(&self) -> Option<usize> {
         self.refused_at
     }
@@ -97,7 +97,11 @@ impl FrameCursor {
                     self.header_have = avail;
                     return Ok(());
                 }
-                HeaderParse::Invalid(e) => return Err(FrameError::Header(e)),
+                HeaderParse::Invalid(e) => {
+                    let at = whole - chunk.len();
+                    self.refused_at = (self.header_have == 0).then_some(at);
+                    return Err(FrameError::Header(e));
+                }
                 HeaderParse::Complete(h) => {
                     if let Err(violation) = check_frame(&h, &side.tracker, side.max_message_bytes) {
                         let at = whole - chunk.len();

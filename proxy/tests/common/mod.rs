@@ -250,7 +250,8 @@ pub async fn read_response_head(s: &mut TcpStream) -> (String, Vec<u8>) {
     }
 }
 
-/// Reads one unmasked server frame (header and payload) from `pending` + the stream.
+/// Reads one frame (header and payload) from `pending` + the stream: a server's, or a masked
+/// one from a client (the payload comes back unmasked).
 pub async fn read_server_frame(s: &mut TcpStream, pending: &mut Vec<u8>) -> (u8, Vec<u8>) {
     loop {
         if pending.len() >= 2 {
@@ -265,9 +266,22 @@ pub async fn read_server_frame(s: &mut TcpStream, pending: &mut Vec<u8>) -> (u8,
                 126 | 127 => (usize::MAX, 0),
                 n => (2, n as usize),
             };
+            let masked = pending[1] & 0x80 != 0;
+            let hlen = if masked && hlen != usize::MAX {
+                hlen + 4
+            } else {
+                hlen
+            };
             if hlen != usize::MAX && pending.len() >= hlen + len {
                 let opcode = pending[0] & 0x0f;
-                let payload = pending[hlen..hlen + len].to_vec();
+                let mut payload = pending[hlen..hlen + len].to_vec();
+                if masked {
+                    let mask: [u8; 4] = pending[hlen - 4..hlen].try_into().unwrap();
+                    payload
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, b)| *b ^= mask[i % 4]);
+                }
                 pending.drain(..hlen + len);
                 return (opcode, payload);
             }

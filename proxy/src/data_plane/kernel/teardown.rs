@@ -11,7 +11,7 @@ use std::{
 
 use proxy_common::{
     SideState,
-    maps::FLAG_MESSAGE_TOO_BIG,
+    maps::{FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR},
     policy::{
         Ending, close_for_instance_end, closing_handshake_done, proxy_close_code,
         proxy_close_reason,
@@ -209,26 +209,40 @@ pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_
         let p = conn.progress.lock().expect("progress");
         (p.by_proxy.is_some(), p.client_done)
     };
+    let from_cookie = if from_client {
+        conn.pair.client
+    } else {
+        conn.pair.instance
+    };
+    let refused = side_of(&maps, from_cookie).map_or(0, |s| s.flags)
+        & (FLAG_MESSAGE_TOO_BIG | FLAG_PROTOCOL_ERROR);
+    if refused != 0 {
+        // The stream parser refused a frame (its refusal is the socket error that woke us),
+        // and the frame went nowhere: the proxy closes both sides, 1009 for a message over
+        // the limit, 1002 for a frame RFC 6455 forbids (before the instance-failed check: an
+        // instance that sent such a frame did not just vanish).
+        let _ = socket::take_error(if from_client {
+            &conn.client
+        } else {
+            &conn.instance
+        });
+        let ending = if refused & FLAG_MESSAGE_TOO_BIG != 0 {
+            Ending::MessageTooBig
+        } else {
+            Ending::protocol_error(from_client)
+        };
+        return stop_by_proxy(maps, conn, ending).await;
+    }
     if !from_client && !by_proxy {
         let function_side = side_of(&maps, conn.pair.instance).unwrap_or_default();
         if let Some(code) = close_for_instance_end(&function_side, client_ended) {
             return instance_failed(&maps, &conn, code).await;
         }
     }
-    let (from, from_cookie, to, to_written) = if from_client {
-        (
-            &conn.client,
-            conn.pair.client,
-            &conn.instance,
-            conn.written.to_instance,
-        )
+    let (from, to, to_written) = if from_client {
+        (&conn.client, &conn.instance, conn.written.to_instance)
     } else {
-        (
-            &conn.instance,
-            conn.pair.instance,
-            &conn.client,
-            conn.written.to_client,
-        )
+        (&conn.instance, &conn.client, conn.written.to_client)
     };
     if from_client && conn.progress.lock().expect("progress").instance_failed {
         // The client answered the close the proxy sent for the failed instance.
@@ -240,11 +254,6 @@ pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_
         return zero_hop::take_over_client(maps.clone(), conn.clone());
     }
     if let Some(e) = socket::take_error(from) {
-        let from_side = side_of(&maps, from_cookie).unwrap_or_default();
-        if from_side.flags & FLAG_MESSAGE_TOO_BIG != 0 {
-            // The parser refused a message over the limit: close both sides with 1009.
-            return stop_by_proxy(maps, conn, Ending::MessageTooBig).await;
-        }
         return conn.finish(SpliceEnd::Aborted(e));
     }
     let flushed = match &conn.zero_hop {

@@ -26,19 +26,19 @@ use aya::{
 };
 use proxy_common::{
     maps::{
-        ClientLink, DataPlaneEvent, EVENT_CLIENT_HELD, EVENT_INSTANCE_MESSAGE_TOO_BIG, FLAG_HELD,
-        InstanceLink, InstanceRecord, ROLE_CLIENT_PROBE, ROLE_INSTANCE, ROLE_PROXY_PIPELINED,
-        ROLE_PROXY_SENDS, ROLE_QUEUE_PROBE, SocketKey,
+        ClientLink, DataPlaneEvent, EVENT_CLIENT_HELD, EVENT_INSTANCE_FRAME_REFUSED, FLAG_HELD,
+        FLAG_PROTOCOL_ERROR, InstanceLink, InstanceRecord, ROLE_CLIENT_PROBE, ROLE_INSTANCE,
+        ROLE_PROXY_PIPELINED, ROLE_PROXY_SENDS, ROLE_QUEUE_PROBE, SocketKey,
     },
-    policy::{Ending, FrameViolation},
+    policy::Ending,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info};
 
 use super::{KernelDataPlane, LoadError, Maps, take_map, teardown::Spliced};
 use crate::{
-    data_plane::socket,
-    protocols::frames::{FrameCursor, FrameError},
+    data_plane::{relay::refusal_ending, socket},
+    protocols::frames::FrameCursor,
 };
 
 /// How many times (1 ms apart) to look for the record of an instance's socket.
@@ -515,11 +515,17 @@ fn on_event(plane: &Arc<KernelDataPlane>, event: DataPlaneEvent) {
     };
     match event.kind {
         EVENT_CLIENT_HELD => take_over_client(plane.maps.clone(), conn),
-        EVENT_INSTANCE_MESSAGE_TOO_BIG => {
+        EVENT_INSTANCE_FRAME_REFUSED => {
+            let function_side = super::teardown::side_of(&plane.maps, conn.pair.instance);
+            let ending = if function_side.is_some_and(|s| s.flags & FLAG_PROTOCOL_ERROR != 0) {
+                Ending::FunctionProtocolError
+            } else {
+                Ending::MessageTooBig
+            };
             tokio::spawn(super::teardown::stop_by_proxy(
                 plane.maps.clone(),
                 conn,
-                Ending::MessageTooBig,
+                ending,
             ));
         }
         kind => debug!(
@@ -571,8 +577,8 @@ pub(super) fn take_over_client(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>) {
             None => relay_client(&maps, &conn).await,
         };
         match result {
-            Ok(ClientRelayEnd::Refused) => {
-                super::teardown::stop_by_proxy(maps, conn, Ending::MessageTooBig).await
+            Ok(ClientRelayEnd::Refused(ending)) => {
+                super::teardown::stop_by_proxy(maps, conn, ending).await
             }
             Ok(ClientRelayEnd::Eof) => super::teardown::client_relay_done(conn, Ok(())),
             Err(e) => super::teardown::client_relay_done(conn, Err(e)),
@@ -584,9 +590,9 @@ pub(super) fn take_over_client(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>) {
 enum ClientRelayEnd {
     /// The client's EOF; the instance got everything before it.
     Eof,
-    /// A message over the function's limit: the frames before it went on, the proxy closes
-    /// the connection with 1009.
-    Refused,
+    /// A frame refused (a message over the function's limit, or one RFC 6455 forbids): the
+    /// frames before it went on, the proxy closes the connection (1009, 1002).
+    Refused(Ending),
 }
 
 /// Client -> instance once the kernel stopped: the client's bytes from the frame boundary
@@ -629,14 +635,14 @@ async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<ClientRe
         };
         let forward = match accounted {
             Ok(()) => n,
-            Err(FrameError::Policy(FrameViolation::MessageTooBig)) => {
+            Err(refusal) => {
+                // The whole frames before the refused one still go on.
                 let before = cursor.refused_at().unwrap_or(0);
                 if !conn.ended_by_proxy() {
                     write_all_async(&to, &conn.instance, &buf[..before]).await?;
                 }
-                return Ok(ClientRelayEnd::Refused);
+                return Ok(ClientRelayEnd::Refused(refusal_ending(refusal, true)));
             }
-            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
         };
         if conn.ended_by_proxy() {
             continue;
@@ -688,7 +694,19 @@ pub(super) async fn relay_instance(conn: &Spliced) -> io::Result<()> {
             // After the proxy's own close frame nothing more goes to the client.
             continue;
         }
-        write_all_async(&to, &conn.client, &buf[..n]).await?;
+        // Nothing from the first frame the kernel refused on (`SendState::refused_at`).
+        let (refused_at, forwarded) = {
+            let m = conn.plane.maps.lock().expect("maps lock");
+            let side = m.sides.get(&conn.pair.instance, 0).unwrap_or_default();
+            let link = m.zero_hop.instance_links.get(&keys.instance, 0);
+            (side.sends.refused_at, link.map_or(0, |l| l.forwarded))
+        };
+        let allowed = if refused_at == 0 {
+            n
+        } else {
+            refused_at.saturating_sub(forwarded).min(n as u64) as usize
+        };
+        write_all_async(&to, &conn.client, &buf[..allowed]).await?;
         // Now in the client socket: the instance's next writes may go straight after them.
         conn.plane
             .maps
