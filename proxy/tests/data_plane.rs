@@ -246,10 +246,7 @@ async fn frames_pipelined_with_the_handshake_are_forwarded_in_order(plane: DataP
 
 async fn a_frame_sent_alone_right_after_the_101_is_not_stranded(plane: DataPlaneMode) {
     let proxy = start(plane).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(UPGRADE.as_bytes()).await.unwrap();
-    let (head, mut pending) = read_response_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut s, mut pending) = upgraded_raw(proxy.addr).await;
     // Sent at once, possibly before the sockets are in the map, and nothing after it.
     s.write_all(&masked_frame(true, 1, b"lonely"))
         .await
@@ -263,10 +260,7 @@ async fn a_frame_sent_alone_right_after_the_101_is_not_stranded(plane: DataPlane
 
 async fn a_client_that_vanishes_mid_frame_is_torn_down_cleanly(plane: DataPlaneMode) {
     let proxy = start(plane).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(UPGRADE.as_bytes()).await.unwrap();
-    let (head, mut pending) = read_response_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut s, mut pending) = upgraded_raw(proxy.addr).await;
     s.write_all(&masked_frame(true, 1, b"whole")).await.unwrap();
     assert_eq!(
         read_server_frame(&mut s, &mut pending).await,
@@ -287,10 +281,7 @@ async fn a_client_keeping_tcp_open_after_the_closing_handshake_is_done_within_th
     plane: DataPlaneMode,
 ) {
     let proxy = start(plane).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(UPGRADE.as_bytes()).await.unwrap();
-    let (head, mut pending) = read_response_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut s, mut pending) = upgraded_raw(proxy.addr).await;
     s.write_all(&masked_frame(true, 8, &1000u16.to_be_bytes()))
         .await
         .unwrap();
@@ -304,11 +295,9 @@ async fn a_client_keeping_tcp_open_after_the_closing_handshake_is_done_within_th
         "{:?}",
         started.elapsed()
     );
-    let metrics = proxy.metrics().await;
-    assert!(
-        metrics.contains("wsedge_connections_ended_total{function=\"echo\",status=\"200\"} 1"),
-        "{metrics}"
-    );
+    proxy
+        .assert_one_ended_with(200, "the closing handshake was done")
+        .await;
     drop(s);
     proxy.stop().await;
 }
@@ -327,10 +316,7 @@ async fn a_message_over_the_limit_closes_both_sides_with_1009(plane: DataPlaneMo
     let (instance, mut closes) = recording_instance().await;
     let proxy = start_proxy(config(plane, instance, "")).await;
     for fragmented in [false, true] {
-        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(UPGRADE.as_bytes()).await.unwrap();
-        let (head, mut pending) = read_response_head(&mut s).await;
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let (mut s, mut pending) = upgraded_raw(proxy.addr).await;
         s.write_all(&masked_frame(true, 1, b"ok")).await.unwrap();
         if fragmented {
             // 200,000 + 62,145 bytes: one byte over 256 KiB in total.
@@ -355,6 +341,24 @@ async fn a_message_over_the_limit_closes_both_sides_with_1009(plane: DataPlaneMo
         drop(s);
         proxy.wait_no_connections().await;
     }
+    proxy.stop().await;
+}
+
+/// The proxy failed the connection over a frame RFC 6455 forbids: 1002 to the client and to
+/// the instance, and the connection ended with `status`.
+async fn failed_with_1002(
+    proxy: Proxy,
+    (mut s, mut pending): (TcpStream, Vec<u8>),
+    closes: &mut tokio::sync::mpsc::UnboundedReceiver<u16>,
+    status: u16,
+    why: &str,
+) {
+    assert_eq!(close_code_after(&mut s, &mut pending).await, 1002);
+    let to_instance = tokio::time::timeout(Duration::from_secs(5), closes.recv()).await;
+    assert_eq!(to_instance.unwrap(), Some(1002), "the instance is told too");
+    drop(s);
+    proxy.wait_no_connections().await;
+    proxy.assert_one_ended_with(status, why).await;
     proxy.stop().await;
 }
 
@@ -404,27 +408,21 @@ async fn a_client_frame_with_a_reserved_opcode_fails_the_connection_with_1002_bo
 ) {
     let (instance, mut closes) = recording_instance().await;
     let proxy = start_proxy(config(plane, instance, "")).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(UPGRADE.as_bytes()).await.unwrap();
-    let (head, mut pending) = read_response_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut s, mut pending) = upgraded_raw(proxy.addr).await;
     s.write_all(&masked_frame(true, 1, b"ok")).await.unwrap();
     assert_eq!(
         read_server_frame(&mut s, &mut pending).await,
         (1, b"ok".to_vec())
     );
     s.write_all(&masked_frame(true, 3, b"")).await.unwrap();
-    assert_eq!(close_code_after(&mut s, &mut pending).await, 1002);
-    let to_instance = tokio::time::timeout(Duration::from_secs(5), closes.recv()).await;
-    assert_eq!(to_instance.unwrap(), Some(1002), "the instance is told too");
-    drop(s);
-    proxy.wait_no_connections().await;
-    let metrics = proxy.metrics().await;
-    assert!(
-        metrics.contains("wsedge_connections_ended_total{function=\"echo\",status=\"456\"} 1"),
-        "the client broke the protocol: {metrics}"
-    );
-    proxy.stop().await;
+    failed_with_1002(
+        proxy,
+        (s, pending),
+        &mut closes,
+        456,
+        "the client broke the protocol",
+    )
+    .await;
 }
 
 async fn an_instance_frame_with_a_reserved_opcode_fails_the_connection_with_1002_both_ways(
@@ -432,22 +430,16 @@ async fn an_instance_frame_with_a_reserved_opcode_fails_the_connection_with_1002
 ) {
     let (instance, mut closes) = reserved_opcode_instance().await;
     let proxy = start_proxy(config(plane, instance, "")).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(UPGRADE.as_bytes()).await.unwrap();
-    let (head, mut pending) = read_response_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut s, pending) = upgraded_raw(proxy.addr).await;
     s.write_all(&masked_frame(true, 1, b"go")).await.unwrap();
-    assert_eq!(close_code_after(&mut s, &mut pending).await, 1002);
-    let to_instance = tokio::time::timeout(Duration::from_secs(5), closes.recv()).await;
-    assert_eq!(to_instance.unwrap(), Some(1002), "the instance is told too");
-    drop(s);
-    proxy.wait_no_connections().await;
-    let metrics = proxy.metrics().await;
-    assert!(
-        metrics.contains("wsedge_connections_ended_total{function=\"echo\",status=\"439\"} 1"),
-        "the function broke the protocol: {metrics}"
-    );
-    proxy.stop().await;
+    failed_with_1002(
+        proxy,
+        (s, pending),
+        &mut closes,
+        439,
+        "the function broke the protocol",
+    )
+    .await;
 }
 
 on_both_planes!(

@@ -193,6 +193,19 @@ async fn open(p: &Proxy) -> Ws {
         .0
 }
 
+/// Upgrades `stream` through wsedge with a raw request (the first connection includes the
+/// instance's cold start) and checks that it is the one connection, on the zero-hop plane.
+async fn upgrade_raw(p: &Proxy, stream: TcpStream) -> (TcpStream, Vec<u8>) {
+    let upgraded = tokio::time::timeout(
+        Duration::from_secs(20),
+        open_raw(stream, UPGRADE.as_bytes()),
+    )
+    .await
+    .expect("upgraded in time (cold start included)");
+    assert_zero_hop(p, 1).await;
+    upgraded
+}
+
 async fn recv(ws: &mut Ws) -> Message {
     tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
@@ -810,13 +823,7 @@ async fn a_client_flooding_an_instance_that_stops_reading_is_held_back_then_ever
     let dir = tempfile::tempdir().unwrap();
     let p = slow_proxy("hold-reads", dir.path()).await;
     let stream = connect_pinned(&p, true).await;
-    let (mut s, mut pending) = tokio::time::timeout(
-        Duration::from_secs(20),
-        open_raw(stream, UPGRADE.as_bytes()),
-    )
-    .await
-    .expect("upgraded in time (cold start included)");
-    assert_zero_hop(&p, 1).await;
+    let (mut s, mut pending) = upgrade_raw(&p, stream).await;
     // Push frames until a write makes no progress for a second: the client is held back.
     let (mut hash, mut payload_bytes, mut pushed) = (Sha256::new(), 0u64, 0u64);
     let (mut frames, mut frame, mut at) = (0u32, Vec::new(), 0);
@@ -885,13 +892,7 @@ async fn a_message_over_the_limit_after_the_client_was_held_back_closes_it_with_
     let dir = tempfile::tempdir().unwrap();
     let p = slow_proxy("hold-reads", dir.path()).await;
     let stream = connect_pinned(&p, true).await;
-    let (mut s, mut pending) = tokio::time::timeout(
-        Duration::from_secs(20),
-        open_raw(stream, UPGRADE.as_bytes()),
-    )
-    .await
-    .expect("upgraded in time (cold start included)");
-    assert_zero_hop(&p, 1).await;
+    let (mut s, mut pending) = upgrade_raw(&p, stream).await;
     // Held back as in the flooding case: from here on userspace relays the client's frames.
     let (mut frames, mut frame, mut at, mut pushed) = (0u32, Vec::new(), 0, 0u64);
     let started = Instant::now();
@@ -948,22 +949,13 @@ async fn a_message_over_the_limit_after_the_client_was_held_back_closes_it_with_
 async fn a_client_frame_with_a_reserved_opcode_fails_the_connection_with_1002() {
     let p = start_spawned(&Example::Rust.command(), "").await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut s, mut pending) = tokio::time::timeout(
-        Duration::from_secs(20),
-        open_raw(stream, UPGRADE.as_bytes()),
-    )
-    .await
-    .expect("upgraded in time (cold start included)");
-    assert_zero_hop(&p, 1).await;
+    let (mut s, mut pending) = upgrade_raw(&p, stream).await;
     s.write_all(&masked_frame(true, 3, b"")).await.unwrap();
     assert_eq!(close_code_after(&mut s, &mut pending).await, 1002);
     drop(s);
     wait_gone(&p, Duration::from_secs(5)).await;
-    let metrics = p.metrics().await;
-    assert!(
-        metrics.contains("wsedge_connections_ended_total{function=\"echo\",status=\"456\"} 1"),
-        "the client broke the protocol: {metrics}"
-    );
+    p.assert_one_ended_with(456, "the client broke the protocol")
+        .await;
     p.stop().await;
 }
 
@@ -972,13 +964,7 @@ async fn an_instance_frame_with_a_reserved_opcode_fails_the_connection_with_1002
     let dir = tempfile::tempdir().unwrap();
     let p = slow_proxy("garbage", dir.path()).await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut s, mut pending) = tokio::time::timeout(
-        Duration::from_secs(20),
-        open_raw(stream, UPGRADE.as_bytes()),
-    )
-    .await
-    .expect("upgraded in time (cold start included)");
-    assert_zero_hop(&p, 1).await;
+    let (mut s, mut pending) = upgrade_raw(&p, stream).await;
     s.write_all(&masked_frame(true, 1, b"go")).await.unwrap();
     assert_eq!(close_code_after(&mut s, &mut pending).await, 1002);
     assert_eq!(
@@ -988,11 +974,8 @@ async fn an_instance_frame_with_a_reserved_opcode_fails_the_connection_with_1002
     );
     drop(s);
     wait_gone(&p, Duration::from_secs(5)).await;
-    let metrics = p.metrics().await;
-    assert!(
-        metrics.contains("wsedge_connections_ended_total{function=\"echo\",status=\"439\"} 1"),
-        "the function broke the protocol: {metrics}"
-    );
+    p.assert_one_ended_with(439, "the function broke the protocol")
+        .await;
     p.stop().await;
 }
 
@@ -1028,13 +1011,7 @@ async fn frames_an_instance_writes_right_after_its_101_arrive_complete_and_in_or
     let stream = TcpStream::connect(p.addr).await.unwrap();
     // The instance starts writing the moment its 101 is out, while the proxy is still
     // putting the connection on the zero-hop plane.
-    let (mut s, mut pending) = tokio::time::timeout(
-        Duration::from_secs(20),
-        open_raw(stream, UPGRADE.as_bytes()),
-    )
-    .await
-    .expect("upgraded in time (cold start included)");
-    assert_zero_hop(&p, 1).await;
+    let (mut s, mut pending) = upgrade_raw(&p, stream).await;
     assert_eq!(read_numbered_frames(&mut s, &mut pending).await, 64);
     s.write_all(&masked_frame(true, 8, &1000u16.to_be_bytes()))
         .await
@@ -1051,13 +1028,7 @@ async fn an_instance_pushing_to_a_client_that_stops_reading_is_held_back_and_its
     let dir = tempfile::tempdir().unwrap();
     let p = slow_proxy("push", dir.path()).await;
     let stream = connect_pinned(&p, false).await;
-    let (mut s, mut pending) = tokio::time::timeout(
-        Duration::from_secs(20),
-        open_raw(stream, UPGRADE.as_bytes()),
-    )
-    .await
-    .expect("upgraded in time (cold start included)");
-    assert_zero_hop(&p, 1).await;
+    let (mut s, mut pending) = upgrade_raw(&p, stream).await;
     // The client reads nothing until the instance says its writes stopped progressing.
     let blocked = wait_status(dir.path(), "blocked", Duration::from_secs(10)).await;
     let fields: Vec<u64> = blocked

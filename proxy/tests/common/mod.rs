@@ -228,6 +228,16 @@ pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A raw client of `addr` that sent the upgrade and read the 101; returns the stream and the
+/// bytes read past the 101.
+pub async fn upgraded_raw(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let (head, pending) = read_response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (s, pending)
+}
+
 /// Reads an HTTP response head from a raw stream; returns it and any bytes after it.
 pub async fn read_response_head(s: &mut TcpStream) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
@@ -344,6 +354,14 @@ impl Proxy {
 
     pub async fn metrics(&self) -> String {
         http_get(self.admin, "/metrics").await.1
+    }
+
+    /// Asserts that exactly one connection of the function "echo" ended, with `status`.
+    pub async fn assert_one_ended_with(&self, status: u16, why: &str) {
+        let metrics = self.metrics().await;
+        let line =
+            format!("wsedge_connections_ended_total{{function=\"echo\",status=\"{status}\"}} 1");
+        assert!(metrics.contains(&line), "{why}: {metrics}");
     }
 }
 
