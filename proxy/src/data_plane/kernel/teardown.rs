@@ -48,7 +48,7 @@ pub struct Spliced {
 
 pub(super) struct ZeroHopConn {
     pub(super) keys: ZeroHopKeys,
-    /// Userspace relays client -> instance (the kernel diverted that direction).
+    /// Userspace relays client -> instance (the kernel stopped parsing the client's frames).
     pub(super) client_relay: std::sync::atomic::AtomicBool,
 }
 

@@ -478,7 +478,7 @@ pub(super) async fn wait_instance_drained(
     }
 }
 
-/// Kernel events: a direction diverted, a message refused.
+/// Kernel events: the client's frames held for userspace, an instance frame refused.
 async fn read_events(mut reader: AsyncFd<RingBuf<MapData>>, plane: Weak<KernelDataPlane>) {
     loop {
         let Ok(mut guard) = reader.readable_mut().await else {
