@@ -179,6 +179,11 @@ impl Server {
         let retired = std::mem::take(&mut *state.retired.lock().expect("retired lock"));
         let pools = routes.pools().chain(retired.iter());
         futures_util::future::join_all(pools.map(|p| p.stop_all())).await;
+        if let Some(dir) = &state.instance_cgroups
+            && let Err(e) = cgroup::remove_server_dir(dir)
+        {
+            warn!(cgroup = %dir.display(), error = %e, "cannot remove this server's cgroup");
+        }
         supervisor.abort();
         admin_task.abort();
         info!("wsedge stopped");

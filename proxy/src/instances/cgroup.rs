@@ -92,6 +92,15 @@ impl Cgroup {
     }
 }
 
+/// Removes a server's directory (see [`server_dir`]) once its instances are stopped, so a
+/// clean stop leaves nothing for [`clean_leftovers`].
+pub fn remove_server_dir(dir: &Path) -> io::Result<()> {
+    Cgroup {
+        path: dir.to_path_buf(),
+    }
+    .remove()
+}
+
 /// Kills and removes instance cgroups whose wsedge process is gone (a crash or SIGKILL of
 /// wsedge), so their instances and namespaces do not outlive it.
 pub fn clean_leftovers(root: &Path) {
