@@ -3,6 +3,7 @@
 
 pub mod echo;
 pub mod load;
+pub mod slow;
 pub mod sys;
 pub mod ws;
 

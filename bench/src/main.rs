@@ -23,6 +23,33 @@ enum Cmd {
     Echo(EchoArgs),
     /// Drive a WebSocket URL and print a JSON report.
     Load(LoadArgs),
+    /// A function instance that reads nothing until a file exists (the slow-reader check).
+    HoldInstance(HoldArgs),
+    /// Flood a `hold-instance` until held back, let it read, check every byte arrived in order.
+    Flood(FloodArgs),
+}
+
+#[derive(Args)]
+struct HoldArgs {
+    /// Address to listen on; without it 0.0.0.0:$PORT (9000 if unset), as instances do.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// The file whose existence lets the instance read.
+    #[arg(long)]
+    go: std::path::PathBuf,
+}
+
+#[derive(Args)]
+struct FloodArgs {
+    /// ip:port of the proxy (or instance).
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Request path of the upgrade.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// The file the instance waits for (created once the client is held back).
+    #[arg(long)]
+    go: std::path::PathBuf,
 }
 
 #[derive(Args)]
@@ -82,6 +109,35 @@ fn instance_address() -> Result<SocketAddr, String> {
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
+        Cmd::HoldInstance(a) => {
+            let result = a
+                .listen
+                .map_or_else(instance_address, Ok)
+                .map_err(std::io::Error::other)
+                .and_then(|listen| bench::slow::run_hold_instance(listen, &a.go));
+            if let Err(e) = result {
+                eprintln!("hold-instance: {e}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Cmd::Flood(a) => match bench::slow::run_flood(a.addr, &a.path, &a.go) {
+            Ok(report) => {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("report serializes")
+                );
+                if report.ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("flood: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Echo(a) => {
             let listen = match a.listen.map_or_else(instance_address, Ok) {
                 Ok(addr) => addr,

@@ -139,6 +139,32 @@ if kill -0 $WP 2>/dev/null; then
   echo "--- wsedge-zh.log after load"; cat /wsedge-zh.log; echo "---"
   kill $WP; sleep 1
 fi
+
+# Zero-hop slow reader: a client flooding an instance that reads nothing until /go exists is
+# held back (the client socket's stream parser stops), then every byte arrives in order.
+cat > /h.toml <<EOC
+[server]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9901"
+data_plane = "kernel"
+state_dir = "/tmp"
+[[function]]
+name = "hold"
+route = "/hold"
+command = ["/bench", "hold-instance", "--go", "/go"]
+EOC
+echo "=== starting wsedge zero-hop, instance that stops reading"
+/wsedge run -c /h.toml > /wsedge-hold.log 2>&1 &
+WP=$!
+sleep 2
+if kill -0 $WP 2>/dev/null; then
+  echo "=== bench flood (zero-hop)"
+  /bench flood --addr 127.0.0.1:8080 --path /hold --go /go
+  echo "bench flood rc=$?"
+  sleep 1
+  echo "--- wsedge-hold.log"; cat /wsedge-hold.log; echo "---"
+  kill $WP; sleep 1
+fi
 echo "=== uname -r: $(uname -r)"
 echo "=== TEST DONE"
 poweroff -f
