@@ -352,6 +352,10 @@ impl KernelDataPlane {
                 instance: socket::cookie(&instance)?,
             };
             socket::set_receive_buffer(&client, MAX_FRAME_WIRE_LEN as usize)?;
+            // A fixed size (no autotuning up to `tcp_rmem`'s 6 MiB) for what the instance's
+            // writes park here while the client does not read: with the client socket's send
+            // buffer, that is all the proxy path holds for such a client.
+            socket::set_receive_buffer(&instance, MAX_FRAME_WIRE_LEN as usize)?;
             let sides = self.maps.lock().expect("maps lock").insert_sides(
                 pair,
                 written,
