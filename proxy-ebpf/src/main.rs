@@ -161,8 +161,9 @@ pub fn ws_frame_len(ctx: SkBuffContext) -> u32 {
 
 /// Returns the wire length of the frame at the head of the stream, 0 when more bytes are
 /// needed, or a negative errno that makes the kernel report an error on the socket: the
-/// frame is refused, or the peer has not taken `MAX_BACKLOG_BYTES` of what was redirected
-/// to it (checked here, before the frame is consumed, because the verdict cannot hold one).
+/// frame is refused, the peer has not taken `MAX_BACKLOG_BYTES` of what was redirected to it
+/// (checked here, before the frame is consumed, because the verdict cannot hold one), or a
+/// zero-hop client is held for userspace (`EAGAIN`, `FLAG_HELD`).
 fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     // SAFETY: map value pointer from a successful lookup; the parser and the verdict of one
@@ -214,8 +215,8 @@ fn frame_len(ctx: &SkBuffContext, mut side: Option<&mut SideState>) -> Result<u3
         && side.flags & FLAG_ZERO_HOP == 0
     {
         // Two-socket only (zero-hop watches its instance in `zero_hop::client_frame`, with the
-        // same `backlog_checked_at`). The lookup costs a few helper calls: only every BACKLOG_CHECK_EVERY bytes, which
-        // a reader that keeps up never lets pile up anyway.
+        // same `backlog_checked_at`). The lookup costs a few helper calls: only every
+        // BACKLOG_CHECK_EVERY bytes, which a reader that keeps up never lets pile up anyway.
         if side.bytes.wrapping_sub(side.backlog_checked_at) >= BACKLOG_CHECK_EVERY {
             side.backlog_checked_at = side.bytes;
             if peer_backlog(side) > MAX_BACKLOG_BYTES {

@@ -279,7 +279,21 @@ impl KernelDataPlane {
         on_spliced: impl FnOnce(SplicedPair),
         on_end: OnEnd,
     ) {
-        let pair = match self.enter_maps(client, instance, written, max_message_bytes) {
+        let entered = self.enter_maps(client, instance, written, max_message_bytes);
+        self.carry(entered, written, None, on_spliced, on_end);
+    }
+
+    /// Once a splice's maps are filled: the connection's record, told to `on_spliced` and
+    /// watched for hang-ups; or, when filling them failed, its end at once.
+    fn carry(
+        self: &Arc<Self>,
+        entered: io::Result<(TcpStream, TcpStream, SplicedPair)>,
+        written: WrittenByHand,
+        zero_hop: Option<Box<teardown::ZeroHopConn>>,
+        on_spliced: impl FnOnce(SplicedPair),
+        on_end: OnEnd,
+    ) {
+        let (client, instance, pair) = match entered {
             Ok(entered) => entered,
             Err(e) => {
                 return on_end(
@@ -289,7 +303,6 @@ impl KernelDataPlane {
                 );
             }
         };
-        let (client, instance, pair) = pair;
         on_spliced(pair);
         let conn = Arc::new(Spliced {
             client,
@@ -297,9 +310,12 @@ impl KernelDataPlane {
             pair,
             written,
             plane: self.clone(),
-            zero_hop: None,
+            zero_hop,
             progress: Mutex::new(Progress::new(on_end)),
         });
+        if conn.zero_hop.is_some() {
+            zero_hop::register_conn(&self.maps, pair.client, &conn);
+        }
         self.watch(conn);
     }
 
@@ -372,31 +388,11 @@ impl KernelDataPlane {
             socket::kick_receive_path(&client)?;
             Ok::<_, io::Error>((client, instance, pair))
         })();
-        let (client, instance, pair) = match entered {
-            Ok(entered) => entered,
-            Err(e) => {
-                return on_end(
-                    SpliceEnd::Aborted(e),
-                    SideState::default(),
-                    SideState::default(),
-                );
-            }
-        };
-        on_spliced(pair);
-        let conn = Arc::new(Spliced {
-            client,
-            instance,
-            pair,
-            written,
-            plane: self.clone(),
-            zero_hop: Some(Box::new(teardown::ZeroHopConn {
-                keys,
-                client_relay: Default::default(),
-            })),
-            progress: Mutex::new(Progress::new(on_end)),
+        let zero_hop = Box::new(teardown::ZeroHopConn {
+            keys,
+            client_relay: Default::default(),
         });
-        zero_hop::register_conn(&self.maps, pair.client, &conn);
-        self.watch(conn);
+        self.carry(entered, written, Some(zero_hop), on_spliced, on_end);
     }
 
     /// Sizes the buffers, inserts both sockets and kicks the parser.

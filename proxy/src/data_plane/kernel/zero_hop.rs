@@ -611,13 +611,7 @@ async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<ClientRe
     let mut buf = vec![0u8; 64 * 1024];
     let mut drained = false;
     loop {
-        let n = loop {
-            let mut guard = from.readable().await?;
-            match guard.try_io(|_| (&conn.client).read(&mut buf)) {
-                Ok(result) => break result?,
-                Err(_would_block) => continue,
-            }
-        };
+        let n = read_async(&from, &conn.client, &mut buf).await?;
         if !drained {
             // The first relayed byte must not overtake what the kernel queued.
             wait_instance_drained(maps, conn, &keys, Duration::from_secs(24 * 3600)).await?;
@@ -633,21 +627,32 @@ async fn relay_client(maps: &Mutex<Maps>, conn: &Spliced) -> io::Result<ClientRe
             let _ = m.sides.insert(client, side, 0);
             result
         };
-        let forward = match accounted {
-            Ok(()) => n,
-            Err(refusal) => {
-                // The whole frames before the refused one still go on.
-                let before = cursor.refused_at().unwrap_or(0);
-                if !conn.ended_by_proxy() {
-                    write_all_async(&to, &conn.instance, &buf[..before]).await?;
-                }
-                return Ok(ClientRelayEnd::Refused(refusal_ending(refusal, true)));
+        if let Err(refusal) = accounted {
+            // The whole frames before the refused one still go on.
+            let before = cursor.refused_at().unwrap_or(0);
+            if !conn.ended_by_proxy() {
+                write_all_async(&to, &conn.instance, &buf[..before]).await?;
             }
-        };
+            return Ok(ClientRelayEnd::Refused(refusal_ending(refusal, true)));
+        }
         if conn.ended_by_proxy() {
             continue;
         }
-        write_all_async(&to, &conn.instance, &buf[..forward]).await?;
+        write_all_async(&to, &conn.instance, &buf[..n]).await?;
+    }
+}
+
+/// Reads what is there, waiting until something is (0: EOF).
+async fn read_async(
+    registered: &AsyncFd<OwnedFd>,
+    from: &TcpStream,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    loop {
+        let mut guard = registered.readable().await?;
+        if let Ok(result) = guard.try_io(|_| (&*from).read(buf)) {
+            return result;
+        }
     }
 }
 
@@ -680,13 +685,7 @@ pub(super) async fn relay_instance(conn: &Spliced) -> io::Result<()> {
     let to = with_runtime(OwnedFd::from(conn.client.try_clone()?))?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = loop {
-            let mut guard = from.readable().await?;
-            match guard.try_io(|_| (&conn.instance).read(&mut buf)) {
-                Ok(result) => break result?,
-                Err(_would_block) => continue,
-            }
-        };
+        let n = read_async(&from, &conn.instance, &mut buf).await?;
         if n == 0 {
             return Ok(());
         }
