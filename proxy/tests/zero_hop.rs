@@ -202,6 +202,12 @@ async fn upgrade_raw(p: &Proxy, stream: TcpStream) -> (TcpStream, Vec<u8>) {
     )
     .await
     .expect("upgraded in time (cold start included)");
+    // The proxy lists the connection once it has put it on a data plane, which may be just
+    // after the 101 left.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.connections().await.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_zero_hop(p, 1).await;
     upgraded
 }
@@ -550,12 +556,7 @@ async fn a_frame_sent_alone_right_after_the_101_is_not_stranded(example: Example
         return;
     };
     let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut s, mut pending) = tokio::time::timeout(
-        Duration::from_secs(20),
-        open_raw(stream, UPGRADE.as_bytes()),
-    )
-    .await
-    .expect("upgraded in time (cold start included)");
+    let (mut s, mut pending) = upgrade_raw(&p, stream).await;
     // Sent at once, possibly before the sockets are in the maps, and nothing after it.
     s.write_all(&masked_frame(true, 1, b"lonely"))
         .await
@@ -575,12 +576,7 @@ async fn a_client_that_vanishes_mid_frame_is_cleaned_up_and_the_next_connection_
         return;
     };
     let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut s, mut pending) = tokio::time::timeout(
-        Duration::from_secs(20),
-        open_raw(stream, UPGRADE.as_bytes()),
-    )
-    .await
-    .expect("upgraded in time (cold start included)");
+    let (mut s, mut pending) = upgrade_raw(&p, stream).await;
     s.write_all(&masked_frame(true, 1, b"whole")).await.unwrap();
     assert_eq!(
         read_server_frame(&mut s, &mut pending).await,
@@ -603,12 +599,7 @@ async fn a_message_over_the_limit_closes_the_client_with_1009(example: Example) 
         return;
     };
     let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut s, mut pending) = tokio::time::timeout(
-        Duration::from_secs(20),
-        open_raw(stream, UPGRADE.as_bytes()),
-    )
-    .await
-    .expect("upgraded in time (cold start included)");
+    let (mut s, mut pending) = upgrade_raw(&p, stream).await;
     s.write_all(&masked_frame(true, 1, b"ok")).await.unwrap();
     assert_eq!(
         read_server_frame(&mut s, &mut pending).await,
