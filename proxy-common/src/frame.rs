@@ -140,6 +140,34 @@ pub fn window_of(bytes: &[u8]) -> ([u8; MAX_HEADER_LEN], usize) {
     (window, bytes.len())
 }
 
+/// How many of a close frame's first bytes hold its header and status code: `header_len + 2`
+/// (a control frame's header is 2 bytes, 6 with a mask), or just the header when it carries
+/// no code.
+#[inline(always)]
+pub fn close_code_end(h: &FrameHeader) -> usize {
+    if h.payload_len >= 2 {
+        h.header_len as usize + 2
+    } else {
+        h.header_len as usize
+    }
+}
+
+/// The status code of a close frame whose first [`close_code_end`] bytes are in `window`:
+/// 1005 ("no status received") when it carries none. Both kernel programs and the userspace
+/// cursor's callers read it here, with constant indexes the verifier accepts.
+#[inline(always)]
+pub fn close_code_in(window: &[u8; MAX_HEADER_LEN], h: &FrameHeader) -> u16 {
+    if h.payload_len < 2 {
+        return 1005;
+    }
+    let bytes = if h.mask.is_some() {
+        [window[6], window[7]]
+    } else {
+        [window[2], window[3]]
+    };
+    close_code(bytes, h.mask)
+}
+
 /// Reads a close frame's status code from its first two (possibly masked) payload bytes.
 #[inline(always)]
 pub fn close_code(payload_start: [u8; 2], mask: Option<[u8; 4]>) -> u16 {
@@ -153,6 +181,22 @@ pub fn close_code(payload_start: [u8; 2], mask: Option<[u8; 4]>) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_code_in_reads_masked_unmasked_and_missing_codes() {
+        // Unmasked 1000 "x": 88 03 03 e8 78.
+        let (w, n) = window_of(&[0x88, 0x03, 0x03, 0xe8, b'x']);
+        let HeaderParse::Complete(h) = parse_header(&w, n) else { panic!() };
+        assert_eq!((close_code_end(&h), close_code_in(&w, &h)), (4, 1000));
+        // Masked 1001 with mask 01 02 03 04: payload bytes 03^01, e9^02.
+        let (w, n) = window_of(&[0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xe9 ^ 2]);
+        let HeaderParse::Complete(h) = parse_header(&w, n) else { panic!() };
+        assert_eq!((close_code_end(&h), close_code_in(&w, &h)), (8, 1001));
+        // No payload: 1005.
+        let (w, n) = window_of(&[0x88, 0x80, 1, 2, 3, 4]);
+        let HeaderParse::Complete(h) = parse_header(&w, n) else { panic!() };
+        assert_eq!((close_code_end(&h), close_code_in(&w, &h)), (6, 1005));
+    }
 
     fn parse(bytes: &[u8]) -> HeaderParse {
         let (w, n) = window_of(bytes);

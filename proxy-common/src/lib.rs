@@ -9,6 +9,7 @@
 pub mod frame;
 pub mod maps;
 pub mod message;
+pub mod offsets;
 pub mod policy;
 
 pub use frame::{FrameHeader, HeaderParse, MAX_HEADER_LEN, parse_header};

@@ -5,7 +5,7 @@
 use crate::{
     FrameHeader, MessageTracker, SideState,
     frame::OPCODE_CONTINUATION,
-    maps::{FLAG_CLOSE_SEEN, MAX_FRAME_WIRE_LEN},
+    maps::{FLAG_CLOSE_SEEN, FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, MAX_FRAME_WIRE_LEN},
 };
 
 /// Close code the proxy sends the client when the instance's side ended (TCP FIN or reset)
@@ -141,6 +141,32 @@ pub enum FrameViolation {
     /// Its message (all fragments so far and this one) is over `max_message_bytes`: the
     /// connection is closed with 1009.
     MessageTooBig,
+}
+
+impl FrameViolation {
+    /// The side-state flag the kernel sets for a refused frame, which userspace reads back
+    /// with [`refusal_ending`]. A frame too large to assemble is refused as too big, as a
+    /// message over the limit is.
+    #[inline(always)]
+    pub fn flag(self) -> u32 {
+        match self {
+            FrameViolation::MessageTooBig | FrameViolation::TooLarge => FLAG_MESSAGE_TOO_BIG,
+        }
+    }
+}
+
+/// How the proxy ends a connection over a frame its sender's side state says was refused
+/// (`flags` of the side that sent it; `from_client`: which side that is), or `None` when
+/// nothing was refused: 1009 for a message over the limit, 1002 for a frame RFC 6455 forbids.
+#[inline(always)]
+pub fn refusal_ending(flags: u32, from_client: bool) -> Option<Ending> {
+    if flags & FLAG_MESSAGE_TOO_BIG != 0 {
+        Some(Ending::MessageTooBig)
+    } else if flags & FLAG_PROTOCOL_ERROR != 0 {
+        Some(Ending::protocol_error(from_client))
+    } else {
+        None
+    }
 }
 
 /// Accepts or refuses one frame header, given the message it continues (`tracker`, before

@@ -16,12 +16,13 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod kernel;
 mod zero_hop;
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_probe_read_kernel,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem,
         bpf_sk_release, bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
     },
     macros::{map, stream_parser, stream_verdict},
@@ -30,14 +31,14 @@ use aya_ebpf::{
 };
 use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, MessageTracker, SideState,
-    frame::{close_code, header_len},
+    frame::{close_code_end, close_code_in, header_len},
     maps::{
         BACKLOG_CHECK_EVERY, EVENT_CLIENT_HELD, FLAG_CLOSE_SEEN, FLAG_DIVERTED, FLAG_HELD,
-        FLAG_MESSAGE_TOO_BIG, FLAG_PARSER_PENDING, FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR,
+        FLAG_PARSER_PENDING, FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR,
         FLAG_ZERO_HOP, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
     },
     parse_header,
-    policy::{FrameViolation, check_frame},
+    policy::check_frame,
 };
 
 /// Sockets whose incoming frames these programs parse and redirect (programs attached).
@@ -54,24 +55,6 @@ pub static TARGETS: SockHash<u64> = SockHash::with_max_entries(2 * MAX_CONNECTIO
 #[map]
 pub static SIDES: HashMap<u64, SideState> = HashMap::with_max_entries(2 * MAX_CONNECTIONS, 0);
 
-/// Byte offset from the `struct sk_buff` to its `strp_msg.offset`, found by userspace in the
-/// kernel's BTF and set at load time. The stream parser may hand us a head skb in which the
-/// message starts after earlier bytes; `__sk_buff` does not expose where.
-#[unsafe(no_mangle)]
-static STRP_OFFSET_AT: u32 = 0;
-
-/// Offsets into `struct tcp_sock` of `bytes_acked`, `snd_una` and `write_seq`, from the
-/// kernel's BTF, set at load time.
-#[unsafe(no_mangle)]
-pub static TCP_BYTES_ACKED_AT: u32 = 0;
-#[unsafe(no_mangle)]
-pub static TCP_SND_UNA_AT: u32 = 0;
-#[unsafe(no_mangle)]
-pub static TCP_WRITE_SEQ_AT: u32 = 0;
-
-/// Byte offset from the `struct sk_buff` to its `strp_msg.full_len`, like `STRP_OFFSET_AT`.
-#[unsafe(no_mangle)]
-static STRP_FULL_LEN_AT: u32 = 0;
 
 const EMSGSIZE: i64 = 90;
 const EBADMSG: i64 = 74;
@@ -82,27 +65,19 @@ const EAGAIN: i64 = 11;
 /// Where the current message starts within the skb (`strp_msg(skb)->offset`).
 #[inline(always)]
 fn message_offset(ctx: &SkBuffContext) -> Result<u32, ()> {
-    control_block_u32(ctx, &STRP_OFFSET_AT)
+    control_block_u32(ctx, kernel::offsets().strp_offset)
 }
 
 /// Length of the current message (`strp_msg(skb)->full_len`): one frame or a piece of one.
 #[inline(always)]
 fn message_len(ctx: &SkBuffContext) -> Result<u32, ()> {
-    control_block_u32(ctx, &STRP_FULL_LEN_AT)
+    control_block_u32(ctx, kernel::offsets().strp_full_len)
 }
 
 /// Reads a u32 of the skb's control block at a location found in the kernel's BTF.
 #[inline(always)]
-fn control_block_u32(ctx: &SkBuffContext, location: &u32) -> Result<u32, ()> {
-    let at = unsafe { core::ptr::read_volatile(location) };
-    if at == 0 || at > 512 {
-        return Err(());
-    }
-    let src = (ctx.skb.skb as *const u8)
-        .wrapping_add(at as usize)
-        .cast::<u32>();
-    // SAFETY: reads 4 bytes of the skb's control block.
-    unsafe { bpf_probe_read_kernel(src) }.map_err(|_| ())
+fn control_block_u32(ctx: &SkBuffContext, at: u32) -> Result<u32, ()> {
+    kernel::read_at::<u32>(ctx.skb.skb as *const u8, at).ok_or(())
 }
 
 /// Loads `N` bytes at `offset` into the front of `window`; `N` is a constant, which is what
@@ -236,13 +211,8 @@ fn frame_len(ctx: &SkBuffContext, mut side: Option<&mut SideState>) -> Result<u3
             match check_frame(&h, &tracker, limit) {
                 Ok(()) => Ok(frame_message_len(&h, avail as u64)),
                 Err(violation) => {
-                    let flag = match violation {
-                        FrameViolation::MessageTooBig => FLAG_MESSAGE_TOO_BIG,
-                        // Too large to assemble: refused as too big, as a message over the limit is.
-                        FrameViolation::TooLarge => FLAG_MESSAGE_TOO_BIG,
-                    };
                     if let Some(side) = side {
-                        side.flags |= flag;
+                        side.flags |= violation.flag();
                     }
                     Err(EMSGSIZE)
                 }
@@ -294,7 +264,7 @@ fn peer_backlog(side: &SideState) -> u64 {
     let taken = if tp.is_null() {
         None
     } else {
-        taken_by_tcp(tp.cast())
+        kernel::stream_position(tp.cast())
     };
     // SAFETY: releases the reference the lookup took.
     unsafe { bpf_sk_release(sk) };
@@ -304,27 +274,6 @@ fn peer_backlog(side: &SideState) -> u64 {
     }
 }
 
-/// `bytes_acked + (write_seq - snd_una)` of a `struct tcp_sock`.
-#[inline(always)]
-fn taken_by_tcp(tp: *const u8) -> Option<u64> {
-    let (acked_at, una_at, seq_at) = unsafe {
-        (
-            core::ptr::read_volatile(&TCP_BYTES_ACKED_AT),
-            core::ptr::read_volatile(&TCP_SND_UNA_AT),
-            core::ptr::read_volatile(&TCP_WRITE_SEQ_AT),
-        )
-    };
-    if acked_at == 0 || acked_at > 4096 || una_at > 4096 || seq_at > 4096 {
-        return None;
-    }
-    // SAFETY: reads of plain fields of a live tcp_sock, located via the kernel's BTF.
-    unsafe {
-        let acked: u64 = bpf_probe_read_kernel(tp.wrapping_add(acked_at as usize).cast()).ok()?;
-        let una: u32 = bpf_probe_read_kernel(tp.wrapping_add(una_at as usize).cast()).ok()?;
-        let seq: u32 = bpf_probe_read_kernel(tp.wrapping_add(seq_at as usize).cast()).ok()?;
-        Some(acked + u64::from(seq.wrapping_sub(una)))
-    }
-}
 
 fn mark_side(ctx: &SkBuffContext, flag: u32) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
@@ -358,25 +307,15 @@ fn try_ws_forward(ctx: &SkBuffContext) -> Result<u32, ()> {
     };
     let now = unsafe { bpf_ktime_get_ns() };
     if side.account(&h, now) == FrameKind::Close && side.flags & FLAG_CLOSE_SEEN == 0 {
-        let code = if h.payload_len >= 2 {
-            let mut code = [0u8; 2];
-            // SAFETY: `code` has room for the 2 bytes requested.
-            let rc = unsafe {
-                bpf_skb_load_bytes(
-                    ctx.skb.skb.cast(),
-                    offset + h.header_len as u32,
-                    code.as_mut_ptr().cast(),
-                    2,
-                )
-            };
-            if rc != 0 {
-                return Err(());
-            }
-            close_code(code, h.mask)
-        } else {
-            1005
-        };
-        side.record_close(code);
+        // A control frame arrives whole: its header and code are in the skb. The window
+        // holds only the header so far; load the code's bytes with it.
+        let mut window = window;
+        match close_code_end(&h) {
+            4 => load_front::<4>(ctx, offset, &mut window)?,
+            8 => load_front::<8>(ctx, offset, &mut window)?,
+            _ => {}
+        }
+        side.record_close(close_code_in(&window, &h));
     }
     side.frame_remaining = h.wire_len().saturating_sub(piece as u64);
     Ok(forward(ctx, cookie, side))

@@ -27,7 +27,7 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS},
     helpers::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem,
-        bpf_msg_apply_bytes, bpf_msg_cork_bytes, bpf_msg_pull_data, bpf_probe_read_kernel,
+        bpf_msg_apply_bytes, bpf_msg_cork_bytes, bpf_msg_pull_data,
         bpf_sk_release, bpf_skc_to_tcp_sock,
     },
     macros::{map, sk_msg, sock_ops},
@@ -36,7 +36,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, SideState,
-    frame::{OPCODE_CLOSE, close_code},
+    frame::{OPCODE_CLOSE, close_code_end, close_code_in},
     maps::{
         ClientLink, DataPlaneEvent, EVENT_INSTANCE_FRAME_REFUSED, FLAG_DIVERTED,
         FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, HOLD_WAIT_NS, InstanceLink, InstanceRecord,
@@ -44,10 +44,13 @@ use proxy_common::{
         ROLE_QUEUE_PROBE, SendState, SocketKey, ZERO_HOP_CHECK_EVERY,
     },
     parse_header,
-    policy::{FrameViolation, check_frame},
+    policy::check_frame,
 };
 
-use crate::{SIDES, SPLICED, TARGETS, TCP_BYTES_ACKED_AT, TCP_SND_UNA_AT, TCP_WRITE_SEQ_AT};
+use crate::{
+    SIDES, SPLICED, TARGETS,
+    kernel::{all_forwarded, offsets, read_at, send_room, stream_position, write_seq},
+};
 
 /// Instance-side sockets: those instances accepted (inserted by sock_ops) and the proxy's
 /// own instance-side sockets of zero-hop connections (inserted by userspace). The sk_msg
@@ -76,21 +79,6 @@ static INSTANCE_LINKS: HashMap<SocketKey, InstanceLink> =
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-/// Offsets into `struct sock` and `struct sk_psock`, from the kernel's BTF (set at load).
-#[unsafe(no_mangle)]
-static SK_SNDBUF_AT: u32 = 0;
-#[unsafe(no_mangle)]
-static SK_WMEM_QUEUED_AT: u32 = 0;
-#[unsafe(no_mangle)]
-static SK_RCVBUF_AT: u32 = 0;
-#[unsafe(no_mangle)]
-static SK_RMEM_ALLOC_AT: u32 = 0;
-#[unsafe(no_mangle)]
-static SK_USER_DATA_AT: u32 = 0;
-#[unsafe(no_mangle)]
-static PSOCK_INGRESS_QLEN_AT: u32 = 0;
-#[unsafe(no_mangle)]
-static PSOCK_INGRESS_MSG_AT: u32 = 0;
 
 /// Frames redirected to an instance socket that the kernel has not yet made readable, beyond
 /// which the client's frames move to userspace whatever the instance's receive buffer says.
@@ -98,22 +86,6 @@ const MAX_PENDING_FRAMES: u32 = 16;
 
 /// Low bits of `sk_user_data` that are flags, not pointer (`SK_USER_DATA_PTRMASK`).
 const SK_USER_DATA_FLAGS: u64 = 7;
-
-#[inline(always)]
-fn offset(global: &u32) -> u32 {
-    // SAFETY: a plain read of a load-time constant.
-    unsafe { core::ptr::read_volatile(global) }
-}
-
-/// Reads a `T` at `base + at`, where `at` came from BTF (0 means "not found": refuse).
-#[inline(always)]
-fn read_at<T>(base: *const u8, at: u32) -> Option<T> {
-    if at == 0 || at > 8192 {
-        return None;
-    }
-    // SAFETY: a checked kernel read; a bad address fails the helper, not the kernel.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(at as usize).cast::<T>()) }.ok()
-}
 
 /// Ports arrive in network order, and `remote_port` in the upper half on some paths.
 #[inline(always)]
@@ -168,37 +140,8 @@ pub fn record_instance_socket(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Free space in a socket's send buffer (`sk_sndbuf - sk_wmem_queued`), read through the
-/// socket's `tcp_sock` (whose first member is the `struct sock`).
-#[inline(always)]
-fn send_room(tp: *const u8) -> Option<i64> {
-    let sndbuf: i32 = read_at(tp, offset(&SK_SNDBUF_AT))?;
-    let queued: i32 = read_at(tp, offset(&SK_WMEM_QUEUED_AT))?;
-    Some(sndbuf as i64 - queued as i64)
-}
 
-/// How many bytes of its stream the socket's TCP has taken so far (`bytes_acked` plus what is
-/// in flight): where the next byte written starts.
-#[inline(always)]
-fn stream_position(tp: *const u8) -> Option<u64> {
-    let acked = read_at::<u64>(tp, offset(&TCP_BYTES_ACKED_AT))?;
-    let una = read_at::<u32>(tp, offset(&TCP_SND_UNA_AT))?;
-    let seq = read_at::<u32>(tp, offset(&TCP_WRITE_SEQ_AT))?;
-    Some(acked + seq.wrapping_sub(una) as u64)
-}
 
-/// Whether every byte the socket's TCP took is acknowledged and `forwarded` counts them all.
-#[inline(always)]
-fn all_forwarded(tp: *const u8, forwarded: u64) -> bool {
-    let (Some(acked), Some(una), Some(seq)) = (
-        read_at::<u64>(tp, offset(&TCP_BYTES_ACKED_AT)),
-        read_at::<u32>(tp, offset(&TCP_SND_UNA_AT)),
-        read_at::<u32>(tp, offset(&TCP_WRITE_SEQ_AT)),
-    ) else {
-        return false;
-    };
-    una == seq && acked == forwarded
-}
 
 /// What the kernel holds for an instance socket that the instance has not read yet.
 #[derive(Default)]
@@ -235,19 +178,19 @@ fn instance_queue(instance: &SocketKey, q: &mut InstanceQueue) -> bool {
 
 #[inline(always)]
 fn read_queue(sk: *const u8, q: &mut InstanceQueue) -> bool {
-    let Some(user_data) = read_at::<u64>(sk, offset(&SK_USER_DATA_AT)) else {
+    let Some(user_data) = read_at::<u64>(sk, offsets().sk_user_data) else {
         return false;
     };
     let psock = (user_data & !SK_USER_DATA_FLAGS) as usize as *const u8;
     if psock.is_null() {
         return false;
     }
-    let msg_at = offset(&PSOCK_INGRESS_MSG_AT);
+    let msg_at = offsets().psock_ingress_msg;
     let (Some(first_msg), Some(pending), Some(rmem), Some(rcvbuf)) = (
         read_at::<u64>(psock, msg_at),
-        read_at::<u32>(psock, offset(&PSOCK_INGRESS_QLEN_AT)),
-        read_at::<i32>(sk, offset(&SK_RMEM_ALLOC_AT)),
-        read_at::<i32>(sk, offset(&SK_RCVBUF_AT)),
+        read_at::<u32>(psock, offsets().psock_ingress_qlen),
+        read_at::<i32>(sk, offsets().sk_rmem_alloc),
+        read_at::<i32>(sk, offsets().sk_rcvbuf),
     ) else {
         return false;
     };
@@ -333,7 +276,7 @@ pub fn instance_writes_landed(cookie: u64, instance_side_cookie: u64) -> bool {
     let seq = if tp.is_null() {
         None
     } else {
-        read_at::<u32>(tp as *const u8, offset(&TCP_WRITE_SEQ_AT))
+        write_seq(tp as *const u8)
     };
     // SAFETY: releases the lookup's reference.
     unsafe { bpf_sk_release(sk) };
@@ -467,7 +410,7 @@ unsafe fn full_barrier_add(at: *mut u64) {
 /// parser waits for it), or this write sees the divert and goes the instance socket's way.
 #[inline(always)]
 fn announce_push(sends: &mut SendState, client_sk: u64, n: u64) -> bool {
-    let Some(seq) = read_at::<u32>(client_sk as usize as *const u8, offset(&TCP_WRITE_SEQ_AT))
+    let Some(seq) = write_seq(client_sk as usize as *const u8)
     else {
         return false;
     };
@@ -518,35 +461,23 @@ fn next_piece(ctx: &SkMsgContext, side: &mut SideState, size: u64, limit: u64) -
         HeaderParse::Complete(h) => h,
     };
     if let Err(violation) = check_frame(&h, &side.tracker, side.max_message_bytes) {
-        side.flags |= match violation {
-            FrameViolation::MessageTooBig => FLAG_MESSAGE_TOO_BIG,
-            // Too large to assemble: refused as too big, as a message over the limit is.
-            FrameViolation::TooLarge => FLAG_MESSAGE_TOO_BIG,
-        };
+        side.flags |= violation.flag();
         return Piece::Refused;
     }
     let header = h.header_len as u64;
     // A close code sits right after a control frame's header, inside the 14-byte window.
-    let with_code = h.opcode == OPCODE_CLOSE && h.payload_len >= 2;
-    let head = if with_code { header + 2 } else { header };
+    let head = if h.opcode == OPCODE_CLOSE {
+        close_code_end(&h) as u64
+    } else {
+        header
+    };
     if avail < head as usize {
         return Piece::NeedBytes(head as u32);
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     if side.account(&h, now) == FrameKind::Close {
-        let code = if with_code {
-            let at = if h.mask.is_some() { 6 } else { 2 };
-            let bytes = if at == 2 {
-                [window[2], window[3]]
-            } else {
-                [window[6], window[7]]
-            };
-            close_code(bytes, h.mask)
-        } else {
-            1005
-        };
-        side.record_close(code);
+        side.record_close(close_code_in(&window, &h));
     }
     let wire = h.wire_len();
     let n = wire.min(if limit > head { limit } else { head }).min(size);

@@ -93,6 +93,15 @@ pub struct ServerConfig {
     /// Unset: no per-IP limit.
     #[serde(default)]
     pub max_connections_per_ip: Option<u32>,
+    /// Most open WebSockets in all (upgrades under way included); beyond, 503 before the
+    /// upgrade.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// How many connections the kernel's maps hold at once (their size, fixed when the
+    /// programs load). A connection beyond it is carried by the userspace relay with the same
+    /// policy; it is never refused for it.
+    #[serde(default = "default_kernel_map_connections")]
+    pub kernel_map_connections: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -251,6 +260,12 @@ fn default_instance_timeout_ms() -> u64 {
 fn default_drain_timeout_s() -> u64 {
     30
 }
+fn default_max_connections() -> u32 {
+    100_000
+}
+fn default_kernel_map_connections() -> u32 {
+    proxy_common::maps::MAX_CONNECTIONS
+}
 fn default_port() -> u16 {
     9000
 }
@@ -317,6 +332,15 @@ impl Config {
             return Err(invalid(
                 "server.tls_listen",
                 "wss:// is not implemented yet",
+            ));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if s.kernel_map_connections == 0 || s.kernel_map_connections > 1 << 20 {
+            return Err(invalid(
+                "server.kernel_map_connections",
+                "must be between 1 and 1048576",
             ));
         }
         if s.max_header_bytes < 1024 {

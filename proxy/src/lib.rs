@@ -1,12 +1,19 @@
 //! wsedge: a WebSocket edge proxy whose frames, after the handshake, are carried by eBPF
-//! programs in the kernel. See SPEC.md for the contract and README.md for a tour.
+//! programs in the kernel. See README.md for a tour.
 //!
-//! Layout: `config` (the TOML contract), `protocols` (handshake, error responses, framing),
-//! `routing`, `instances` (spawned function instances), `data_plane` (kernel splice and
-//! userspace relay), `services` (proxy, admin), `registry` (open connections), `metrics`,
-//! `server` (the main loop).
+//! Layout (lower modules never import higher ones):
+//! - `config` (the TOML contract), `protocols` (handshake, error responses, framing),
+//!   `metrics`;
+//! - `conn` (one connection: identity, limits, counters, stop signal), `registry` (the table
+//!   of open connections and the admission counts);
+//! - `data_plane` (the paths that carry a connection after the upgrade: userspace relay,
+//!   kernel splice, zero-hop; their close sequences and copy loop), `instances`, `routing`;
+//! - `app` (the state services share), `services` (proxy lifecycle, admin, supervisor),
+//!   `server` (the main loop).
 
+pub mod app;
 pub mod config;
+pub mod conn;
 pub mod data_plane;
 pub mod instances;
 pub mod metrics;

@@ -1,205 +1,37 @@
-//! The table of open connections behind `GET /connections`.
+//! The table of open connections behind `GET /connections`, the `max_connections` count,
+//! and the per-IP counts. Knows connections only through [`crate::conn`].
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     sync::{
-        Arc, Mutex, OnceLock,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::SystemTime,
 };
 
-use proxy_common::{SideState, policy::Ending};
-use serde::Serialize;
-
-use crate::data_plane::{
-    DataPlane,
-    kernel::{KernelDataPlane, SplicedPair},
-    relay::Direction,
-};
-
-/// A connection's id: when it was accepted (ms since the epoch, hex) and a sequence number,
-/// formatted on demand so an idle connection does not carry the string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionId {
-    epoch_ms: u64,
-    key: u64,
-}
-
-impl std::fmt::Display for ConnectionId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:x}-{}", self.epoch_ms, self.key)
-    }
-}
-
-/// One accepted (upgraded) connection. Kept small: thousands stay open for hours.
-pub struct Connection {
-    pub id: ConnectionId,
-    /// Shared with the route and the instance: not a copy per connection.
-    pub function: Arc<str>,
-    pub instance: Arc<str>,
-    pub client: SocketAddr,
-    pub started_at: SystemTime,
-    pub data_plane: &'static str,
-    /// Counters userspace accounted itself: the whole stream on the relay, only the bytes
-    /// forwarded by hand around the handshake on the kernel path.
-    sides: Mutex<[SideState; 2]>,
-    /// Set once the kernel carries the connection.
-    spliced: OnceLock<SplicedPair>,
-    /// Monotonic time of the upgrade (the clock of `SideState::last_activity_ns`).
-    pub started_ns: u64,
-    /// The function's timers and message limit.
-    pub limits: Limits,
-    /// When the supervisor looks at this connection next (monotonic ns).
-    next_check_ns: AtomicU64,
-    /// Set once, when the proxy itself ends the connection; the relay wakes on `stop`.
-    stop_reason: OnceLock<Ending>,
-    stop: tokio::sync::Notify,
-}
-
-/// A function's per-connection timers (seconds) and message limit (bytes, both directions).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub idle_timeout_s: u64,
-    pub execution_timeout_s: u64,
-    pub max_message_bytes: u64,
-}
-
-/// What `/connections` shows for one connection.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct ConnectionView {
-    pub id: String,
-    pub function: String,
-    pub instance: String,
-    pub client: String,
-    pub started_at: String,
-    pub data_plane: String,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub messages_in: u64,
-    pub messages_out: u64,
-    pub frames_in: u64,
-    pub frames_out: u64,
-    /// Payload bytes userspace read and wrote itself (zero once the kernel carries frames,
-    /// apart from bytes pipelined with the handshake).
-    pub bytes_relayed_by_userspace: u64,
-}
-
-impl Connection {
-    pub fn account<T>(&self, direction: Direction, f: impl FnOnce(&mut SideState) -> T) -> T {
-        f(&mut self.sides.lock().expect("sides lock")[direction as usize])
-    }
-
-    pub fn set_spliced(&self, pair: SplicedPair) {
-        let _ = self.spliced.set(pair);
-    }
-
-    pub fn spliced_pair(&self) -> Option<SplicedPair> {
-        self.spliced.get().copied()
-    }
-
-    /// Asks the data plane to end the connection (the first request wins); false when it
-    /// was already asked.
-    pub fn request_stop(&self, ending: Ending) -> bool {
-        let first = self.stop_reason.set(ending).is_ok();
-        if first {
-            self.stop.notify_waiters();
-        }
-        first
-    }
-
-    pub fn stop_reason(&self) -> Option<Ending> {
-        self.stop_reason.get().copied()
-    }
-
-    /// Resolves once [`Connection::request_stop`] was called (also if it already was).
-    pub async fn stopped(&self) {
-        loop {
-            let notified = self.stop.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.stop_reason.get().is_some() {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    pub fn next_check_ns(&self) -> u64 {
-        self.next_check_ns.load(Ordering::Relaxed)
-    }
-
-    pub fn set_next_check_ns(&self, at: u64) {
-        self.next_check_ns.store(at, Ordering::Relaxed);
-    }
-
-    /// Counters of both directions: userspace's own plus the kernel's, if spliced.
-    pub fn totals(&self, kernel: Option<&KernelDataPlane>) -> ([SideState; 2], u64) {
-        let [mut inbound, mut outbound] = *self.sides.lock().expect("sides lock");
-        let by_userspace = inbound.bytes + outbound.bytes;
-        if let (Some(kernel), Some(pair)) = (kernel, self.spliced.get()) {
-            add(&mut inbound, kernel.side(pair.client).unwrap_or_default());
-            add(
-                &mut outbound,
-                kernel.side(pair.instance).unwrap_or_default(),
-            );
-        }
-        ([inbound, outbound], by_userspace)
-    }
-
-    /// Folds the kernel's final counters in after the connection left the maps.
-    pub fn absorb_kernel(&self, inbound: SideState, outbound: SideState) {
-        let mut sides = self.sides.lock().expect("sides lock");
-        add(&mut sides[0], inbound);
-        add(&mut sides[1], outbound);
-    }
-
-    pub fn view(&self, data_plane: &DataPlane) -> ConnectionView {
-        let kernel = match data_plane {
-            DataPlane::Kernel(k) => Some(k.as_ref()),
-            DataPlane::Userspace => None,
-        };
-        let ([i, o], by_userspace) = self.totals(kernel);
-        let relayed = if self.data_plane == "userspace" {
-            i.bytes + o.bytes
-        } else {
-            by_userspace
-        };
-        ConnectionView {
-            id: self.id.to_string(),
-            function: self.function.to_string(),
-            instance: self.instance.to_string(),
-            client: self.client.to_string(),
-            started_at: humantime::format_rfc3339_millis(self.started_at).to_string(),
-            data_plane: self.data_plane.to_string(),
-            bytes_in: i.bytes,
-            bytes_out: o.bytes,
-            messages_in: i.messages,
-            messages_out: o.messages,
-            frames_in: i.frames,
-            frames_out: o.frames,
-            bytes_relayed_by_userspace: relayed,
-        }
-    }
-}
-
-fn add(total: &mut SideState, more: SideState) {
-    total.bytes += more.bytes;
-    total.frames += more.frames;
-    total.messages += more.messages;
-    total.last_activity_ns = total.last_activity_ns.max(more.last_activity_ns);
-    if total.flags & proxy_common::maps::FLAG_CLOSE_SEEN == 0 {
-        total.close_code = more.close_code;
-        total.close_at_ns = more.close_at_ns;
-    }
-    total.flags |= more.flags;
-}
+pub use crate::conn::{Connection, ConnectionView, Direction, Limits, PlaneName};
+use crate::conn::{ConnectionId, NewConnection};
 
 #[derive(Default)]
 pub struct Registry {
     next: AtomicU64,
     open: Mutex<BTreeMap<u64, Arc<Connection>>>,
+    /// Connections counted against `max_connections`: registered ones and those whose
+    /// upgrade is under way.
+    reserved: AtomicUsize,
+}
+
+/// A place among `max_connections`, taken before the upgrade and kept by the connection it
+/// becomes; given back when dropped.
+pub struct Reservation {
+    registry: Arc<Registry>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.registry.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Removes its connection from the registry when dropped, however the connection ends.
@@ -207,6 +39,7 @@ pub struct Registered {
     registry: Arc<Registry>,
     key: u64,
     pub conn: Arc<Connection>,
+    _reservation: Reservation,
 }
 
 impl Drop for Registered {
@@ -220,40 +53,28 @@ impl Drop for Registered {
 }
 
 impl Registry {
-    pub fn register(
-        self: &Arc<Self>,
-        function: Arc<str>,
-        instance: Arc<str>,
-        client: SocketAddr,
-        data_plane: &'static str,
-        limits: Limits,
-    ) -> Registered {
+    /// Takes a place for a connection about to be upgraded; `None` when `max` are taken.
+    pub fn reserve(self: &Arc<Self>, max: usize) -> Option<Reservation> {
+        self.reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        Some(Reservation {
+            registry: self.clone(),
+        })
+    }
+
+    pub fn register(self: &Arc<Self>, reservation: Reservation, new: NewConnection) -> Registered {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let started_at = SystemTime::now();
         let epoch_ms = started_at
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
-        let conn = Arc::new(Connection {
-            id: ConnectionId { epoch_ms, key },
-            function,
-            instance,
-            client,
+        let conn = Arc::new(Connection::new(
+            ConnectionId { epoch_ms, key },
             started_at,
-            data_plane,
-            sides: Mutex::new(
-                [SideState {
-                    max_message_bytes: limits.max_message_bytes,
-                    ..SideState::default()
-                }; 2],
-            ),
-            spliced: OnceLock::new(),
-            started_ns: crate::data_plane::socket::monotonic_ns(),
-            limits,
-            next_check_ns: AtomicU64::new(0),
-            stop_reason: OnceLock::new(),
-            stop: tokio::sync::Notify::new(),
-        });
+            new,
+        ));
         self.open
             .lock()
             .expect("registry lock")
@@ -262,6 +83,7 @@ impl Registry {
             registry: self.clone(),
             key,
             conn,
+            _reservation: reservation,
         }
     }
 
@@ -320,5 +142,20 @@ impl Drop for ClientSlot {
                 open.remove(&self.ip);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_stop_at_max_and_come_back_when_dropped() {
+        let registry = Arc::new(Registry::default());
+        let a = registry.reserve(2).expect("first");
+        let _b = registry.reserve(2).expect("second");
+        assert!(registry.reserve(2).is_none(), "a third over max 2");
+        drop(a);
+        assert!(registry.reserve(2).is_some(), "a place came back");
     }
 }

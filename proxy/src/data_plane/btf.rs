@@ -118,31 +118,9 @@ impl Structs {
     }
 }
 
-/// Where the kernel programs find what `__sk_buff` and the socket context do not expose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KernelOffsets {
-    /// From a `struct sk_buff *` to its `strp_msg.offset` (an int).
-    pub strp_offset: u32,
-    /// From a `struct sk_buff *` to its `strp_msg.full_len` (an int): the message's length.
-    pub strp_full_len: u32,
-    /// From a `struct tcp_sock *` to `bytes_acked` (u64), `snd_una` and `write_seq` (u32):
-    /// together, every byte the socket's TCP has taken from its writers.
-    pub tcp_bytes_acked: u32,
-    pub tcp_snd_una: u32,
-    pub tcp_write_seq: u32,
-    /// From a `struct sock *`: send buffer size and use, receive buffer size and use
-    /// (`sk_rmem_alloc` is `sk_backlog.rmem_alloc`), and `sk_user_data` (the sockmap's psock).
-    pub sk_sndbuf: u32,
-    pub sk_wmem_queued: u32,
-    pub sk_rcvbuf: u32,
-    pub sk_rmem_alloc: u32,
-    pub sk_user_data: u32,
-    /// From a `struct sk_psock *`: the count of redirected skbs not yet made readable
-    /// (`ingress_skb.qlen`), and the readable queue's list head (`ingress_msg`).
-    pub psock_ingress_qlen: u32,
-    pub psock_ingress_msg: u32,
-}
+pub use proxy_common::offsets::KernelOffsets;
 
+/// The offsets the kernel programs need, found in the running kernel's BTF.
 pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
     let structs = parse(&std::fs::read("/sys/kernel/btf/vmlinux")?)?;
     Ok(KernelOffsets {

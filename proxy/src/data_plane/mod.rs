@@ -1,16 +1,31 @@
-//! The two data planes that carry frames after the handshake, and how one is chosen.
+//! The paths that carry a connection after the upgrade, and how one is chosen.
+//!
+//! [`DataPlane`] is what this process loaded (the kernel programs, or only the relay);
+//! [`Path`] is what one connection takes: the userspace relay, the two-socket kernel splice,
+//! or zero-hop. Each lifecycle step that differs between paths is one `match` here.
 
 pub mod btf;
+pub mod closing;
+pub mod copy;
 pub mod hangup;
 pub mod kernel;
 pub mod relay;
 pub mod socket;
 
-use std::sync::Arc;
+use std::{io, sync::Arc};
+
+use proxy_common::policy::Ending;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tracing::warn;
 
 pub use kernel::{KernelDataPlane, LoadError};
+use kernel::{NotSpliced, OnEnd, SpliceEnd, SpliceRequest, WrittenByHand, ZeroHopKeys};
 
-use crate::config::DataPlaneMode;
+use crate::{
+    config::DataPlaneMode,
+    conn::{Connection, LiveCounters, PlaneName},
+    protocols::frames::FrameCursor,
+};
 
 #[derive(Clone)]
 pub enum DataPlane {
@@ -19,27 +34,180 @@ pub enum DataPlane {
 }
 
 impl DataPlane {
-    /// Picks the data plane for `mode`; `kernel` fails when the programs cannot load, `auto`
-    /// falls back to the userspace relay and logs why, once.
-    pub fn select(mode: DataPlaneMode) -> Result<DataPlane, LoadError> {
+    /// Picks the data plane for `mode`, its kernel maps sized for `map_connections`;
+    /// `kernel` fails when the programs cannot load, `auto` falls back to the userspace relay
+    /// and logs why, once.
+    pub fn select(mode: DataPlaneMode, map_connections: u32) -> Result<DataPlane, LoadError> {
+        let load = || KernelDataPlane::load(map_connections).map(|k| DataPlane::Kernel(Arc::new(k)));
         match mode {
             DataPlaneMode::Userspace => Ok(DataPlane::Userspace),
-            DataPlaneMode::Kernel => Ok(DataPlane::Kernel(Arc::new(KernelDataPlane::load()?))),
-            DataPlaneMode::Auto => match KernelDataPlane::load() {
-                Ok(kernel) => Ok(DataPlane::Kernel(Arc::new(kernel))),
-                Err(e) => {
-                    tracing::warn!(reason = %e, "kernel data plane unavailable; using the userspace relay");
-                    Ok(DataPlane::Userspace)
-                }
-            },
+            DataPlaneMode::Kernel => load(),
+            DataPlaneMode::Auto => load().or_else(|e| {
+                warn!(reason = %e, "kernel data plane unavailable; using the userspace relay");
+                Ok(DataPlane::Userspace)
+            }),
         }
     }
 
-    /// The name `/connections` and the ledger use.
+    /// The name of the default path, for the start-up log.
     pub fn name(&self) -> &'static str {
         match self {
-            DataPlane::Kernel(_) => "kernel",
-            DataPlane::Userspace => "userspace",
+            DataPlane::Kernel(_) => PlaneName::Kernel.as_str(),
+            DataPlane::Userspace => PlaneName::Userspace.as_str(),
         }
     }
+
+    /// Where live kernel counters come from, if anywhere.
+    pub fn live(&self) -> Option<&dyn LiveCounters> {
+        match self {
+            DataPlane::Kernel(k) => Some(k.as_ref()),
+            DataPlane::Userspace => None,
+        }
+    }
+
+    /// The path for one upgraded connection: zero-hop for an instance spawned on this host
+    /// whose socket the kernel recorded, else the two-socket splice, or the relay.
+    pub async fn path_for(&self, client: &TcpStream, instance: &TcpStream, spawned: bool) -> Path {
+        match self {
+            DataPlane::Userspace => Path::Relay,
+            DataPlane::Kernel(k) => {
+                let keys = match spawned {
+                    true => k.zero_hop_keys(client, instance).await,
+                    false => None,
+                };
+                match keys {
+                    Some(keys) => Path::ZeroHop(k.clone(), keys),
+                    None => Path::TwoSocket(k.clone()),
+                }
+            }
+        }
+    }
+}
+
+/// The path one connection takes after the upgrade.
+pub enum Path {
+    Relay,
+    TwoSocket(Arc<KernelDataPlane>),
+    ZeroHop(Arc<KernelDataPlane>, ZeroHopKeys),
+}
+
+/// A connection at the hand-over: its sockets, what userspace wrote to each by hand, and
+/// the client's bytes past the handshake that the splice itself delivers (zero-hop only;
+/// every other path has already forwarded them).
+pub struct Handover {
+    pub client: TcpStream,
+    pub instance: TcpStream,
+    pub written: WrittenByHand,
+    pub pipelined: Vec<u8>,
+}
+
+impl Path {
+    pub fn name(&self) -> PlaneName {
+        match self {
+            Path::Relay => PlaneName::Userspace,
+            Path::TwoSocket(_) => PlaneName::Kernel,
+            Path::ZeroHop(..) => PlaneName::KernelZeroHop,
+        }
+    }
+
+    /// Whether the kernel takes over the streams: its parser must then start on a frame
+    /// header, so the hand-over completes any frame the handshake's leftovers ended inside.
+    pub fn kernel(&self) -> bool {
+        !matches!(self, Path::Relay)
+    }
+
+    /// Whether the client's bytes past the handshake stay for the splice to deliver.
+    pub fn keeps_pipelined(&self) -> bool {
+        matches!(self, Path::ZeroHop(..))
+    }
+
+    /// Carries the connection until it ends, then runs `on_end` once with how it ended. The
+    /// relay runs in the caller's task until then; a kernel path returns once the kernel
+    /// carries the connection (it then keeps no task) and `on_end` runs from teardown. When
+    /// the kernel cannot take it (maps full), the relay carries it with the same policy.
+    pub async fn carry(
+        self,
+        handover: Handover,
+        conn: Arc<Connection>,
+        cursors: [FrameCursor; 2],
+        on_end: impl FnOnce(io::Result<Ending>) + Send + 'static,
+    ) {
+        let (kernel, zero_hop) = match self {
+            Path::Relay => {
+                let result = relay::relay(handover.client, handover.instance, &conn, cursors).await;
+                return on_end(result);
+            }
+            Path::TwoSocket(k) => (k, None),
+            Path::ZeroHop(k, keys) => (k, Some(keys)),
+        };
+        let ended = conn.clone();
+        let on_end: OnEnd = Box::new(move |end, inbound, outbound| {
+            ended.absorb_kernel(inbound, outbound);
+            on_end(match end {
+                SpliceEnd::Closed => Ok(Ending::Closed),
+                SpliceEnd::InstanceFailed => Ok(Ending::InstanceFailed),
+                SpliceEnd::ByProxy(ending) => Ok(ending),
+                SpliceEnd::Aborted(e) => Err(e),
+            })
+        });
+        let Handover {
+            client,
+            instance,
+            written,
+            pipelined,
+        } = handover;
+        let request = SpliceRequest {
+            client,
+            instance,
+            written,
+            max_message_bytes: conn.limits.max_message_bytes,
+            on_keys: &|keys| conn.set_kernel_keys(keys),
+            on_end,
+        };
+        let spliced = match zero_hop {
+            Some(keys) => kernel.splice_zero_hop(request, keys, &pipelined),
+            None => kernel.splice(request),
+        };
+        match spliced {
+            Ok(()) => {
+                // A stop asked for before the splice existed is carried out now.
+                if let (Some(ending), Some(keys)) = (conn.stop_reason(), conn.kernel_keys()) {
+                    kernel.stop(keys, ending);
+                }
+            }
+            Err(not) => relay_instead(not, conn, pipelined).await,
+        }
+    }
+
+    /// Asks the path to end a connection the proxy is ending (the relay and a connection the
+    /// kernel does not carry yet act on [`Connection::request_stop`] themselves).
+    pub fn stop(data_plane: &DataPlane, conn: &Connection, ending: Ending) {
+        if let (DataPlane::Kernel(k), Some(keys)) = (data_plane, conn.kernel_keys()) {
+            k.stop(keys, ending);
+        }
+    }
+}
+
+/// The kernel could not take the connection: the relay carries it from the frame boundary
+/// the hand-over reached, with the same policy and counters.
+async fn relay_instead(not: NotSpliced, conn: Arc<Connection>, pipelined: Vec<u8>) {
+    let NotSpliced {
+        client,
+        mut instance,
+        reason,
+        on_end,
+    } = not;
+    warn!(id = %conn.id, %reason, "the kernel cannot take this connection; the userspace relay carries it");
+    conn.set_plane(PlaneName::Userspace);
+    let result = match instance.write_all(&pipelined).await {
+        Ok(()) => relay::relay(client, instance, &conn, Default::default()).await,
+        Err(e) => Err(e),
+    };
+    let end = match result {
+        Ok(Ending::Closed) => SpliceEnd::Closed,
+        Ok(Ending::InstanceFailed) => SpliceEnd::InstanceFailed,
+        Ok(ending) => SpliceEnd::ByProxy(ending),
+        Err(e) => SpliceEnd::Aborted(e),
+    };
+    on_end(end, Default::default(), Default::default());
 }

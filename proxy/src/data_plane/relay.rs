@@ -1,268 +1,225 @@
-//! The userspace data plane: copies bytes both ways and walks them with the same frame
-//! parser and accounting the kernel uses. Used with `data_plane = "userspace"` and as the
-//! fallback when the eBPF programs cannot be loaded.
+//! The userspace path: both directions through the framed copy loop ([`super::copy`]),
+//! accounted with the same frame parser and policy the kernel uses. Carries connections with
+//! `data_plane = "userspace"`, when the eBPF programs cannot load, and when the kernel's maps
+//! are full. Generic over the streams, so a TLS stream is carried the same way.
+//!
+//! One task per connection polls both directions and the stop signal in one future: no
+//! split halves, no per-read select, no buffer while idle.
 
 use std::{
+    future::Future,
     io,
-    sync::atomic::{AtomicBool, Ordering},
+    pin::pin,
+    task::Poll,
 };
 
-use proxy_common::policy::{
-    Ending, close_for_instance_end, closing_handshake_done, proxy_close_code, proxy_close_reason,
-};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use proxy_common::policy::{Ending, close_for_instance_end, closing_handshake_done};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::socket::monotonic_ns;
+use super::{
+    closing::{self, CLOSE_GRACE, ProxyClose, refusal_ending},
+    copy::{Half, HalfEnd, HalfError, Leg, Refusal},
+    socket::monotonic_ns,
+};
 use crate::{
-    protocols::frames::{FrameCursor, FrameError, close_frame, masked_close_frame},
-    registry::Connection,
+    conn::{Connection, Direction},
+    protocols::frames::FrameCursor,
 };
 
-/// Which way bytes flow, and which of a connection's two sides they are accounted to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    ClientToInstance = 0,
-    InstanceToClient = 1,
+/// One direction's accounting into the connection's counters.
+pub struct RelayLeg<'a> {
+    conn: &'a Connection,
+    direction: Direction,
+    pub cursor: FrameCursor,
 }
 
-/// After the proxy closed the client because the instance failed, how long the client gets
-/// to answer the close before its socket is closed.
-pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// How one direction stopped without an error.
-enum PumpEnd {
-    /// EOF from the sender, passed on as a FIN.
-    Eof,
-    /// The instance's side ended (EOF or reset) before the instance sent a close frame.
-    InstanceFailed,
-    /// The proxy ends the connection itself ([`Connection::request_stop`]).
-    Stopped,
-    /// As `Stopped`, but while a write to the receiver was blocked: no close frame may follow.
-    StoppedMidWrite,
-    /// A frame was refused (a message over the limit): the proxy ends the connection. What
-    /// came before it was forwarded; `whole` says whether that ended between frames.
-    Refused { whole: bool },
-}
-
-/// Why one direction failed.
-enum PumpError {
-    /// Reading from the sending side failed.
-    Read(io::Error),
-    /// Writing to the receiving side failed.
-    Write(io::Error),
-}
-
-impl From<PumpError> for io::Error {
-    fn from(e: PumpError) -> Self {
-        match e {
-            PumpError::Read(e) | PumpError::Write(e) => e,
-        }
+impl Leg for RelayLeg<'_> {
+    fn account(&mut self, bytes: &[u8]) -> Result<(), Refusal> {
+        let cursor = &mut self.cursor;
+        self.conn
+            .account(self.direction, |side| cursor.feed(bytes, side, monotonic_ns()))
+            .map_err(|error| Refusal {
+                error,
+                before: cursor.refused_at(),
+            })
     }
 }
 
-type PumpResult = (Result<PumpEnd, PumpError>, FrameCursor);
+/// Where one direction of the relay stands.
+#[derive(Debug)]
+enum State {
+    Copying,
+    /// The sender's EOF: passing the FIN on.
+    ShuttingDown,
+    Done(Outcome),
+}
+
+/// How one direction ended.
+#[derive(Debug)]
+enum Outcome {
+    /// EOF passed on as a FIN.
+    Eof,
+    /// The instance's side ended (EOF or reset) before the instance sent a close frame.
+    InstanceFailed,
+    /// A frame was refused; `whole`: the receiver's stream ends between frames.
+    Refused { whole: bool },
+    Failed(HalfError),
+}
+
+type RelayHalf<'a> = (Half<RelayLeg<'a>>, State);
 
 /// Relays until both directions have seen EOF, either fails (then both are closed), the
 /// instance's side ends without a close frame (the client gets the close code
 /// [`close_for_instance_end`] decides), or the proxy stops the connection (both sides get
-/// [`proxy_close_code`]'s close frame, or TCP is cut).
-pub async fn relay(
-    client: TcpStream,
-    instance: TcpStream,
+/// the close sequence of [`closing`]).
+pub async fn relay<C, I>(
+    mut client: C,
+    mut instance: I,
     conn: &Connection,
     cursors: [FrameCursor; 2],
-) -> io::Result<Ending> {
+) -> io::Result<Ending>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin,
+{
     let [inbound, outbound] = cursors;
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut instance_read, mut instance_write) = instance.into_split();
-    let (mut up, mut down): (Option<PumpResult>, Option<PumpResult>) = (None, None);
-    let client_ended = AtomicBool::new(false);
+    let leg = |direction, cursor| {
+        Half::new(RelayLeg {
+            conn,
+            direction,
+            cursor,
+        })
+    };
+    let mut up: RelayHalf = (leg(Direction::ClientToInstance, inbound), State::Copying);
+    let mut down: RelayHalf = (leg(Direction::InstanceToClient, outbound), State::Copying);
+    let mut client_ended = false;
     {
-        let up_pump = pump(
-            &mut client_read,
-            &mut instance_write,
-            conn,
-            Direction::ClientToInstance,
-            inbound,
-            &client_ended,
-        );
-        let down_pump = pump(
-            &mut instance_read,
-            &mut client_write,
-            conn,
-            Direction::InstanceToClient,
-            outbound,
-            &client_ended,
-        );
-        tokio::pin!(up_pump, down_pump);
+        let mut stopped = pin!(conn.stopped());
         // Set once the instance closed after a complete closing handshake: the client then
         // has CLOSE_GRACE to close its side too, as it would with the instance directly.
-        let mut client_grace: Option<tokio::time::Instant> = None;
-        loop {
-            tokio::select! {
-                r = &mut up_pump, if up.is_none() => up = Some(r),
-                r = &mut down_pump, if down.is_none() => down = Some(r),
-                _ = tokio::time::sleep_until(client_grace.unwrap_or_else(tokio::time::Instant::now)),
-                    if client_grace.is_some() => break,
+        let mut grace = pin!(tokio::time::sleep(CLOSE_GRACE));
+        let mut grace_set = false;
+        std::future::poll_fn(|cx| {
+            if stopped.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
             }
-            if client_grace.is_none()
-                && up.is_none()
-                && matches!(down, Some((Ok(PumpEnd::Eof), _)))
+            poll_direction(cx, &mut up, &mut client, &mut instance, conn, &mut client_ended);
+            poll_direction(cx, &mut down, &mut instance, &mut client, conn, &mut client_ended);
+            if conn.stop_reason().is_some() {
+                // A refused frame asked for the stop just now.
+                return Poll::Ready(());
+            }
+            if !grace_set
+                && matches!(up.1, State::Copying | State::ShuttingDown)
+                && matches!(down.1, State::Done(Outcome::Eof))
                 && closing_handshake_done(
                     &conn.account(Direction::ClientToInstance, |s| *s),
                     &conn.account(Direction::InstanceToClient, |s| *s),
                 )
             {
-                client_grace = Some(tokio::time::Instant::now() + CLOSE_GRACE);
+                grace_set = true;
+                grace
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + CLOSE_GRACE);
             }
-            let done = match (&up, &down) {
-                (Some(_), Some(_)) => true,
+            if grace_set && grace.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            let done = match (&up.1, &down.1) {
+                (State::Done(_), State::Done(_)) => true,
                 // The client broke the stream: close both.
-                (Some((Err(PumpError::Read(_)), _)), _) => true,
+                (State::Done(Outcome::Failed(HalfError::Read(_))), _) => true,
                 // The client cannot be written to.
-                (_, Some((Err(_), _))) => true,
+                (_, State::Done(Outcome::Failed(_))) => true,
                 // The client is told below; its answer has nowhere to go.
-                (_, Some((Ok(PumpEnd::InstanceFailed), _))) => true,
-                // A failed write to the instance: its side will tell how it ended. A refused
-                // frame or a stop: the other direction stops at its next read.
+                (_, State::Done(Outcome::InstanceFailed)) => true,
+                // A failed write to the instance: its side will tell how it ended.
                 _ => false,
             };
-            if done {
-                break;
-            }
-        }
+            if done { Poll::Ready(()) } else { Poll::Pending }
+        })
+        .await;
     }
     if let Some(ending) = conn.stop_reason() {
-        // Close frames only where the stream is between frames.
-        if let Some(code) = proxy_close_code(ending) {
-            let reason = proxy_close_reason(ending);
-            if between_frames(&down) {
-                let _ = client_write.write_all(&close_frame(code, reason)).await;
-            }
-            if between_frames(&up) {
-                let mask = (monotonic_ns() as u32).to_ne_bytes();
-                let frame = masked_close_frame(code, reason, mask);
-                let _ = instance_write.write_all(&frame).await;
-            }
-            let _ = client_write.shutdown().await;
-            let _ = instance_write.shutdown().await;
+        if let Some(frames) = ProxyClose::for_ending(ending) {
+            let client_ok = between_frames(&down);
+            let instance_ok = between_frames(&up);
+            closing::close_streams(Some(&frames), &mut client, client_ok, &mut instance, instance_ok)
+                .await;
         }
         return Ok(ending);
     }
-    match (up, down) {
-        (_, Some((Ok(PumpEnd::InstanceFailed), cursor))) => {
+    match (up.1, down.1) {
+        (_, State::Done(Outcome::InstanceFailed)) => {
             let side = conn.account(Direction::InstanceToClient, |side| *side);
-            if let Some(code) = close_for_instance_end(&side, false)
-                && cursor.at_boundary()
-            {
-                let frame = close_frame(code, "function instance failed");
-                let _ = client_write.write_all(&frame).await;
-            }
-            let _ = client_write.shutdown().await;
-            // Give the client a moment to answer the close, then close.
-            let mut sink = [0u8; 4096];
-            let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                while matches!(client_read.read(&mut sink).await, Ok(n) if n > 0) {}
-            })
-            .await;
+            let at_boundary = down.0.leg.cursor.at_boundary() && !down.0.has_backlog();
+            let frame = close_for_instance_end(&side, false)
+                .filter(|_| at_boundary)
+                .map(closing::instance_failed_frame);
+            closing::after_instance_failed(&mut client, frame).await;
             Ok(Ending::InstanceFailed)
         }
-        (Some((Err(e), _)), _) | (_, Some((Err(e), _))) => Err(e.into()),
+        (State::Done(Outcome::Failed(e)), _) | (_, State::Done(Outcome::Failed(e))) => Err(e.into()),
         _ => Ok(Ending::Closed),
     }
 }
 
-/// True when a stopped direction's receiver last got a whole frame, so a close frame may follow.
-fn between_frames(result: &Option<PumpResult>) -> bool {
-    match result {
-        Some((Ok(PumpEnd::Stopped), cursor)) => cursor.at_boundary(),
-        Some((Ok(PumpEnd::Refused { whole }), _)) => *whole,
-        _ => false,
-    }
-}
-
-/// Copies until EOF, an error, or a stop request; returns how it ended and the cursor, which
-/// says whether the stream stopped on a frame boundary. A stop taken while waiting to read
-/// cuts no frame; one taken during a blocked write is reported as such.
-async fn pump(
-    from: &mut (impl AsyncRead + Unpin),
-    to: &mut (impl AsyncWrite + Unpin),
+/// Moves one direction on as far as it goes without waiting.
+fn poll_direction<'a, R, W>(
+    cx: &mut std::task::Context<'_>,
+    (half, state): &mut RelayHalf<'a>,
+    from: &mut R,
+    to: &mut W,
     conn: &Connection,
-    direction: Direction,
-    mut cursor: FrameCursor,
-    client_ended: &AtomicBool,
-) -> PumpResult {
-    // Per direction and connection: small enough that thousands of idle WebSockets stay
-    // cheap, large enough that a 64 KiB message moves in a few reads.
-    let mut buf = vec![0u8; 16 * 1024];
-    let from_instance = direction == Direction::InstanceToClient;
-    loop {
-        let read = tokio::select! {
-            biased;
-            () = conn.stopped() => return (Ok(PumpEnd::Stopped), cursor),
-            read = from.read(&mut buf) => read,
+    client_ended: &mut bool,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let from_instance = half.leg.direction == Direction::InstanceToClient;
+    if let State::Copying = state {
+        let end = match half.poll_copy(cx, from, to) {
+            Poll::Pending => return,
+            Poll::Ready(end) => end,
         };
-        let n = match read {
-            Ok(n) => n,
+        *state = match end {
             // A reset instance ended like one that closed without a close frame.
-            Err(_) if from_instance => 0,
-            Err(e) => return (Err(PumpError::Read(e)), cursor),
-        };
-        if n == 0 {
-            if from_instance {
-                let side = conn.account(direction, |side| *side);
-                if close_for_instance_end(&side, client_ended.load(Ordering::Relaxed)).is_some() {
-                    return (Ok(PumpEnd::InstanceFailed), cursor);
+            Ok(HalfEnd::Eof) | Err(HalfError::Read(_)) if from_instance => {
+                let side = conn.account(Direction::InstanceToClient, |side| *side);
+                if close_for_instance_end(&side, *client_ended).is_some() {
+                    State::Done(Outcome::InstanceFailed)
+                } else {
+                    State::ShuttingDown
                 }
-            } else {
+            }
+            Ok(HalfEnd::Eof) => {
                 // Before the FIN goes on: the instance's answering EOF must find it set.
-                client_ended.store(true, Ordering::Relaxed);
+                *client_ended = true;
+                State::ShuttingDown
             }
-            // Half-close: the peer learns of the FIN, the other direction goes on.
-            return match to.shutdown().await {
-                Ok(()) => (Ok(PumpEnd::Eof), cursor),
-                Err(e) => (Err(PumpError::Write(e)), cursor),
-            };
-        }
-        match conn.account(direction, |side| {
-            cursor.feed(&buf[..n], side, monotonic_ns())
-        }) {
-            Ok(()) => {}
-            Err(refusal) => {
-                // Forward the whole frames before the refused one, then close: 1009 for a
-                // message over the limit, 1002 for a frame RFC 6455 forbids.
-                let before = cursor.refused_at();
-                if let Some(at) = before
-                    && let Err(e) = to.write_all(&buf[..at]).await
-                {
-                    return (Err(PumpError::Write(e)), cursor);
-                }
-                conn.request_stop(refusal_ending(refusal, !from_instance));
-                let whole = before.is_some();
-                return (Ok(PumpEnd::Refused { whole }), cursor);
+            Ok(HalfEnd::Refused { error, whole }) => {
+                // 1009 for a message over the limit, 1002 for a frame RFC 6455 forbids.
+                conn.request_stop(refusal_ending(error, !from_instance));
+                State::Done(Outcome::Refused { whole })
             }
-        }
-        // A receiver that stopped reading must not hold a stop off for ever: the write is
-        // abandoned, and that side then gets no close frame (it may have half a frame).
-        tokio::select! {
-            biased;
-            written = to.write_all(&buf[..n]) => {
-                if let Err(e) = written {
-                    return (Err(PumpError::Write(e)), cursor);
-                }
-            }
-            () = conn.stopped() => return (Ok(PumpEnd::StoppedMidWrite), cursor),
+            Err(e) => State::Done(Outcome::Failed(e)),
+        };
+    }
+    if let State::ShuttingDown = state {
+        // Half-close: the peer learns of the FIN, the other direction goes on.
+        match std::pin::Pin::new(&mut *to).poll_shutdown(cx) {
+            Poll::Pending => {}
+            Poll::Ready(Ok(())) => *state = State::Done(Outcome::Eof),
+            Poll::Ready(Err(e)) => *state = State::Done(Outcome::Failed(HalfError::Write(e))),
         }
     }
 }
 
-/// How the proxy ends a connection over a frame it refused (`from_client`: which side sent it).
-pub(crate) fn refusal_ending(refusal: FrameError, from_client: bool) -> Ending {
-    match refusal {
-        FrameError::Policy(_) => Ending::MessageTooBig,
-        FrameError::Header(_) => Ending::protocol_error(from_client),
+/// True when a stopped direction's receiver last got a whole frame, so a close frame may follow.
+fn between_frames((half, state): &RelayHalf) -> bool {
+    match state {
+        State::Copying => half.leg.cursor.at_boundary() && !half.has_backlog(),
+        State::Done(Outcome::Refused { whole }) => *whole,
+        _ => false,
     }
 }

@@ -68,6 +68,13 @@ impl HandshakeError {
     pub fn draining() -> Self {
         Self::new(503, "draining", "the proxy is shutting down")
     }
+    pub fn at_capacity(max: u32) -> Self {
+        Self::new(
+            503,
+            "at_capacity",
+            format!("the proxy has its maximum of {max} open connections"),
+        )
+    }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "internal", message)
     }

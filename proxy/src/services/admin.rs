@@ -4,7 +4,7 @@ use std::sync::{Arc, atomic::Ordering};
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 
-use crate::{instances::InstanceView, registry::ConnectionView, server::AppState};
+use crate::{app::AppState, conn::ConnectionView, instances::InstanceView};
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -30,7 +30,7 @@ async fn connections(State(state): State<Arc<AppState>>) -> Json<Vec<ConnectionV
             .registry
             .snapshot()
             .iter()
-            .map(|c| c.view(&state.data_plane))
+            .map(|c| c.view(state.data_plane.live()))
             .collect(),
     )
 }

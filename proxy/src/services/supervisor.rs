@@ -9,9 +9,9 @@ use proxy_common::policy::Ending;
 use tracing::info;
 
 use crate::{
-    data_plane::{DataPlane, socket::monotonic_ns},
-    registry::Connection,
-    server::AppState,
+    app::AppState,
+    conn::Connection,
+    data_plane::{Path, socket::monotonic_ns},
 };
 
 /// How often deadlines are compared with the clock: the timers' resolution.
@@ -33,11 +33,7 @@ pub async fn run(state: Arc<AppState>) {
 
 /// Ends `conn` if a timer ran out, otherwise schedules its next look.
 fn check(state: &AppState, conn: &Connection, now: u64) {
-    let kernel = match &state.data_plane {
-        DataPlane::Kernel(k) => Some(k.as_ref()),
-        DataPlane::Userspace => None,
-    };
-    let ([inbound, outbound], _) = conn.totals(kernel);
+    let ([inbound, outbound], _) = conn.totals(state.data_plane.live());
     // Any frame either way, control frames included, is activity.
     let last = conn
         .started_ns
@@ -66,7 +62,5 @@ pub fn stop(state: &AppState, conn: &Connection, ending: Ending) {
         return;
     }
     info!(id = %conn.id, ?ending, "the proxy is ending the connection");
-    if let (DataPlane::Kernel(k), Some(pair)) = (&state.data_plane, conn.spliced_pair()) {
-        k.stop(pair, ending);
-    }
+    Path::stop(&state.data_plane, conn, ending);
 }

@@ -1,48 +1,58 @@
 //! The kernel data plane: loads the sockmap programs and splices accepted connections.
 //!
-//! Splice order (each step matters, see TOOLCHAIN.md):
+//! Splice order (each step matters):
 //! 1. userspace forwards, by hand, every byte it read past the handshake, up to a frame
 //!    boundary, so the kernel parser starts on a frame header;
-//! 2. both sockets enter `TARGETS` and get their `SIDES` entry, then both enter `SPLICED`:
+//! 2. the connection learns its kernel keys (so the counters of its first frames are seen);
+//! 3. both sockets enter `TARGETS` and get their `SIDES` entry, then both enter `SPLICED`:
 //!    whichever side sends first, its peer is already a valid redirect target;
-//! 3. a receive-path kick makes the parser look at bytes that arrived before insertion.
+//! 4. a receive-path kick makes the parser look at bytes that arrived before insertion.
 //!
-//! Teardown (`teardown.rs`): FIN on one side is noticed by the hang-up watcher (the parser consumes the data,
-//! so the socket never turns readable for it); the peer's write side is shut only once
-//! everything the kernel redirected has reached the peer's TCP send queue; map entries go
-//! only when both directions are done, because a redirect to a removed socket drops data.
+//! When the maps have no room (or any insert fails) nothing was carried yet: the sockets are
+//! handed back and the caller carries the connection in userspace.
+//!
+//! Layers: `maps` (the kernel's maps and keys) < `spliced` (a carried connection's record and
+//! progress) < `zero_hop` (its programs, links and userspace legs) < `teardown` (how a
+//! carried connection ends) < this module (loading, starting, stopping, events).
 
 use std::{
+    collections::HashMap as StdHashMap,
     io,
     net::TcpStream,
     os::fd::AsRawFd,
-    sync::{Arc, Mutex},
+    path::Path,
+    sync::{Arc, Mutex, OnceLock, Weak},
     time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, SockHash},
+    maps::{MapData, RingBuf},
     programs::SkSkb,
 };
 use proxy_common::{
     SideState,
-    maps::{FLAG_ZERO_HOP, MAX_FRAME_WIRE_LEN},
+    maps::{DataPlaneEvent, FLAG_ZERO_HOP, MAX_FRAME_WIRE_LEN},
+    offsets::KERNEL_OFFSETS_SYMBOL,
     policy::Ending,
 };
+use tokio::io::unix::AsyncFd;
 
+pub use maps::{WrittenByHand, ZeroHopKeys};
+use maps::Maps;
+use spliced::Spliced;
 pub use zero_hop::ZeroHopUnavailable;
 
 use super::{
     hangup::{Hangup, HangupWatcher},
     socket,
 };
+use crate::conn::{KernelKeys, LiveCounters};
 
+mod maps;
+mod spliced;
 mod teardown;
 mod zero_hop;
-
-use teardown::{Progress, Spliced, on_hangup, side_of, stop_by_proxy};
-pub use zero_hop::ZeroHopKeys;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
@@ -62,74 +72,27 @@ pub enum LoadError {
     Runtime(String),
 }
 
-struct Maps {
-    spliced: SockHash<MapData, u64>,
-    targets: SockHash<MapData, u64>,
-    sides: HashMap<MapData, u64, SideState>,
-    zero_hop: zero_hop::ZeroHopMaps,
-}
-
-impl Maps {
-    /// Both directions' state, made before either socket enters a map with programs;
-    /// `client_flags` marks the client side (zero-hop).
-    fn insert_sides(
-        &mut self,
-        pair: SplicedPair,
-        written: WrittenByHand,
-        max_message_bytes: u64,
-        client_flags: u32,
-    ) -> io::Result<()> {
-        let side = |peer, peer_written_by_hand, flags| SideState {
-            peer_cookie: peer,
-            peer_written_by_hand,
-            max_message_bytes,
-            flags,
-            ..SideState::default()
-        };
-        let client = side(pair.instance, written.to_instance, client_flags);
-        let instance = side(pair.client, written.to_client, 0);
-        for (cookie, state) in [(pair.client, client), (pair.instance, instance)] {
-            self.sides
-                .insert(cookie, state, 0)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-        }
-        Ok(())
-    }
-}
-
-/// Takes a map of the loaded object, typed.
-fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .ok_or_else(|| LoadError::Map(name, "missing from object".into()))?;
-    T::try_from(map).map_err(|e| LoadError::Map(name, e.to_string()))
-}
+/// Maps sized per connection: (name, entries per connection).
+const MAPS_PER_CONNECTION: [(&str, u32); 7] = [
+    ("SPLICED", 2),
+    ("TARGETS", 2),
+    ("SIDES", 2),
+    ("INSTANCE_SOCKETS", 2),
+    ("INSTANCE_RECORDS", 2),
+    ("CLIENT_LINKS", 1),
+    ("INSTANCE_LINKS", 2),
+];
 
 pub struct KernelDataPlane {
     maps: Arc<Mutex<Maps>>,
-    hangups: HangupWatcher<Spliced>,
+    hangups: Arc<HangupWatcher<Spliced>>,
     /// Owns the loaded programs and their attachments for the process lifetime (the
     /// zero-hop sock_ops program is attached after load, once the instance cgroup exists).
     ebpf: Mutex<Ebpf>,
     /// Set once the zero-hop programs are attached to the instances' cgroup.
-    zero_hop: std::sync::OnceLock<()>,
-}
-
-/// The two cookies of a spliced connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SplicedPair {
-    pub client: u64,
-    pub instance: u64,
-}
-
-/// Bytes userspace itself wrote to each socket before the splice (handshake, leftovers).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WrittenByHand {
-    pub to_client: u64,
-    pub to_instance: u64,
+    zero_hop: OnceLock<()>,
+    /// Zero-hop connections by client cookie, for the kernel's events.
+    zero_hop_conns: Mutex<StdHashMap<u64, Weak<Spliced>>>,
 }
 
 /// How a spliced connection ended.
@@ -145,32 +108,55 @@ pub enum SpliceEnd {
     Aborted(io::Error),
 }
 
+/// Runs once when a spliced connection ends: how, then the final kernel counters
+/// (client -> instance, instance -> client).
+pub type OnEnd = Box<dyn FnOnce(SpliceEnd, SideState, SideState) + Send>;
+
+/// The kernel could not take a connection (its maps are full, or a socket failed while it
+/// was being inserted): nothing was carried, and the sockets come back for userspace.
+pub struct NotSpliced {
+    pub client: tokio::net::TcpStream,
+    pub instance: tokio::net::TcpStream,
+    pub reason: io::Error,
+    /// The request's `on_end`, not run: whoever carries the connection now reports its end.
+    pub on_end: OnEnd,
+}
+
+/// What a splice is given: the sockets, what userspace wrote to each by hand, the function's
+/// message limit, and where to report its keys and its end.
+pub struct SpliceRequest<'a> {
+    pub client: tokio::net::TcpStream,
+    pub instance: tokio::net::TcpStream,
+    pub written: WrittenByHand,
+    pub max_message_bytes: u64,
+    /// Told the kernel keys before the sockets enter the maps, and `None` if they never did.
+    pub on_keys: &'a dyn Fn(Option<KernelKeys>),
+    pub on_end: OnEnd,
+}
+
 /// How long a half-closed direction may take to flush what the kernel redirected.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
+impl LiveCounters for KernelDataPlane {
+    fn side(&self, cookie: u64) -> Option<SideState> {
+        maps::side_of(&self.maps, cookie)
+    }
+}
+
 impl KernelDataPlane {
-    pub fn load() -> Result<KernelDataPlane, LoadError> {
+    /// Loads and attaches the splice programs, with maps sized for `connections` at once.
+    pub fn load(connections: u32) -> Result<KernelDataPlane, LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NotBuilt);
         }
         let offsets = super::btf::kernel_offsets()?;
-        let mut ebpf = EbpfLoader::new()
-            .override_global("STRP_OFFSET_AT", &offsets.strp_offset, true)
-            .override_global("STRP_FULL_LEN_AT", &offsets.strp_full_len, true)
-            .override_global("TCP_BYTES_ACKED_AT", &offsets.tcp_bytes_acked, true)
-            .override_global("TCP_SND_UNA_AT", &offsets.tcp_snd_una, true)
-            .override_global("TCP_WRITE_SEQ_AT", &offsets.tcp_write_seq, true)
-            .override_global("SK_SNDBUF_AT", &offsets.sk_sndbuf, true)
-            .override_global("SK_WMEM_QUEUED_AT", &offsets.sk_wmem_queued, true)
-            .override_global("SK_RCVBUF_AT", &offsets.sk_rcvbuf, true)
-            .override_global("SK_RMEM_ALLOC_AT", &offsets.sk_rmem_alloc, true)
-            .override_global("SK_USER_DATA_AT", &offsets.sk_user_data, true)
-            .override_global("PSOCK_INGRESS_QLEN_AT", &offsets.psock_ingress_qlen, true)
-            .override_global("PSOCK_INGRESS_MSG_AT", &offsets.psock_ingress_msg, true)
-            .load(OBJECT)?;
-        let spliced: SockHash<MapData, u64> = take_map(&mut ebpf, "SPLICED")?;
-        let targets = take_map(&mut ebpf, "TARGETS")?;
-        let sides = take_map(&mut ebpf, "SIDES")?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global(KERNEL_OFFSETS_SYMBOL, &offsets, true);
+        for (name, per_connection) in MAPS_PER_CONNECTION {
+            loader.map_max_entries(name, per_connection * connections);
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        let maps = Maps::take(&mut ebpf)?;
         for name in ["ws_frame_len", "ws_forward"] {
             let program: &mut SkSkb = ebpf
                 .program_mut(name)
@@ -183,140 +169,185 @@ impl KernelDataPlane {
                 .load()
                 .map_err(|e| LoadError::Program(name, verifier_summary(&e)))?;
             program
-                .attach(spliced.fd())
+                .attach(maps.spliced.fd())
                 .map_err(|e| LoadError::Program(name, e.to_string()))?;
         }
-        let zero_hop = zero_hop::ZeroHopMaps::take(&mut ebpf)?;
-        let maps = Arc::new(Mutex::new(Maps {
-            spliced,
-            targets,
-            sides,
-            zero_hop,
-        }));
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|e| LoadError::Runtime(e.to_string()))?;
-        let hangups = HangupWatcher::start({
-            let maps = maps.clone();
-            move |hangup: Hangup<Spliced>| {
-                runtime.spawn(on_hangup(maps.clone(), hangup.conn, hangup.from_client));
-            }
+        let hangups = HangupWatcher::start(move |hangup: Hangup<Spliced>| {
+            runtime.spawn(teardown::on_hangup(hangup.conn, hangup.from_client));
         })
         .map_err(|e| LoadError::Runtime(e.to_string()))?;
-        let plane = KernelDataPlane {
-            maps,
-            hangups,
+        Ok(KernelDataPlane {
+            maps: Arc::new(Mutex::new(maps)),
+            hangups: Arc::new(hangups),
             ebpf: Mutex::new(ebpf),
-            zero_hop: std::sync::OnceLock::new(),
+            zero_hop: OnceLock::new(),
+            zero_hop_conns: Mutex::default(),
+        })
+    }
+
+    /// Attaches the zero-hop programs to `cgroup_dir`, the parent of every instance's cgroup,
+    /// and starts reading the kernel's events.
+    pub fn enable_zero_hop(self: &Arc<Self>, cgroup_dir: &Path) -> Result<(), ZeroHopUnavailable> {
+        let events = {
+            let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+            zero_hop::attach(&mut ebpf, &self.maps, cgroup_dir)?
         };
-        Ok(plane)
-    }
-
-    /// Whether connections to instances in the zero-hop cgroup can be spliced zero-hop.
-    pub fn zero_hop_ready(&self) -> bool {
-        self.zero_hop.get().is_some()
-    }
-
-    /// Kernel counters of one direction, keyed by the cookie of the receiving socket.
-    pub fn side(&self, cookie: u64) -> Option<SideState> {
-        side_of(&self.maps, cookie)
-    }
-
-    fn insert(
-        &self,
-        client: &TcpStream,
-        instance: &TcpStream,
-        pair: SplicedPair,
-        written: WrittenByHand,
-        max_message_bytes: u64,
-    ) -> io::Result<()> {
-        let mut m = self.maps.lock().expect("maps lock");
-        let to_io = |e: aya::maps::MapError| io::Error::other(e.to_string());
-        m.insert_sides(pair, written, max_message_bytes, 0)?;
-        m.targets
-            .insert(pair.client, client.as_raw_fd(), 0)
-            .map_err(to_io)?;
-        m.targets
-            .insert(pair.instance, instance.as_raw_fd(), 0)
-            .map_err(to_io)?;
-        m.spliced
-            .insert(pair.instance, instance.as_raw_fd(), 0)
-            .map_err(to_io)?;
-        m.spliced
-            .insert(pair.client, client.as_raw_fd(), 0)
-            .map_err(to_io)?;
+        // SAFETY: the ring buffer owns its descriptor, open as long as the AsyncFd holds it.
+        let reader = unsafe { AsyncFd::register(events) }
+            .map_err(|e| ZeroHopUnavailable::Program("EVENTS", e.to_string()))?;
+        tokio::spawn(read_events(reader, Arc::downgrade(self)));
+        let _ = self.zero_hop.set(());
         Ok(())
     }
 
-    /// Removes a connection from every map and returns its final kernel counters
-    /// (client -> instance, instance -> client).
-    fn remove(&self, pair: SplicedPair) -> (SideState, SideState) {
-        let mut m = self.maps.lock().expect("maps lock");
-        for cookie in [pair.client, pair.instance] {
-            let _ = m.spliced.remove(&cookie);
-        }
-        m.zero_hop.remove(pair.client);
-        for cookie in [pair.client, pair.instance] {
-            let _ = m.targets.remove(&cookie);
-        }
-        let inbound = m.sides.get(&pair.client, 0).unwrap_or_default();
-        let outbound = m.sides.get(&pair.instance, 0).unwrap_or_default();
-        let _ = m.sides.remove(&pair.client);
-        let _ = m.sides.remove(&pair.instance);
-        (inbound, outbound)
+    /// The keys of the instance socket at the other end of `proxy_socket`, if zero-hop is
+    /// enabled and the kernel recorded that socket. `None`: use two sockets.
+    pub async fn zero_hop_keys(
+        &self,
+        client: &tokio::net::TcpStream,
+        proxy_socket: &tokio::net::TcpStream,
+    ) -> Option<ZeroHopKeys> {
+        self.zero_hop.get()?;
+        zero_hop::keys(&self.maps, client, proxy_socket).await
     }
 
     /// Hands both sockets to the kernel and returns at once: no task waits while the kernel
     /// carries frames (per connection, userspace then holds only the [`Spliced`] record and
-    /// two epoll registrations). `on_spliced` learns the cookies once frames flow; `on_end`
-    /// runs once, with how it ended and the final kernel counters, when both directions are
-    /// done or either failed (also when the splice could not be set up).
-    pub fn start_splice(
-        self: &Arc<Self>,
-        client: tokio::net::TcpStream,
-        instance: tokio::net::TcpStream,
-        written: WrittenByHand,
-        max_message_bytes: u64,
-        on_spliced: impl FnOnce(SplicedPair),
-        on_end: OnEnd,
-    ) {
-        let entered = self.enter_maps(client, instance, written, max_message_bytes);
-        self.carry(entered, written, None, on_spliced, on_end);
+    /// two epoll registrations). `on_end` runs once, with how it ended and the final kernel
+    /// counters, when both directions are done or either failed.
+    pub fn splice(self: &Arc<Self>, request: SpliceRequest<'_>) -> Result<(), NotSpliced> {
+        self.enter(request, None, &[])
     }
 
-    /// Once a splice's maps are filled: the connection's record, told to `on_spliced` and
-    /// watched for hang-ups; or, when filling them failed, its end at once.
-    fn carry(
+    /// Like [`Self::splice`], for an instance on this host whose socket the kernel recorded
+    /// (`keys`, from [`Self::zero_hop_keys`]): the client's frames go straight into the
+    /// instance's socket and the instance's writes straight out of the client's; the proxy's
+    /// socket `instance` stays idle. `pipelined` are the client bytes userspace read past the
+    /// handshake, not yet sent to the instance (handed back unsent if the kernel cannot take
+    /// the connection).
+    pub fn splice_zero_hop(
         self: &Arc<Self>,
-        entered: io::Result<(TcpStream, TcpStream, SplicedPair)>,
-        written: WrittenByHand,
-        zero_hop: Option<Box<teardown::ZeroHopConn>>,
-        on_spliced: impl FnOnce(SplicedPair),
-        on_end: OnEnd,
-    ) {
-        let (client, instance, pair) = match entered {
-            Ok(entered) => entered,
-            Err(e) => {
-                return on_end(
-                    SpliceEnd::Aborted(e),
-                    SideState::default(),
-                    SideState::default(),
-                );
+        request: SpliceRequest<'_>,
+        keys: ZeroHopKeys,
+        pipelined: &[u8],
+    ) -> Result<(), NotSpliced> {
+        self.enter(request, Some(keys), pipelined)
+    }
+
+    fn enter(
+        self: &Arc<Self>,
+        request: SpliceRequest<'_>,
+        zero_hop: Option<ZeroHopKeys>,
+        pipelined: &[u8],
+    ) -> Result<(), NotSpliced> {
+        let SpliceRequest {
+            client,
+            instance,
+            written,
+            max_message_bytes,
+            on_keys,
+            on_end,
+        } = request;
+        let (client, instance) = match (client.into_std(), instance.into_std()) {
+            (Ok(c), Ok(i)) => (c, i),
+            (Err(e), _) | (_, Err(e)) => {
+                // into_std fails only when deregistering from the runtime fails: the
+                // sockets are gone, nothing is left to carry.
+                on_end(SpliceEnd::Aborted(e), SideState::default(), SideState::default());
+                return Ok(());
             }
         };
-        on_spliced(pair);
-        let conn = Arc::new(Spliced {
+        let entered = (|| {
+            let pair = KernelKeys {
+                client: socket::cookie(&client)?,
+                // Zero-hop: the proxy socket carries no data; its cookie names the
+                // instance -> client counters.
+                instance: socket::cookie(&instance)?,
+            };
+            socket::set_receive_buffer(&client, MAX_FRAME_WIRE_LEN as usize)?;
+            // Zero-hop: a fixed size (no autotuning up to `tcp_rmem`'s 6 MiB) for what the
+            // instance's writes park here while the client does not read: with the client
+            // socket's send buffer, that is all the proxy path holds for such a client.
+            socket::set_receive_buffer(&instance, MAX_FRAME_WIRE_LEN as usize)?;
+            on_keys(Some(pair));
+            let flags = if zero_hop.is_some() { FLAG_ZERO_HOP } else { 0 };
+            let inserted = self
+                .maps
+                .lock()
+                .expect("maps lock")
+                .insert_sides(pair, written, max_message_bytes, flags)
+                .and_then(|()| match zero_hop {
+                    Some(keys) => zero_hop::insert(&self.maps, &client, &instance, pair, keys, pipelined),
+                    None => self
+                        .maps
+                        .lock()
+                        .expect("maps lock")
+                        .insert_splice(&client, &instance, pair),
+                });
+            if let Err(e) = inserted {
+                self.maps
+                    .lock()
+                    .expect("maps lock")
+                    .remove(pair, zero_hop.as_ref());
+                on_keys(None);
+                return Err(e);
+            }
+            socket::kick_receive_path(&client)?;
+            if zero_hop.is_none() {
+                socket::kick_receive_path(&instance)?;
+            }
+            Ok::<_, io::Error>(pair)
+        })();
+        let pair = match entered {
+            Ok(pair) => pair,
+            Err(reason) => {
+                let back = |s: TcpStream| tokio::net::TcpStream::from_std(s);
+                return match (back(client), back(instance)) {
+                    (Ok(client), Ok(instance)) => Err(NotSpliced {
+                        client,
+                        instance,
+                        reason,
+                        on_end,
+                    }),
+                    (Err(e), _) | (_, Err(e)) => {
+                        on_end(SpliceEnd::Aborted(e), SideState::default(), SideState::default());
+                        Ok(())
+                    }
+                };
+            }
+        };
+        let on_end: OnEnd = if zero_hop.is_some() {
+            // The kernel's events no longer concern the connection once it ended.
+            let plane = Arc::downgrade(self);
+            Box::new(move |end, inbound, outbound| {
+                if let Some(plane) = plane.upgrade() {
+                    plane.forget_zero_hop(pair.client);
+                }
+                on_end(end, inbound, outbound)
+            })
+        } else {
+            on_end
+        };
+        let conn = Arc::new(Spliced::new(
             client,
             instance,
             pair,
             written,
-            plane: self.clone(),
+            self.maps.clone(),
+            self.hangups.clone(),
             zero_hop,
-            progress: Mutex::new(Progress::new(on_end)),
-        });
+            on_end,
+        ));
         if conn.zero_hop.is_some() {
-            zero_hop::register_conn(&self.maps, pair.client, &conn);
+            self.zero_hop_conns
+                .lock()
+                .expect("zero-hop conns lock")
+                .insert(pair.client, Arc::downgrade(&conn));
         }
         self.watch(conn);
+        Ok(())
     }
 
     /// Hands a spliced connection to the hang-up watcher: FIN or error on either socket, and
@@ -341,97 +372,21 @@ impl KernelDataPlane {
         }
     }
 
-    /// Like [`Self::start_splice`], for an instance on this host whose socket the kernel
-    /// recorded (`keys`, from [`Self::zero_hop_keys`]): the client's frames go straight into
-    /// the instance's socket and the instance's writes straight out of the client's; the
-    /// proxy's socket `instance` stays idle. `pipelined` are the client bytes userspace read
-    /// past the handshake, not yet sent to the instance.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start_zero_hop(
-        self: &Arc<Self>,
-        client: tokio::net::TcpStream,
-        instance: tokio::net::TcpStream,
-        keys: ZeroHopKeys,
-        pipelined: Vec<u8>,
-        written: WrittenByHand,
-        max_message_bytes: u64,
-        on_spliced: impl FnOnce(SplicedPair),
-        on_end: OnEnd,
-    ) {
-        let entered = (|| {
-            let client = client.into_std()?;
-            let instance = instance.into_std()?;
-            let pair = SplicedPair {
-                client: socket::cookie(&client)?,
-                // The proxy socket carries no data: its cookie names the instance -> client
-                // counters.
-                instance: socket::cookie(&instance)?,
-            };
-            socket::set_receive_buffer(&client, MAX_FRAME_WIRE_LEN as usize)?;
-            // A fixed size (no autotuning up to `tcp_rmem`'s 6 MiB) for what the instance's
-            // writes park here while the client does not read: with the client socket's send
-            // buffer, that is all the proxy path holds for such a client.
-            socket::set_receive_buffer(&instance, MAX_FRAME_WIRE_LEN as usize)?;
-            let sides = self.maps.lock().expect("maps lock").insert_sides(
-                pair,
-                written,
-                max_message_bytes,
-                FLAG_ZERO_HOP,
-            );
-            sides
-                .and_then(|()| {
-                    zero_hop::insert(&self.maps, &client, &instance, pair, keys, &pipelined)
-                })
-                .inspect_err(|_| {
-                    self.remove(pair);
-                })?;
-            socket::kick_receive_path(&client)?;
-            Ok::<_, io::Error>((client, instance, pair))
-        })();
-        let zero_hop = Box::new(teardown::ZeroHopConn {
-            keys,
-            client_relay: Default::default(),
-        });
-        self.carry(entered, written, Some(zero_hop), on_spliced, on_end);
+    fn forget_zero_hop(&self, client: u64) {
+        self.zero_hop_conns
+            .lock()
+            .expect("zero-hop conns lock")
+            .remove(&client);
     }
 
-    /// Sizes the buffers, inserts both sockets and kicks the parser.
-    fn enter_maps(
-        &self,
-        client: tokio::net::TcpStream,
-        instance: tokio::net::TcpStream,
-        written: WrittenByHand,
-        max_message_bytes: u64,
-    ) -> io::Result<(TcpStream, TcpStream, SplicedPair)> {
-        let client = client.into_std()?;
-        let instance = instance.into_std()?;
-        let pair = SplicedPair {
-            client: socket::cookie(&client)?,
-            instance: socket::cookie(&instance)?,
-        };
-        for s in [&client, &instance] {
-            socket::set_receive_buffer(s, MAX_FRAME_WIRE_LEN as usize)?;
-        }
-        self.insert(&client, &instance, pair, written, max_message_bytes)
-            .inspect_err(|_| {
-                self.remove(pair);
-            })?;
-        for s in [&client, &instance] {
-            socket::kick_receive_path(s)?;
-        }
-        Ok((client, instance, pair))
-    }
-
-    /// Ends a spliced connection from the proxy's side: both peers get a close frame with
-    /// [`proxy_close_code`] and a FIN, then [`CLOSE_GRACE`] to answer; or, without a close
-    /// code, both sockets are closed at once.
-    pub fn stop(&self, pair: SplicedPair, ending: Ending) {
+    /// Ends a spliced connection from the proxy's side (see `teardown::stop_by_proxy`).
+    pub fn stop(&self, pair: KernelKeys, ending: Ending) {
         if let Some(conn) = self
             .hangups
             .get(pair.client)
             .or_else(|| self.hangups.get(pair.instance))
         {
-            tokio::spawn(stop_by_proxy(self.maps.clone(), conn, ending));
+            tokio::spawn(teardown::stop_by_proxy(conn, ending));
         }
     }
 
@@ -447,9 +402,37 @@ impl KernelDataPlane {
     }
 }
 
-/// Runs once when a spliced connection ends: how, then the final kernel counters
-/// (client -> instance, instance -> client).
-pub type OnEnd = Box<dyn FnOnce(SpliceEnd, SideState, SideState) + Send>;
+/// Kernel events: the client's frames held for userspace, an instance frame refused.
+async fn read_events(mut reader: AsyncFd<RingBuf<MapData>>, plane: Weak<KernelDataPlane>) {
+    loop {
+        let Ok(mut guard) = reader.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        let mut events: Vec<DataPlaneEvent> = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<DataPlaneEvent>() {
+                // SAFETY: the program writes exactly one DataPlaneEvent per record.
+                events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            }
+        }
+        guard.clear_ready();
+        let Some(plane) = plane.upgrade() else {
+            return;
+        };
+        for event in events {
+            let conn = plane
+                .zero_hop_conns
+                .lock()
+                .expect("zero-hop conns lock")
+                .get(&event.client_cookie)
+                .and_then(Weak::upgrade);
+            if let Some(conn) = conn {
+                teardown::on_event(conn, &event);
+            }
+        }
+    }
+}
 
 /// The error and the last lines of the verifier log, which say why a program was refused.
 fn verifier_summary(e: &aya::programs::ProgramError) -> String {

@@ -1,129 +1,38 @@
 //! A spliced connection's life after the splice: hang-ups passed on once the kernel's
-//! redirected bytes are out, the 1011 close for a failed instance, the proxy's own closes
-//! (timers, shutdown, message limit), and the end report.
+//! redirected bytes are out, the close for a failed instance, the proxy's own closes (timers,
+//! shutdown, refused frames), the zero-hop userspace legs, and the kernel's events. The close
+//! frames and grace periods are [`closing`]'s; this module decides when they happen on a
+//! spliced connection and how they reach its sockets.
 
 use std::{
     io,
     net::TcpStream,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use proxy_common::{
-    SideState,
-    maps::{FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR},
-    policy::{
-        Ending, close_for_instance_end, closing_handshake_done, proxy_close_code,
-        proxy_close_reason,
-    },
+    maps::{DataPlaneEvent, EVENT_CLIENT_HELD, EVENT_INSTANCE_FRAME_REFUSED},
+    policy::{Ending, close_for_instance_end, closing_handshake_done, refusal_ending},
 };
-
-/// How long the proxy's own close waits for in-flight frames to reach a peer's TCP: a peer
-/// that does not read by then gets only the FIN.
-const STOP_FLUSH: Duration = Duration::from_secs(1);
+use tracing::{debug, info};
 
 use super::{
-    FLUSH_TIMEOUT, KernelDataPlane, Maps, OnEnd, SpliceEnd, SplicedPair, WrittenByHand,
-    zero_hop::{self, ZeroHopKeys},
+    FLUSH_TIMEOUT, SpliceEnd,
+    spliced::Spliced,
+    zero_hop::{self, ClientLeg, InstanceLeg},
 };
-use crate::{
-    data_plane::{relay::CLOSE_GRACE, socket},
-    protocols::frames::{close_frame, masked_close_frame},
+use crate::data_plane::{
+    closing::{self, CLOSE_GRACE, ProxyClose, STOP_FLUSH},
+    copy::{self, Half, HalfEnd},
+    socket,
 };
-
-/// A spliced connection while the kernel carries it; its sockets close when the last
-/// reference (the splice or a teardown task) goes.
-pub struct Spliced {
-    pub(super) client: TcpStream,
-    /// The instance socket, or for a zero-hop connection the proxy's (idle) socket
-    /// connected to the instance.
-    pub(super) instance: TcpStream,
-    pub(super) pair: SplicedPair,
-    pub(super) written: WrittenByHand,
-    pub(super) plane: Arc<KernelDataPlane>,
-    /// Boxed: two-socket connections, the many on an edge, pay one pointer for it.
-    pub(super) zero_hop: Option<Box<ZeroHopConn>>,
-    pub(super) progress: Mutex<Progress>,
-}
-
-pub(super) struct ZeroHopConn {
-    pub(super) keys: ZeroHopKeys,
-    /// Userspace relays client -> instance (the kernel stopped parsing the client's frames).
-    pub(super) client_relay: std::sync::atomic::AtomicBool,
-}
-
-pub(super) struct Progress {
-    pub(super) client_done: bool,
-    pub(super) instance_done: bool,
-    /// The instance ended without a close frame: the client's bytes have nowhere to go.
-    pub(super) instance_failed: bool,
-    /// Runs once both directions are done, or one failed.
-    pub(super) on_end: Option<OnEnd>,
-    /// Set when the proxy ends the connection: the end is reported as this, however the
-    /// peers answer.
-    pub(super) by_proxy: Option<Ending>,
-}
-
-impl Progress {
-    pub(super) fn new(on_end: OnEnd) -> Progress {
-        Progress {
-            client_done: false,
-            instance_done: false,
-            instance_failed: false,
-            on_end: Some(on_end),
-            by_proxy: None,
-        }
-    }
-}
 
 impl Spliced {
-    /// The end was reported (the record may still be alive in a task).
-    pub(super) fn finished(&self) -> bool {
-        self.progress.lock().expect("progress").on_end.is_none()
-    }
-
-    pub(super) fn instance_done(&self) -> bool {
-        self.progress.lock().expect("progress").instance_done
-    }
-
-    /// One side's FIN goes on to the other (everything before it has): the connection ends
-    /// when both have. Returns whether it did.
-    fn pass_fin(&self, from_client: bool) -> bool {
-        // Marked before the FIN is passed on: the peer's answering FIN must find it set.
-        let both = {
-            let mut p = self.progress.lock().expect("progress");
-            if from_client {
-                p.client_done = true
-            } else {
-                p.instance_done = true
-            }
-            p.client_done && p.instance_done
-        };
-        socket::shutdown_write(if from_client {
-            &self.instance
-        } else {
-            &self.client
-        });
-        if both {
-            self.finish(SpliceEnd::Closed);
-        }
-        both
-    }
-
-    pub(super) fn ended_by_proxy(&self) -> bool {
-        self.progress.lock().expect("progress").by_proxy.is_some()
-    }
-
     /// Sends `frame` to one side once every byte the kernel redirected there has reached its
     /// TCP (so the frame cannot land in the middle of another), then shuts that side's write
     /// half. A side that does not take them within `limit` gets only the FIN.
-    async fn close_side(
-        &self,
-        maps: &Mutex<Maps>,
-        to_client: bool,
-        frame: &[u8],
-        limit: Duration,
-    ) -> io::Result<()> {
+    async fn close_side(&self, to_client: bool, frame: &[u8], limit: Duration) -> io::Result<()> {
         let (from, to, written) = if to_client {
             (self.pair.instance, &self.client, self.written.to_client)
         } else {
@@ -132,8 +41,8 @@ impl Spliced {
         let flushed = match &self.zero_hop {
             // What the kernel sent the client went out inline, in the instance's own writes.
             Some(_) if to_client => Ok(()),
-            Some(z) => zero_hop::wait_instance_drained(maps, self, &z.keys, limit).await,
-            None => flush(maps, from, to, written, limit).await,
+            Some(z) => zero_hop::wait_instance_drained(self, &z.keys, limit).await,
+            None => flush(self, from, to, written, limit).await,
         };
         // A userspace relay of this direction could be inside a frame: only the FIN then.
         let relayed = self.zero_hop.as_ref().is_some_and(|z| {
@@ -147,76 +56,30 @@ impl Spliced {
         socket::shutdown_write(to);
         sent
     }
-
-    /// Takes the connection out of the kernel and reports its end (the first call only).
-    /// The sockets close when the last reference to this record goes.
-    pub(super) fn finish(&self, end: SpliceEnd) {
-        let (on_end, by_proxy) = {
-            let mut p = self.progress.lock().expect("progress");
-            (p.on_end.take(), p.by_proxy)
-        };
-        let Some(on_end) = on_end else {
-            return;
-        };
-        // Once the proxy ended it, how the peers answered (or failed to) does not matter.
-        let end = match by_proxy {
-            Some(ending) => SpliceEnd::ByProxy(ending),
-            None => end,
-        };
-        self.plane.hangups.forget(self.pair.client);
-        self.plane.hangups.forget(self.pair.instance);
-        let (inbound, outbound) = self.plane.remove(self.pair);
-        on_end(end, inbound, outbound);
-    }
-}
-
-pub(super) fn side_of(maps: &Mutex<Maps>, cookie: u64) -> Option<SideState> {
-    maps.lock().expect("maps lock").sides.get(&cookie, 0).ok()
 }
 
 /// The hang-up watcher fired for one socket. For a zero-hop connection's proxy socket that
 /// can also mean the instance's writes started arriving there (diverted): relay them to the
 /// client until the instance's EOF, then handle the hang-up as usual.
-pub(super) async fn on_hangup(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_client: bool) {
-    if conn.zero_hop.is_some()
-        && !from_client
-        && let Err(e) = zero_hop::relay_instance(&conn).await
+pub(super) async fn on_hangup(conn: Arc<Spliced>, from_client: bool) {
+    if let (Some(z), false) = (&conn.zero_hop, from_client)
+        && let Err(e) = relay_instance(&conn, z.keys).await
     {
-        tracing::debug!(error = %e, "relaying diverted instance frames ended");
+        debug!(error = %e, "relaying diverted instance frames ended");
     }
-    half_close(maps, conn, from_client).await
-}
-
-/// The userspace relay of a zero-hop connection's client -> instance direction reached the
-/// client's EOF (and the FIN went to the instance after everything else) or failed.
-pub(super) fn client_relay_done(conn: Arc<Spliced>, result: io::Result<()>) {
-    if let Err(e) = result {
-        if conn.ended_by_proxy() {
-            return;
-        }
-        return conn.finish(SpliceEnd::Aborted(e));
-    }
-    if conn.progress.lock().expect("progress").instance_failed {
-        return conn.finish(SpliceEnd::InstanceFailed);
-    }
-    conn.pass_fin(true);
+    half_close(conn, from_client).await
 }
 
 /// One side sent FIN (or failed): pass the FIN on once the kernel's redirected bytes are out.
 /// An instance that ended without a close frame gets the client a close frame instead.
-pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_client: bool) {
-    let (by_proxy, client_ended) = {
-        let p = conn.progress.lock().expect("progress");
-        (p.by_proxy.is_some(), p.client_done)
-    };
+async fn half_close(conn: Arc<Spliced>, from_client: bool) {
     let from_cookie = if from_client {
         conn.pair.client
     } else {
         conn.pair.instance
     };
-    let refused = side_of(&maps, from_cookie).map_or(0, |s| s.flags)
-        & (FLAG_MESSAGE_TOO_BIG | FLAG_PROTOCOL_ERROR);
-    if refused != 0 {
+    let from_flags = conn.side(from_cookie).map_or(0, |s| s.flags);
+    if let Some(ending) = refusal_ending(from_flags, from_client) {
         // The stream parser refused a frame (its refusal is the socket error that woke us),
         // and the frame went nowhere: the proxy closes both sides, 1009 for a message over
         // the limit, 1002 for a frame RFC 6455 forbids (before the instance-failed check: an
@@ -226,17 +89,12 @@ pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_
         } else {
             &conn.instance
         });
-        let ending = if refused & FLAG_MESSAGE_TOO_BIG != 0 {
-            Ending::MessageTooBig
-        } else {
-            Ending::protocol_error(from_client)
-        };
-        return stop_by_proxy(maps, conn, ending).await;
+        return stop_by_proxy(conn, ending).await;
     }
-    if !from_client && !by_proxy {
-        let function_side = side_of(&maps, conn.pair.instance).unwrap_or_default();
-        if let Some(code) = close_for_instance_end(&function_side, client_ended) {
-            return instance_failed(&maps, &conn, code).await;
+    if !from_client && !conn.ended_by_proxy() {
+        let function_side = conn.side(conn.pair.instance).unwrap_or_default();
+        if let Some(code) = close_for_instance_end(&function_side, conn.client_done()) {
+            return instance_failed(&conn, code).await;
         }
     }
     let (from, to, to_written) = if from_client {
@@ -244,25 +102,24 @@ pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_
     } else {
         (&conn.instance, &conn.client, conn.written.to_client)
     };
-    if from_client && conn.progress.lock().expect("progress").instance_failed {
+    if from_client && conn.instance_failed() {
         // The client answered the close the proxy sent for the failed instance.
         return conn.finish(SpliceEnd::InstanceFailed);
     }
-    if from_client && conn.zero_hop.is_some() && zero_hop::client_held(&maps, conn.pair.client) {
+    if from_client && conn.zero_hop.is_some() && zero_hop::client_held(&conn.maps, conn.pair.client)
+    {
         // The kernel stopped parsing the client's frames (its stop is the socket error seen
         // here): the relay takes over and finishes this direction after the relayed bytes.
-        return zero_hop::take_over_client(maps.clone(), conn.clone());
+        return take_over_client(conn.clone());
     }
     if let Some(e) = socket::take_error(from) {
         return conn.finish(SpliceEnd::Aborted(e));
     }
     let flushed = match &conn.zero_hop {
-        Some(z) if from_client => {
-            zero_hop::wait_instance_drained(&maps, &conn, &z.keys, FLUSH_TIMEOUT).await
-        }
+        Some(z) if from_client => zero_hop::wait_instance_drained(&conn, &z.keys, FLUSH_TIMEOUT).await,
         // The instance's writes reached the client inline or through the relay just run.
         Some(_) => Ok(()),
-        None => flush(&maps, from_cookie, to, to_written, FLUSH_TIMEOUT).await,
+        None => flush(&conn, from_cookie, to, to_written, FLUSH_TIMEOUT).await,
     };
     if let Err(e) = flushed {
         return conn.finish(SpliceEnd::Aborted(e));
@@ -270,10 +127,7 @@ pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_
     if conn.pass_fin(from_client) {
         return;
     }
-    let sides = (
-        side_of(&maps, conn.pair.client),
-        side_of(&maps, conn.pair.instance),
-    );
+    let sides = (conn.side(conn.pair.client), conn.side(conn.pair.instance));
     if let (false, (Some(client), Some(function))) = (from_client, sides)
         && closing_handshake_done(&client, &function)
     {
@@ -288,17 +142,12 @@ pub(super) async fn half_close(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, from_
 /// The instance's side ended (FIN or reset) before the instance sent a close frame: what it
 /// sent before still reaches the client, then a close frame with `code`, then FIN; the client
 /// gets [`CLOSE_GRACE`] to answer before the connection ends.
-async fn instance_failed(maps: &Mutex<Maps>, conn: &Arc<Spliced>, code: u16) {
-    let client_already_done = {
-        let mut p = conn.progress.lock().expect("progress");
-        p.instance_failed = true;
-        p.instance_done = true;
-        p.client_done
-    };
+async fn instance_failed(conn: &Arc<Spliced>, code: u16) {
+    let client_already_done = conn.mark_instance_failed();
     // A reset instance socket does not change what was already redirected to the client.
-    let frame = close_frame(code, "function instance failed");
-    if let Err(e) = conn.close_side(maps, true, &frame, FLUSH_TIMEOUT).await {
-        tracing::debug!(error = %e, "could not tell the client the instance failed");
+    let frame = closing::instance_failed_frame(code);
+    if let Err(e) = conn.close_side(true, &frame, FLUSH_TIMEOUT).await {
+        debug!(error = %e, "could not tell the client the instance failed");
     }
     if client_already_done {
         return conn.finish(SpliceEnd::InstanceFailed);
@@ -310,35 +159,124 @@ async fn instance_failed(maps: &Mutex<Maps>, conn: &Arc<Spliced>, code: u16) {
     });
 }
 
-/// The proxy ends a spliced connection (see [`KernelDataPlane::stop`]).
-pub(super) async fn stop_by_proxy(maps: Arc<Mutex<Maps>>, conn: Arc<Spliced>, ending: Ending) {
-    {
-        let mut p = conn.progress.lock().expect("progress");
-        if p.on_end.is_none() || p.by_proxy.is_some() {
-            return;
-        }
-        p.by_proxy = Some(ending);
+/// The proxy ends a spliced connection: both peers get [`ProxyClose`]'s frames once what the
+/// kernel sent them is out (a peer that does not read within [`STOP_FLUSH`] gets only the
+/// FIN), then [`CLOSE_GRACE`] to answer; without a close code, both sockets close at once.
+pub(super) async fn stop_by_proxy(conn: Arc<Spliced>, ending: Ending) {
+    if !conn.claim_stop(ending) {
+        return;
     }
     if let Some(z) = &conn.zero_hop {
-        zero_hop::stop_kernel_paths(&maps, conn.pair.client, &z.keys);
+        zero_hop::stop_kernel_paths(&conn.maps, conn.pair.client, &z.keys);
     }
-    let Some(code) = proxy_close_code(ending) else {
+    let Some(frames) = ProxyClose::for_ending(ending) else {
         return conn.finish(SpliceEnd::ByProxy(ending));
     };
-    // Bounded: a peer that stops reading gets no close frame, only the FIN (an idle
-    // connection has nothing in flight).
-    let reason = proxy_close_reason(ending);
-    let mask = (socket::monotonic_ns() as u32).to_ne_bytes();
-    let (to_client, to_instance) = (
-        close_frame(code, reason),
-        masked_close_frame(code, reason, mask),
-    );
     let _ = tokio::join!(
-        conn.close_side(&maps, true, &to_client, STOP_FLUSH),
-        conn.close_side(&maps, false, &to_instance, STOP_FLUSH),
+        conn.close_side(true, &frames.to_client, STOP_FLUSH),
+        conn.close_side(false, &frames.to_instance, STOP_FLUSH),
     );
     tokio::time::sleep(CLOSE_GRACE).await;
     conn.finish(SpliceEnd::ByProxy(ending));
+}
+
+/// What the zero-hop ring buffer reported for one connection.
+pub(super) fn on_event(conn: Arc<Spliced>, event: &DataPlaneEvent) {
+    match event.kind {
+        EVENT_CLIENT_HELD => take_over_client(conn),
+        EVENT_INSTANCE_FRAME_REFUSED => {
+            let flags = conn.side(conn.pair.instance).map_or(0, |s| s.flags);
+            let ending = refusal_ending(flags, false).unwrap_or(Ending::MessageTooBig);
+            tokio::spawn(stop_by_proxy(conn, ending));
+        }
+        kind => debug!(
+            client = event.client_cookie,
+            kind, "unknown data-plane event"
+        ),
+    }
+}
+
+/// The client socket's stream parser stopped at a frame boundary (`FLAG_HELD`): take the
+/// socket out of `SPLICED`, which stops the kernel's programs for it (it stays a redirect
+/// target), clear the socket error the stop left, and relay from where the kernel stopped.
+/// Once per connection; called for the kernel's event and for the socket error it raised.
+fn take_over_client(conn: Arc<Spliced>) {
+    let Some(z) = &conn.zero_hop else {
+        return;
+    };
+    if z.client_relay.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
+    if conn.ended_by_proxy() {
+        debug!(
+            client = conn.pair.client,
+            "proxy closing: the client's last frames are relayed by userspace"
+        );
+    } else {
+        info!(
+            client = conn.pair.client,
+            "instance not keeping up: client frames now relayed by userspace"
+        );
+    }
+    let _ = conn
+        .maps
+        .lock()
+        .expect("maps lock")
+        .spliced
+        .remove(&conn.pair.client);
+    // The stop's own EAGAIN; anything else is the connection's real end, which the relay
+    // meets on its first read.
+    let stop_error =
+        socket::take_error(&conn.client).filter(|e| e.kind() != io::ErrorKind::WouldBlock);
+    tokio::spawn(async move {
+        let relayed = match stop_error {
+            Some(e) => Err(e),
+            None => relay_client(&conn).await,
+        };
+        match relayed {
+            Ok(HalfEnd::Refused { error, .. }) => {
+                stop_by_proxy(conn, closing::refusal_ending(error, true)).await
+            }
+            Ok(HalfEnd::Eof) if conn.instance_failed() => conn.finish(SpliceEnd::InstanceFailed),
+            Ok(HalfEnd::Eof) => {
+                conn.pass_fin(true);
+            }
+            Err(_) if conn.ended_by_proxy() || conn.finished() => {}
+            Err(e) => conn.finish(SpliceEnd::Aborted(e)),
+        }
+    });
+}
+
+/// Client -> instance once the kernel stopped: the client's bytes from the frame boundary
+/// where its parser stopped wait in the socket's own TCP receive queue (TCP holds the client
+/// back while they do) and go out through the proxy socket, once the instance has taken
+/// everything the kernel queued for it earlier. Ends at the client's EOF, a refused frame,
+/// or when the connection's end is reported (a client that never sends FIN holds nothing).
+async fn relay_client(conn: &Spliced) -> io::Result<HalfEnd> {
+    let keys = conn.zero_hop.as_ref().expect("zero-hop connection").keys;
+    let mut from = zero_hop::leg_stream(&conn.client)?;
+    let mut to = zero_hop::leg_stream(&conn.instance)?;
+    let mut half = Half::new(ClientLeg::new(conn));
+    tokio::select! {
+        copied = async {
+            // The first relayed byte must not overtake what the kernel queued.
+            zero_hop::wait_instance_drained(conn, &keys, Duration::from_secs(24 * 3600)).await?;
+            copy::copy(&mut half, &mut from, &mut to).await.map_err(io::Error::from)
+        } => copied,
+        () = conn.reported() => Err(io::Error::other("the connection ended")),
+    }
+}
+
+/// Instance -> client through the proxy socket ([`InstanceLeg`]), until the instance's EOF,
+/// or until the connection's end is reported.
+async fn relay_instance(conn: &Spliced, keys: crate::data_plane::kernel::ZeroHopKeys) -> io::Result<()> {
+    let mut from = zero_hop::leg_stream(&conn.instance)?;
+    let mut to = zero_hop::leg_stream(&conn.client)?;
+    let mut half = Half::new(InstanceLeg::new(conn, keys));
+    tokio::select! {
+        copied = copy::copy(&mut half, &mut from, &mut to) => copied.map(|_| ()).map_err(io::Error::from),
+        () = conn.reported() => Ok(()),
+    }
 }
 
 /// Writes a few bytes to a non-blocking socket, waiting (bounded) for send-buffer space.
@@ -363,7 +301,7 @@ async fn write_all_nonblocking(
 
 /// Waits until every byte the kernel redirected from `from` sits in `to`'s TCP queue.
 async fn flush(
-    maps: &Mutex<Maps>,
+    conn: &Spliced,
     from: u64,
     to: &TcpStream,
     to_written: u64,
@@ -372,7 +310,7 @@ async fn flush(
     let deadline = Instant::now() + limit;
     let mut pause = Duration::from_micros(200);
     loop {
-        let redirected = side_of(maps, from).map_or(0, |s| s.bytes);
+        let redirected = conn.side(from).map_or(0, |s| s.bytes);
         if socket::bytes_queued_to_tcp(to)? >= to_written + redirected {
             return Ok(());
         }

@@ -1,7 +1,14 @@
-//! The WebSocket proxy service: one task per accepted TCP connection through the upgrade
-//! (`upgrade.rs`); then the relay keeps that task until the WebSocket ends, while a kernel
-//! splice ends it and finishes from the hang-up watcher (so an open spliced connection costs
-//! no task).
+//! The WebSocket proxy service: one connection's whole life, in order.
+//!
+//! 1. **admit**: count it against `max_connections` and its IP's limit;
+//! 2. **upgrade** (`upgrade.rs`): read and check the request, route, admit, pick an
+//!    instance, relay its 101 (or answer with the error status);
+//! 3. **register**: choose the path ([`Path`]) and enter the registry under its name;
+//! 4. **hand over**: forward what either side sent past its handshake, up to a frame
+//!    boundary where the kernel takes over;
+//! 5. **carry**: the path carries it; the relay keeps this task, a kernel splice ends it
+//!    (an open spliced connection costs no task) and reports from teardown;
+//! 6. **end**: log and count how it ended, release everything it held.
 
 mod upgrade;
 
@@ -20,82 +27,83 @@ use tokio::{
     net::TcpStream,
     time::timeout,
 };
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::{
-    data_plane::{
-        DataPlane,
-        kernel::{OnEnd, SpliceEnd, ZeroHopKeys},
-        relay::{self, Direction},
-        socket::monotonic_ns,
-    },
+    app::AppState,
+    conn::{Connection, Direction, NewConnection},
+    data_plane::{Handover, Path, socket::monotonic_ns},
     instances::Lease,
     metrics::Metrics,
     protocols::frames::FrameCursor,
-    registry::{ClientSlot, Connection, Registered},
-    server::AppState,
+    registry::{ClientSlot, Registered},
 };
-use upgrade::{Failure, Upgraded, refuse, upgrade};
+use upgrade::{Admission, Failure, Upgraded, refuse, upgrade};
 
 pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
-    let client_slot = state
-        .clients
-        .admit(peer.ip(), state.config.server.max_connections_per_ip);
-    let over_ip_limit = client_slot.is_none();
+    // 1. admit
+    let server = &state.config.server;
+    let client_slot = state.clients.admit(peer.ip(), server.max_connections_per_ip);
+    let reservation = state.registry.reserve(server.max_connections as usize);
+    let admission = Admission {
+        over_ip_limit: client_slot.is_none(),
+        at_capacity: reservation.is_none(),
+    };
+    // 2. upgrade. Boxed phases: the handshake's buffers live in their own allocation, freed
+    // before the connection's long life starts, instead of sizing this task's future for it.
     let mut function = None;
-    // Boxed phases: the handshake's buffers live in their own allocation, freed before the
-    // connection's long life starts, instead of sizing this task's future for its whole life.
-    let mut upgraded = match Box::pin(upgrade(
-        &state,
-        &mut client,
-        peer,
-        over_ip_limit,
-        &mut function,
-    ))
-    .await
-    {
-        Ok(upgraded) => upgraded,
-        Err(Failure::ClientGone) => return,
-        Err(Failure::Respond(e)) => {
+    let upgraded = Box::pin(upgrade(&state, &mut client, peer, admission, &mut function)).await;
+    let (mut upgraded, reservation) = match (upgraded, reservation) {
+        (Ok(upgraded), Some(reservation)) => (upgraded, reservation),
+        (Err(Failure::Respond(e)), _) => {
             return Box::pin(refuse(&state, client, peer, function, e)).await;
         }
+        // The upgrade checks capacity before it connects to an instance.
+        (Err(Failure::ClientGone), _) | (Ok(_), None) => return,
     };
-    // Zero-hop for instances on this host whose socket the kernel recorded.
-    let zero_hop = match &state.data_plane {
-        DataPlane::Kernel(k) if upgraded.lease.is_some() => {
-            k.zero_hop_keys(&client, &upgraded.instance).await
-        }
-        _ => None,
-    };
-    let plane_name = if zero_hop.is_some() {
-        "kernel-zero-hop"
-    } else {
-        state.data_plane.name()
-    };
+    // 3. register
+    let path = state
+        .data_plane
+        .path_for(&client, &upgraded.instance, upgraded.lease.is_some())
+        .await;
     let registered = state.registry.register(
-        upgraded.function.clone(),
-        upgraded.instance_addr.clone(),
-        peer,
-        plane_name,
-        upgraded.limits,
+        reservation,
+        NewConnection {
+            function: upgraded.function.clone(),
+            instance: upgraded.instance_addr.clone(),
+            client: peer,
+            plane: path.name(),
+            limits: upgraded.limits,
+        },
     );
     let conn = registered.conn.clone();
-    state.metrics.connection(&conn.function, conn.data_plane);
+    state.metrics.connection(&conn.function, path.name().as_str());
     info!(id = %conn.id, function = %conn.function, instance = %conn.instance, client = %peer,
-          data_plane = conn.data_plane, "connection upgraded");
+          data_plane = path.name().as_str(), "connection upgraded");
     if state.draining.load(Ordering::Relaxed) {
         // Upgraded while the drain began: it gets the same 1001 as everyone else.
         conn.request_stop(Ending::Shutdown);
     }
-    // What must live exactly as long as the connection: its registry entry, its instance
-    // slot and its per-IP count.
+    // What must live exactly as long as the connection: its registry entry (with its
+    // `max_connections` place), its instance slot and its per-IP count.
     let held = Held {
         _registered: registered,
         _lease: upgraded.lease.take(),
         _client_slot: client_slot,
     };
-    Box::pin(carry(state, client, upgraded, conn, held, zero_hop)).await;
+    // 4. hand over
+    let limit = Duration::from_millis(server.handshake_timeout_ms);
+    let handed = Box::pin(hand_over(&path, client, upgraded, &conn, limit)).await;
+    let (handover, cursors) = match handed {
+        Ok(handed) => handed,
+        Err(e) => return end(&conn, Err(e), &state.metrics, held),
+    };
+    // 5. carry, 6. end
+    let metrics = state.metrics.clone();
+    let ended = conn.clone();
+    let on_end = move |result| end(&ended, result, &metrics, held);
+    Box::pin(path.carry(handover, conn, cursors, on_end)).await;
 }
 
 /// Everything released when a connection ends.
@@ -105,10 +113,11 @@ struct Held {
     _client_slot: Option<ClientSlot>,
 }
 
-/// Logs how a connection ended, with its function status and final counters.
-fn log_end(conn: &Connection, result: std::io::Result<Ending>, metrics: &Metrics) {
+/// Logs and counts how a connection ended, with its function status and final counters,
+/// then releases what it held.
+fn end(conn: &Connection, result: std::io::Result<Ending>, metrics: &Metrics, held: Held) {
     // The kernel's final counters were absorbed when the splice ended: only userspace's now.
-    let ([inbound, outbound], _) = conn.totals(None);
+    let [inbound, outbound] = conn.sides();
     let status = result
         .as_ref()
         .ok()
@@ -121,131 +130,38 @@ fn log_end(conn: &Connection, result: std::io::Result<Ending>, metrics: &Metrics
                 (s.flags & FLAG_CLOSE_SEEN != 0).then_some(s.close_code)
             };
             info!(id = %conn.id, status, client_close = code(&inbound), function_close = code(&outbound),
+                  data_plane = conn.plane().as_str(),
                   bytes_in = inbound.bytes, bytes_out = outbound.bytes,
                   messages_in = inbound.messages, messages_out = outbound.messages, "connection ended")
         }
         Err(e) => {
             warn!(id = %conn.id, error = %e, bytes_in = inbound.bytes, bytes_out = outbound.bytes,
-                        "connection ended abnormally")
+                  "connection ended abnormally")
         }
     }
+    drop(held);
 }
 
-/// Carries the WebSocket on the chosen data plane. The relay runs in this task until the
-/// connection ends; the kernel splice returns at once and finishes from the hang-up watcher,
-/// so a spliced connection keeps no task.
-async fn carry(
-    state: Arc<AppState>,
-    client: TcpStream,
-    up: Upgraded,
-    conn: Arc<Connection>,
-    held: Held,
-    zero_hop: Option<ZeroHopKeys>,
-) {
-    let handed = Box::pin(hand_over(
-        &state.data_plane,
-        client,
-        up,
-        &conn,
-        &state,
-        zero_hop.is_some(),
-    ))
-    .await;
-    let (client, up, cursors) = match handed {
-        Ok(handed) => handed,
-        Err(e) => return log_end(&conn, Err(e), &state.metrics),
-    };
-    let Upgraded {
-        instance,
-        written,
-        client_rest,
-        ..
-    } = up;
-    match &state.data_plane {
-        DataPlane::Userspace => {
-            let result = Box::pin(relay::relay(client, instance, &conn, cursors)).await;
-            log_end(&conn, result, &state.metrics);
-            drop(held);
-        }
-        DataPlane::Kernel(k) => {
-            let metrics = state.metrics.clone();
-            let spliced = conn.clone();
-            let on_end: OnEnd = Box::new(move |end, inbound, outbound| {
-                conn.absorb_kernel(inbound, outbound);
-                debug!(id = %conn.id, ?end, "splice ended");
-                let result = match end {
-                    SpliceEnd::Closed => Ok(Ending::Closed),
-                    SpliceEnd::InstanceFailed => Ok(Ending::InstanceFailed),
-                    SpliceEnd::ByProxy(ending) => Ok(ending),
-                    SpliceEnd::Aborted(e) => Err(e),
-                };
-                log_end(&conn, result, &metrics);
-                drop(held);
-            });
-            let max_message_bytes = spliced.limits.max_message_bytes;
-            match zero_hop {
-                Some(keys) => k.start_zero_hop(
-                    client,
-                    instance,
-                    keys,
-                    client_rest,
-                    written,
-                    max_message_bytes,
-                    |pair| spliced.set_spliced(pair),
-                    on_end,
-                ),
-                None => k.start_splice(
-                    client,
-                    instance,
-                    written,
-                    max_message_bytes,
-                    |pair| spliced.set_spliced(pair),
-                    on_end,
-                ),
-            }
-            // A stop asked for before the splice existed is carried out now.
-            if let (Some(ending), Some(pair)) = (spliced.stop_reason(), spliced.spliced_pair()) {
-                k.stop(pair, ending);
-            }
-        }
-    }
-}
-
-/// Forwards, by hand, what either side sent past its handshake head (on the kernel path up
-/// to a frame boundary, so the parser starts on a header), accounting it. With
-/// `keep_for_instance` the client's bytes stay in `client_rest`: the zero-hop splice sends
-/// them into the instance's socket itself.
+/// Forwards, by hand, what either side sent past its handshake head (on a kernel path up
+/// to a frame boundary, so the parser starts on a header), accounting it. On zero-hop the
+/// client's bytes stay in the hand-over: the splice sends them into the instance's socket.
 async fn hand_over(
-    data_plane: &DataPlane,
+    path: &Path,
     mut client: TcpStream,
     mut up: Upgraded,
     conn: &Connection,
-    state: &AppState,
-    keep_for_instance: bool,
-) -> std::io::Result<(TcpStream, Upgraded, [FrameCursor; 2])> {
+    limit: Duration,
+) -> std::io::Result<(Handover, [FrameCursor; 2])> {
     let mut cursors = [FrameCursor::default(), FrameCursor::default()];
-    let kernel = matches!(data_plane, DataPlane::Kernel(_));
-    if kernel {
+    if path.kernel() {
         // The kernel parser must start on a frame header: read the rest of any frame the
         // pipelined bytes ended inside, in userspace, before the splice.
-        let limit = Duration::from_millis(state.config.server.handshake_timeout_ms);
         timeout(limit, async {
-            complete_frame(
-                &mut client,
-                &mut up.client_rest,
-                &mut cursors[0],
-                conn,
-                Direction::ClientToInstance,
-            )
-            .await?;
-            complete_frame(
-                &mut up.instance,
-                &mut up.instance_rest,
-                &mut cursors[1],
-                conn,
-                Direction::InstanceToClient,
-            )
-            .await
+            let [inbound, outbound] = &mut cursors;
+            complete_frame(&mut client, &mut up.client_rest, inbound, conn, Direction::ClientToInstance)
+                .await?;
+            complete_frame(&mut up.instance, &mut up.instance_rest, outbound, conn, Direction::InstanceToClient)
+                .await
         })
         .await
         .map_err(|_| {
@@ -255,28 +171,25 @@ async fn hand_over(
             )
         })??;
     } else {
-        account(
-            &mut cursors[0],
-            &up.client_rest,
-            conn,
-            Direction::ClientToInstance,
-        )?;
-        account(
-            &mut cursors[1],
-            &up.instance_rest,
-            conn,
-            Direction::InstanceToClient,
-        )?;
+        account(&mut cursors[0], &up.client_rest, conn, Direction::ClientToInstance)?;
+        account(&mut cursors[1], &up.instance_rest, conn, Direction::InstanceToClient)?;
     }
     up.written.to_instance += up.client_rest.len() as u64;
-    if !keep_for_instance {
+    let pipelined = if path.keeps_pipelined() {
+        std::mem::take(&mut up.client_rest)
+    } else {
         up.instance.write_all(&up.client_rest).await?;
-        up.client_rest = Vec::new();
-    }
+        Vec::new()
+    };
     client.write_all(&up.instance_rest).await?;
     up.written.to_client += up.instance_rest.len() as u64;
-    up.instance_rest = Vec::new();
-    Ok((client, up, cursors))
+    let handover = Handover {
+        client,
+        instance: up.instance,
+        written: up.written,
+        pipelined,
+    };
+    Ok((handover, cursors))
 }
 
 fn account(

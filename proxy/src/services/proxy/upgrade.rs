@@ -11,6 +11,7 @@ use tokio::{io::AsyncWriteExt, net::TcpStream, time::timeout};
 use tracing::info;
 
 use crate::{
+    app::AppState,
     data_plane::kernel::WrittenByHand,
     instances::Lease,
     protocols::{
@@ -21,7 +22,6 @@ use crate::{
     },
     registry::Limits,
     routing::{Assigned, Route},
-    server::AppState,
 };
 
 /// Largest response head accepted from an instance.
@@ -40,6 +40,15 @@ pub(super) struct Upgraded {
     /// Bytes the instance sent after its 101.
     pub(super) instance_rest: Vec<u8>,
     pub(super) written: WrittenByHand,
+}
+
+/// What was decided about a connection before its request was read.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Admission {
+    /// Its IP has `max_connections_per_ip` open already (429).
+    pub(super) over_ip_limit: bool,
+    /// `max_connections` are open already (503).
+    pub(super) at_capacity: bool,
 }
 
 /// Why a handshake ended.
@@ -76,7 +85,7 @@ pub(super) async fn upgrade(
     state: &AppState,
     client: &mut TcpStream,
     peer: SocketAddr,
-    over_ip_limit: bool,
+    admission: Admission,
     function: &mut Option<Arc<str>>,
 ) -> Result<Upgraded, Failure> {
     let server = &state.config.server;
@@ -103,7 +112,10 @@ pub(super) async fn upgrade(
     if state.draining.load(Ordering::Relaxed) {
         return Err(HandshakeError::draining().into());
     }
-    admit(route, &request, over_ip_limit, peer)?;
+    if admission.at_capacity {
+        return Err(HandshakeError::at_capacity(state.config.server.max_connections).into());
+    }
+    admit(route, &request, admission.over_ip_limit, peer)?;
     let assigned = route.assign().await?;
     let forwarded = request.forwarded(peer.ip(), false);
     let (instance, response) = connect_instance(state, &assigned, &request, &forwarded).await?;

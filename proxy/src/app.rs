@@ -1,0 +1,249 @@
+//! What every service shares: the configuration, the functions (replaced whole on reload),
+//! the data plane, the registry of connections and the metrics. Built once by
+//! [`crate::server::Server::bind`]; services depend on this module, not on the server loop.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock, atomic::AtomicBool},
+};
+
+use tracing::{info, warn};
+
+use crate::{
+    config::{Auth, Config, FunctionConfig, Isolation},
+    data_plane::{DataPlane, LoadError},
+    instances::{Pool, SpawnSpec, cgroup},
+    metrics::Metrics,
+    registry::{ClientCounts, Registry},
+    routing::{Backend, Route, Routes},
+};
+
+/// State every connection task and the admin API share.
+pub struct AppState {
+    /// The configuration wsedge started with; `[server]` settings are not reloaded.
+    pub config: Config,
+    /// The functions, replaced whole on reload (SIGHUP); a connection keeps the route it
+    /// was routed with.
+    pub(crate) routes: RwLock<Arc<Routes>>,
+    /// Pools of functions a reload removed or changed: no new connections, their instances
+    /// stop once idle, and shutdown stops what is left.
+    pub(crate) retired: Mutex<Vec<Arc<Pool>>>,
+    pub data_plane: DataPlane,
+    pub registry: Arc<Registry>,
+    pub clients: Arc<ClientCounts>,
+    pub metrics: Arc<Metrics>,
+    pub draining: AtomicBool,
+    /// This server's directory for instance cgroups (root with cgroup2 only).
+    pub(crate) instance_cgroups: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("data_plane = \"kernel\" but the eBPF programs cannot be loaded: {0}")]
+    DataPlane(#[from] LoadError),
+    #[error("function {function}: {reason}")]
+    Function { function: String, reason: String },
+}
+
+impl AppState {
+    /// Loads the data plane and builds the functions of `config`.
+    pub fn build(config: Config) -> Result<AppState, StartError> {
+        let data_plane = DataPlane::select(
+            config.server.data_plane,
+            config.server.kernel_map_connections,
+        )?;
+        info!(data_plane = data_plane.name(), "data plane ready");
+        let metrics = Arc::new(Metrics::default());
+        let cgroups = instance_cgroups();
+        if let Some(dir) = cgroups.as_deref().and_then(|d| d.parent()) {
+            cgroup::clean_leftovers(dir);
+        }
+        enable_zero_hop(&data_plane, cgroups.as_deref(), &config);
+        let routes = build_routes(&config, &metrics, None, cgroups.clone())?;
+        Ok(AppState {
+            routes: RwLock::new(Arc::new(routes)),
+            retired: Mutex::default(),
+            config,
+            data_plane,
+            registry: Arc::default(),
+            clients: Arc::default(),
+            metrics,
+            draining: AtomicBool::new(false),
+            instance_cgroups: cgroups,
+        })
+    }
+
+    /// The functions as configured now.
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.read().expect("routes lock").clone()
+    }
+
+    /// Every pool, current and retired (for `/instances`).
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        let mut pools: Vec<Arc<Pool>> = self.routes().pools().cloned().collect();
+        pools.extend(self.retired.lock().expect("retired lock").iter().cloned());
+        pools
+    }
+
+    /// Applies the functions of `config` (SIGHUP) without touching open connections: a
+    /// function whose settings did not change keeps its pool and warm instances; a removed
+    /// or changed one's pool is retired. `[server]` settings need a restart.
+    pub fn reload(&self, config: &Config) -> Result<(), StartError> {
+        if config.server != self.config.server {
+            warn!("[server] settings changed: they take effect at the next start, not on reload");
+        }
+        let old = self.routes();
+        let new = build_routes(
+            config,
+            &self.metrics,
+            Some(&old),
+            self.instance_cgroups.clone(),
+        )?;
+        let kept: Vec<&Arc<Pool>> = new.pools().collect();
+        let mut retired = self.retired.lock().expect("retired lock");
+        for pool in old.pools() {
+            if !kept.iter().any(|k| Arc::ptr_eq(k, pool)) {
+                pool.retire();
+                retired.push(pool.clone());
+            }
+        }
+        info!(functions = config.functions.len(), "functions reloaded");
+        *self.routes.write().expect("routes lock") = Arc::new(new);
+        Ok(())
+    }
+}
+
+/// Where this server's spawned instances get their cgroups: only when wsedge can create
+/// cgroups (root, writable cgroup2).
+fn instance_cgroups() -> Option<PathBuf> {
+    if is_root() {
+        cgroup::server_dir()
+    } else {
+        None
+    }
+}
+
+/// Zero-hop needs the kernel data plane and the instances in a cgroup of this server's.
+fn enable_zero_hop(data_plane: &DataPlane, cgroups: Option<&std::path::Path>, config: &Config) {
+    let DataPlane::Kernel(kernel) = data_plane else {
+        return;
+    };
+    let spawns = config.functions.iter().any(|f| f.command.is_some());
+    let result = match cgroups {
+        Some(dir) => kernel.enable_zero_hop(dir),
+        None => Err(crate::data_plane::kernel::ZeroHopUnavailable::NoCgroup),
+    };
+    match result {
+        Ok(()) => info!(
+            "zero-hop data plane ready: connections to spawned instances skip the proxy's loopback hop"
+        ),
+        Err(e) if spawns => {
+            warn!(reason = %e, "zero-hop data plane unavailable; spawned instances use the two-socket kernel splice")
+        }
+        Err(e) => info!(reason = %e, "zero-hop data plane unavailable"),
+    }
+}
+
+/// One route per function: HMAC keys read from the environment, pools for spawned ones
+/// (taken over from `previous` when the function is unchanged).
+fn build_routes(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    previous: Option<&Routes>,
+    cgroup_root: Option<PathBuf>,
+) -> Result<Routes, StartError> {
+    let root = is_root();
+    let key_vars: Vec<String> = config
+        .functions
+        .iter()
+        .filter_map(|f| match &f.auth {
+            Auth::Hmac(h) => Some(h.hmac_key_env.clone()),
+            Auth::Named(_) => None,
+        })
+        .collect();
+    let mut routes = Vec::new();
+    for f in &config.functions {
+        let fail = |reason: String| StartError::Function {
+            function: f.name.clone(),
+            reason,
+        };
+        let hmac_key = match &f.auth {
+            Auth::Hmac(h) => match std::env::var(&h.hmac_key_env) {
+                Ok(key) if !key.is_empty() => Some(key.into_bytes()),
+                _ => {
+                    return Err(fail(format!(
+                        "auth.hmac_key_env: ${} is not set",
+                        h.hmac_key_env
+                    )));
+                }
+            },
+            Auth::Named(_) => None,
+        };
+        let unchanged = previous.and_then(|routes| {
+            routes.iter().find_map(|r| match &r.backend {
+                Backend::Spawned(pool) if r.function == *f => Some(pool.clone()),
+                _ => None,
+            })
+        });
+        let backend = match (&f.command, unchanged) {
+            (Some(_), Some(pool)) => Backend::Spawned(pool),
+            (Some(command), None) => {
+                let isolation = match (f.isolation, root) {
+                    (Some(Isolation::Netns), false) => {
+                        return Err(fail("isolation = \"netns\" needs root".into()));
+                    }
+                    (Some(i), _) => i,
+                    (None, true) => Isolation::Netns,
+                    (None, false) => Isolation::None,
+                };
+                let spec = SpawnSpec {
+                    function: f.name.clone(),
+                    command: command.clone(),
+                    base_dir: config.base_dir.clone(),
+                    isolation,
+                    port: f.port,
+                    env_remove: key_vars.clone(),
+                };
+                info!(function = %f.name, ?isolation, cgroups = cgroup_root.is_some(), "function with spawned instances");
+                Backend::Spawned(Pool::new(spec, f, cgroup_root.clone(), metrics.clone()))
+            }
+            (None, _) => Backend::Upstreams {
+                addrs: resolve_upstreams(f).map_err(fail)?,
+                next: Default::default(),
+            },
+        };
+        routes.push(Route {
+            name: f.name.as_str().into(),
+            function: f.clone(),
+            hmac_key,
+            backend,
+        });
+    }
+    Ok(Routes::new(routes))
+}
+
+/// Upstream names are resolved once, at start.
+fn resolve_upstreams(f: &FunctionConfig) -> Result<Vec<(SocketAddr, Arc<str>)>, String> {
+    f.upstreams
+        .iter()
+        .map(|u| {
+            std::net::ToSocketAddrs::to_socket_addrs(u.as_str())
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .map(|addr| (addr, u.as_str().into()))
+                .ok_or_else(|| format!("upstream {u:?} does not resolve"))
+        })
+        .collect()
+}
+
+fn is_root() -> bool {
+    // SAFETY: plain syscall.
+    unsafe { libc::geteuid() == 0 }
+}

@@ -1,0 +1,131 @@
+//! Every close sequence the proxy runs, on every data plane: what each side is sent and how
+//! long it gets to answer. The planes differ only in how bytes reach a socket (a userspace
+//! write, or after the kernel's redirected bytes are out); what is sent, and when the
+//! connection counts as ended, is decided here.
+
+use std::time::Duration;
+
+use proxy_common::policy::{Ending, proxy_close_code, proxy_close_reason};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::socket::monotonic_ns;
+use crate::protocols::frames::{FrameError, close_frame, masked_close_frame};
+
+/// After the proxy sent a side its close frame (its own close, an instance that failed, or a
+/// completed closing handshake), how long that side gets to answer before its socket is
+/// closed and the connection ends, as a WebSocket endpoint would wait.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// How long the proxy's own close waits for bytes already in flight to reach a peer before
+/// it gives up on the close frame: a peer that does not read by then gets only the FIN.
+pub const STOP_FLUSH: Duration = Duration::from_secs(1);
+
+/// The reason text of the close frame the client gets when the instance failed.
+const INSTANCE_FAILED_REASON: &str = "function instance failed";
+
+/// The two close frames of the proxy's own close: unmasked for the client, masked (as a
+/// client's must be) for the instance. `None`: `ending` closes TCP without a close frame.
+pub struct ProxyClose {
+    pub to_client: Vec<u8>,
+    pub to_instance: Vec<u8>,
+}
+
+impl ProxyClose {
+    pub fn for_ending(ending: Ending) -> Option<ProxyClose> {
+        let code = proxy_close_code(ending)?;
+        let reason = proxy_close_reason(ending);
+        // Any mask will do (the proxy is no browser under attack); it need only vary.
+        let mask = (monotonic_ns() as u32).to_ne_bytes();
+        Some(ProxyClose {
+            to_client: close_frame(code, reason),
+            to_instance: masked_close_frame(code, reason, mask),
+        })
+    }
+}
+
+/// The close frame the client gets when the instance's side ended without one.
+pub fn instance_failed_frame(code: u16) -> Vec<u8> {
+    close_frame(code, INSTANCE_FAILED_REASON)
+}
+
+/// How the proxy ends a connection over a frame it refused (`from_client`: which side sent it).
+pub fn refusal_ending(refusal: FrameError, from_client: bool) -> Ending {
+    match refusal {
+        FrameError::Policy(_) => Ending::MessageTooBig,
+        FrameError::Header(_) => Ending::protocol_error(from_client),
+    }
+}
+
+/// The proxy's close over streams it writes itself: each side that stands between frames gets
+/// its close frame, both get a FIN. Each write is bounded by [`STOP_FLUSH`]: a side that does
+/// not read gets nothing more.
+pub async fn close_streams(
+    frames: Option<&ProxyClose>,
+    client: &mut (impl AsyncWrite + Unpin),
+    client_between_frames: bool,
+    instance: &mut (impl AsyncWrite + Unpin),
+    instance_between_frames: bool,
+) {
+    let to_client = frames.filter(|_| client_between_frames).map(|f| &f.to_client[..]);
+    let to_instance = frames
+        .filter(|_| instance_between_frames)
+        .map(|f| &f.to_instance[..]);
+    tokio::join!(bounded(client, to_client), bounded(instance, to_instance));
+}
+
+/// Writes `frame` (if any) and the FIN, within [`STOP_FLUSH`].
+async fn bounded(w: &mut (impl AsyncWrite + Unpin), frame: Option<&[u8]>) {
+    let _ = tokio::time::timeout(STOP_FLUSH, async {
+        if let Some(frame) = frame {
+            w.write_all(frame).await?;
+        }
+        w.shutdown().await
+    })
+    .await;
+}
+
+/// After the instance failed: the client gets the close frame (if it stands between frames)
+/// and a FIN, then [`CLOSE_GRACE`] to answer, whose bytes go nowhere.
+pub async fn after_instance_failed(
+    client: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    frame: Option<Vec<u8>>,
+) {
+    let _ = tokio::time::timeout(STOP_FLUSH, async {
+        if let Some(frame) = frame {
+            client.write_all(&frame).await?;
+        }
+        client.shutdown().await
+    })
+    .await;
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_proxys_close_masks_only_the_instances_frame() {
+        let close = ProxyClose::for_ending(Ending::IdleTimeout).expect("1001");
+        assert_eq!(&close.to_client[..4], &[0x88, 2 + 12, 0x03, 0xE9]);
+        assert_eq!(close.to_instance[1], 0x80 | (2 + 12), "mask bit and length");
+        assert!(ProxyClose::for_ending(Ending::ExecutionTimeout).is_none());
+    }
+
+    #[tokio::test]
+    async fn close_streams_sends_frames_only_to_sides_between_frames() {
+        let close = ProxyClose::for_ending(Ending::Shutdown).unwrap();
+        let (mut client, mut client_peer) = tokio::io::duplex(1024);
+        let (mut instance, mut instance_peer) = tokio::io::duplex(1024);
+        close_streams(Some(&close), &mut client, true, &mut instance, false).await;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        client_peer.read_to_end(&mut a).await.unwrap();
+        instance_peer.read_to_end(&mut b).await.unwrap();
+        assert_eq!(a, close.to_client);
+        assert!(b.is_empty(), "mid-frame: only the FIN");
+    }
+}
