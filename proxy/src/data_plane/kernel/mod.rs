@@ -273,19 +273,22 @@ impl KernelDataPlane {
             socket::set_receive_buffer(&instance, MAX_FRAME_WIRE_LEN as usize)?;
             on_keys(Some(pair));
             let flags = if zero_hop.is_some() { FLAG_ZERO_HOP } else { 0 };
-            let inserted = self
+            // Each step takes the maps lock itself (a guard kept across the chain would
+            // deadlock the next step's lock).
+            let sides = self
                 .maps
                 .lock()
                 .expect("maps lock")
-                .insert_sides(pair, written, max_message_bytes, flags)
-                .and_then(|()| match zero_hop {
-                    Some(keys) => zero_hop::insert(&self.maps, &client, &instance, pair, keys, pipelined),
-                    None => self
-                        .maps
-                        .lock()
-                        .expect("maps lock")
-                        .insert_splice(&client, &instance, pair),
-                });
+                .insert_sides(pair, written, max_message_bytes, flags);
+            let inserted = sides.and_then(|()| match zero_hop {
+                Some(keys) => {
+                    zero_hop::insert(&self.maps, &client, &instance, pair, keys, pipelined)
+                }
+                None => {
+                    let mut maps = self.maps.lock().expect("maps lock");
+                    maps.insert_splice(&client, &instance, pair)
+                }
+            });
             if let Err(e) = inserted {
                 self.maps
                     .lock()
