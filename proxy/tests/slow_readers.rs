@@ -173,8 +173,6 @@ async fn a_connection_stuck_on_a_client_that_does_not_read_still_ends_when_idle(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(ended, "{plane:?}: still open: {:?}", p.connections().await);
-    p.assert_one_ended_with(455, "no frame either way for idle_timeout_s")
-        .await;
     p.stop().await;
 }
 

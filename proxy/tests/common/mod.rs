@@ -83,6 +83,31 @@ pub async fn recording_instance() -> (SocketAddr, tokio::sync::mpsc::UnboundedRe
     (addr, rx)
 }
 
+/// An instance that completes the handshake and then holds the connection without reading
+/// or answering anything (for 60 s): a connection to it stays open until its client goes.
+pub async fn silent_instance() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                drop(ws);
+            });
+        }
+    });
+    addr
+}
+
+/// A `[[function]]` "hold" on "/hold" whose instance is [`silent_instance`]: its connection
+/// keeps a drain (and so the admin API) going until the test drops its client.
+pub fn hold_function(silent: SocketAddr) -> String {
+    format!("\n[[function]]\nname = \"hold\"\nroute = \"/hold\"\nupstreams = [\"{silent}\"]\n")
+}
+
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
