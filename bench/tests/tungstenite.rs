@@ -96,7 +96,13 @@ async fn tungstenite_client_is_pushed_timestamped_messages() {
 async fn bad_push_parameters_are_refused() {
     let echo = Echo::start(1);
     let url = format!("{}?rate=0", echo.push_url());
-    let err = tokio_tungstenite::connect_async(url).await.unwrap_err();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("the echo server answered within 10 s")
+    .unwrap_err();
     assert!(
         matches!(&err, tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 400),
         "{err:?}"

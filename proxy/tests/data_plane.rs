@@ -443,3 +443,14 @@ on_both_planes!(
     a_client_frame_with_a_reserved_opcode_fails_the_connection_with_1002_both_ways,
     an_instance_frame_with_a_reserved_opcode_fails_the_connection_with_1002_both_ways,
 );
+
+#[test]
+fn a_metric_value_is_read_from_the_whole_line() {
+    let metrics = "# TYPE wsedge_connections_ended_total counter\n\
+        wsedge_connections_ended_total{function=\"echo\",status=\"200\"} 12\n\
+        wsedge_connections_ended_total{function=\"echo\",status=\"429\"} 1\n";
+    assert_eq!(metric_value(metrics, &ended_series(200)), Some(12));
+    assert_eq!(metric_value(metrics, &ended_series(429)), Some(1));
+    assert_eq!(metric_value(metrics, &ended_series(20)), None);
+    assert_eq!(metric_value(metrics, &ended_series(455)), None);
+}

@@ -557,30 +557,25 @@ async fn a_message_over_the_limit_closes_the_client_with_1009(example: Example) 
 }
 
 /// Defines each named `async fn(Example)` case as three tests, `rust::<name>`,
-/// `node::<name>` and `python::<name>`: the same case against each example function.
+/// `node::<name>` and `python::<name>`: the same case against each example function. Each
+/// fails if it has not finished within `CASE_DEADLINE`.
 macro_rules! on_each_example {
     ($($name:ident),* $(,)?) => {
-        mod rust {
+        on_each_example!(@one rust, Rust, $($name),*);
+        on_each_example!(@one node, Node, $($name),*);
+        on_each_example!(@one python, Python, $($name),*);
+    };
+    (@one $module:ident, $example:ident, $($name:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::Example::Rust).await;
-                }
-            )*
-        }
-        mod node {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Example::Node).await;
-                }
-            )*
-        }
-        mod python {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Example::Python).await;
+                    tokio::time::timeout(
+                        super::CASE_DEADLINE,
+                        super::$name(super::Example::$example),
+                    )
+                    .await
+                    .expect("the case finished within its deadline");
                 }
             )*
         }
