@@ -107,14 +107,11 @@ async fn the_execution_timeout_cuts_tcp_without_a_close_frame(p: DataPlaneMode) 
 
 async fn the_drain_closes_every_websocket_with_1001_and_they_end_with_200(p: DataPlaneMode) {
     let (instance, mut closes) = recording_instance().await;
-    let functions = format!(
-        "{}{}",
-        function(instance, 600, 7200),
-        hold_function(silent_instance().await)
-    );
-    let mut config = function_config(plane(p), "", &functions);
+    let mut config = function_config(plane(p), "", &function(instance, 600, 7200));
     config.server.drain_timeout_s = 10;
     let mut proxy = start_proxy(config).await;
+    // Keeps the drain, and /metrics, going until the ends below are counted.
+    let pending = PendingUpgrade::start(proxy.addr).await;
     let mut clients = Vec::new();
     for _ in 0..3 {
         let mut ws = connect(proxy.url("/echo")).await.unwrap();
@@ -122,9 +119,6 @@ async fn the_drain_closes_every_websocket_with_1001_and_they_end_with_200(p: Dat
         assert_eq!(recv(&mut ws).await, Message::text("hi"));
         clients.push(ws);
     }
-    // Neither this client nor its instance answers the close: the drain (and with it the
-    // admin API) goes on until the client is dropped, so /metrics can be read.
-    let held = connect(proxy.url("/hold")).await.unwrap();
     proxy.begin_stop();
     for ws in &mut clients {
         let close = tokio::time::timeout(Duration::from_secs(5), next_close(ws))
@@ -142,7 +136,7 @@ async fn the_drain_closes_every_websocket_with_1001_and_they_end_with_200(p: Dat
     proxy
         .assert_ended_with(200, 3, "a connection the drain closed ends with 200")
         .await;
-    drop(held);
+    pending.finish_with_503().await;
     tokio::time::timeout(Duration::from_secs(8), proxy.stop())
         .await
         .expect("the drain ends once every connection closed");

@@ -83,29 +83,31 @@ pub async fn recording_instance() -> (SocketAddr, tokio::sync::mpsc::UnboundedRe
     (addr, rx)
 }
 
-/// An instance that completes the handshake and then holds the connection without reading
-/// or answering anything (for 60 s): a connection to it stays open until its client goes.
-pub async fn silent_instance() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                drop(ws);
-            });
-        }
-    });
-    addr
-}
+/// A client that has sent only the start of its upgrade request. While it is pending, a
+/// drain waits for it (up to `handshake_timeout_ms`, 10 s by default), and so the admin API
+/// stays up: a test can read `/metrics` after every WebSocket the drain closed has ended.
+pub struct PendingUpgrade(TcpStream);
 
-/// A `[[function]]` "hold" on "/hold" whose instance is [`silent_instance`]: its connection
-/// keeps a drain (and so the admin API) going until the test drops its client.
-pub fn hold_function(silent: SocketAddr) -> String {
-    format!("\n[[function]]\nname = \"hold\"\nroute = \"/hold\"\nupstreams = [\"{silent}\"]\n")
+impl PendingUpgrade {
+    /// Connect before the connections the test wants counted: the proxy accepts in order, so
+    /// once those are upgraded this one has been accepted too.
+    pub async fn start(addr: SocketAddr) -> PendingUpgrade {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&UPGRADE.as_bytes()[..20]).await.unwrap();
+        PendingUpgrade(s)
+    }
+
+    /// Sends the rest of the request, which completes while draining: 503 `draining`.
+    pub async fn finish_with_503(mut self) {
+        self.0.write_all(&UPGRADE.as_bytes()[20..]).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(WAIT, self.0.read_to_end(&mut out))
+            .await
+            .expect("the proxy answers and closes")
+            .unwrap();
+        let (status, error_type, _) = parse_error_response(&out);
+        assert_eq!((status, error_type.as_str()), (503, "draining"));
+    }
 }
 
 pub struct Proxy {
