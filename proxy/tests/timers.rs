@@ -109,6 +109,8 @@ async fn the_drain_closes_every_websocket_with_1001_and_they_end_with_200(p: Dat
     let (instance, mut closes) = recording_instance().await;
     let mut config = function_config(plane(p), "", &function(instance, 600, 7200));
     config.server.drain_timeout_s = 10;
+    // The pending upgrade below must outlast the test up to the drain.
+    config.server.handshake_timeout_ms = 30_000;
     let mut proxy = start_proxy(config).await;
     // Keeps the drain, and /metrics, going until the ends below are counted.
     let pending = PendingUpgrade::start(proxy.addr).await;

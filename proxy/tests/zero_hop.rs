@@ -647,6 +647,8 @@ async fn the_drain_closes_zero_hop_websockets_with_1001_and_ends_once_the_client
         &spawned_function(&Example::Rust.command(), ""),
     );
     config.server.drain_timeout_s = 10;
+    // The pending upgrade below must outlast the test up to the drain.
+    config.server.handshake_timeout_ms = 30_000;
     let mut p = start_proxy(config).await;
     // Keeps the drain, and /metrics, going until the ends below are counted.
     let pending = PendingUpgrade::start(p.addr).await;
