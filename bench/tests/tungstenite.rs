@@ -58,7 +58,6 @@ async fn tungstenite_client_is_pushed_timestamped_messages() {
     let run = async move {
         let (mut ws, resp) = tokio_tungstenite::connect_async(url).await.unwrap();
         assert_eq!(resp.status(), 101);
-        let start = bench::sys::monotonic_ns();
         let mut stamps = Vec::new();
         while stamps.len() < 5 {
             match ws.next().await.unwrap().unwrap() {
@@ -72,9 +71,11 @@ async fn tungstenite_client_is_pushed_timestamped_messages() {
         let now = bench::sys::monotonic_ns();
         assert!(stamps.windows(2).all(|w| w[0] < w[1]), "{stamps:?}");
         assert!(stamps[0] < now && stamps[4] <= now, "{stamps:?} now {now}");
-        // 50/s: five messages take about 80-100 ms after the first, which comes within 20 ms.
-        assert!(stamps[4] - stamps[0] >= 60_000_000, "{stamps:?}");
-        assert!(now - start < 2_000_000_000);
+        // 50/s: the backend sends each connection's next message a period (20 ms) after the
+        // last was due, or after it went out when it fell behind, so four gaps span at least
+        // 3 periods less the send slack; this checks 2 periods. A slow machine only widens the
+        // gaps; a backend ignoring the rate would send all five within a millisecond.
+        assert!(stamps[4] - stamps[0] >= 40_000_000, "{stamps:?}");
         // What the client sends is still echoed, between the pushes.
         ws.send(Message::text("still an echo server"))
             .await
@@ -95,7 +96,13 @@ async fn tungstenite_client_is_pushed_timestamped_messages() {
 async fn bad_push_parameters_are_refused() {
     let echo = Echo::start(1);
     let url = format!("{}?rate=0", echo.push_url());
-    let err = tokio_tungstenite::connect_async(url).await.unwrap_err();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("the echo server answered within 10 s")
+    .unwrap_err();
     assert!(
         matches!(&err, tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 400),
         "{err:?}"

@@ -1,9 +1,11 @@
 //! Each workload against the in-process echo server, with small numbers: the reports must
-//! show real traffic, not just a clean exit.
+//! show real traffic, not just a clean exit. The checks are counts and the report's shape,
+//! never how fast the machine was: bounds follow from the configuration (connections, one
+//! message in flight, the window closing at its end), not from timing.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bench::{LoadConfig, Report, Workload, run_load};
 use common::Echo;
@@ -22,54 +24,85 @@ fn config(url: String, workload: Workload, connections: usize, size: usize) -> L
     }
 }
 
-fn assert_clean(r: &Report) {
+/// What every clean report shows, whatever the machine's speed: every connection up, no
+/// error, latencies recorded for what was received (and only that), percentiles in order,
+/// and the measurement window at least as long as asked (it closes at its end, never
+/// before). Nothing here depends on how fast the run went.
+fn assert_clean(r: &Report, cfg: &LoadConfig) {
     assert_eq!(r.connect_errors, 0, "{r:#?}");
     assert_eq!(r.errors, 0, "{r:#?}");
+    assert_eq!(r.connections_requested, cfg.connections, "{r:#?}");
+    assert_eq!(r.connections_established, cfg.connections, "{r:#?}");
+    assert!(r.duration_s >= cfg.duration.as_secs_f64(), "{r:#?}");
+    assert!(r.rtt_us.p50 > 0, "{r:#?}");
     assert!(
-        r.connections_established == r.connections_requested,
+        r.rtt_us.p50 <= r.rtt_us.p99 && r.rtt_us.p99 <= r.rtt_us.p999,
         "{r:#?}"
     );
-    assert!((0.9..1.5).contains(&r.duration_s), "{r:#?}");
-    assert!(r.rtt_us.count > 0 && r.rtt_us.p50 > 0, "{r:#?}");
-    assert!(
-        r.rtt_us.p50 <= r.rtt_us.p99 && r.rtt_us.p99 <= r.rtt_us.max,
-        "{r:#?}"
-    );
+    assert!(r.rtt_us.p999 <= r.rtt_us.max, "{r:#?}");
     assert!(r.rss_kb_before > 0 && r.rss_kb_after > 0, "{r:#?}");
     assert!(r.cpu_total_s > 0.0, "{r:#?}");
+    assert!((0.0..=1.0).contains(&r.cpu_busy_fraction), "{r:#?}");
+}
+
+/// The report's rate is its count over its window.
+fn assert_rate_matches(rate: f64, count: u64, r: &Report) {
+    let expected = count as f64 / r.duration_s;
+    assert!(
+        (rate - expected).abs() <= 1e-6 * expected.max(1.0),
+        "{rate} is not {count} / {}: {r:#?}",
+        r.duration_s
+    );
 }
 
 #[test]
 fn edge_echoes_what_it_sends_at_the_offered_rate() {
     let echo = Echo::start(2);
-    let r = run_load(&config(echo.url(), Workload::Edge, 20, 512)).unwrap();
-    assert_clean(&r);
+    let cfg = config(echo.url(), Workload::Edge, 20, 512);
+    let r = run_load(&cfg).unwrap();
+    assert_clean(&r, &cfg);
+    // 20 connections x 20/s each.
     assert_eq!(r.offered_msgs_per_s, Some(400.0));
-    // 20 connections x 20/s for ~1 s.
-    assert!((360..=440).contains(&r.messages_sent), "{r:#?}");
-    assert!(r.messages_received * 10 >= r.messages_sent * 9, "{r:#?}");
-    assert!(r.msgs_per_s > 300.0, "{r:#?}");
-    assert_eq!(r.handshakes, 0);
+    // Every message is sent and echoed inside the window, so an echo counted there answers a
+    // message counted there: received <= sent, and each one has its round trip recorded.
+    assert!(r.messages_received > 0, "real traffic: {r:#?}");
+    assert!(r.messages_received <= r.messages_sent, "{r:#?}");
+    assert_eq!(r.rtt_us.count, r.messages_received, "{r:#?}");
+    assert!(r.late_sends <= r.messages_sent, "{r:#?}");
+    assert_rate_matches(r.msgs_per_s, r.messages_received, &r);
+    assert_eq!((r.handshakes, r.iterations), (0, 0), "{r:#?}");
 }
 
 #[test]
 fn bulk_moves_large_messages() {
     let echo = Echo::start(1);
-    let r = run_load(&config(echo.url(), Workload::Bulk, 2, 64 << 10)).unwrap();
-    assert_clean(&r);
-    assert!(r.messages_received > 10, "{r:#?}");
+    let cfg = config(echo.url(), Workload::Bulk, 2, 64 << 10);
+    let r = run_load(&cfg).unwrap();
+    assert_clean(&r, &cfg);
+    assert!(r.messages_received > 0, "real traffic: {r:#?}");
+    // One message in flight per connection: each connection sent what it got back, plus at
+    // most the one still in flight when the window closed.
     assert!(r.messages_sent >= r.messages_received, "{r:#?}");
+    assert!(
+        r.messages_sent - r.messages_received <= cfg.connections as u64,
+        "{r:#?}"
+    );
+    assert_eq!(r.rtt_us.count, r.messages_received, "{r:#?}");
+    assert_rate_matches(r.msgs_per_s, r.messages_received, &r);
     assert_eq!(r.offered_msgs_per_s, None);
 }
 
 #[test]
 fn handshake_workload_cycles_connections() {
     let echo = Echo::start(1);
-    let r = run_load(&config(echo.url(), Workload::Handshake, 4, 64)).unwrap();
-    assert_clean(&r);
-    assert!(r.iterations > 10, "{r:#?}");
+    let cfg = config(echo.url(), Workload::Handshake, 4, 64);
+    let r = run_load(&cfg).unwrap();
+    assert_clean(&r, &cfg);
+    // A cycle is connect, upgrade, one echo, close: each counted one has its handshake.
+    assert!(r.iterations > 0, "real traffic: {r:#?}");
     assert!(r.handshakes >= r.iterations, "{r:#?}");
-    assert!(r.handshakes_per_s > 10.0, "{r:#?}");
+    assert_rate_matches(r.handshakes_per_s, r.handshakes, &r);
+    assert_eq!(r.offered_msgs_per_s, None);
 }
 
 #[test]
@@ -78,23 +111,27 @@ fn push_receives_what_the_backend_sends_at_the_asked_rate() {
     let mut cfg = config(echo.push_url(), Workload::Push, 20, 512);
     cfg.rate = 10.0;
     cfg.duration = Duration::from_secs(2);
+    let started = Instant::now();
     let r = run_load(&cfg).unwrap();
+    let ran_us = started.elapsed().as_micros() as u64;
     assert_eq!((r.connect_errors, r.errors), (0, 0), "{r:#?}");
     assert_eq!(r.connections_established, 20, "{r:#?}");
-    assert!((1.9..2.5).contains(&r.duration_s), "{r:#?}");
+    assert!(r.duration_s >= cfg.duration.as_secs_f64(), "{r:#?}");
+    // 20 connections x the asked 10/s.
     assert_eq!(r.offered_msgs_per_s, Some(200.0));
-    // The client only receives: 20 connections x 10/s for ~2 s.
+    // The client only receives.
     assert_eq!(r.messages_sent, 0, "{r:#?}");
-    assert!((340..=460).contains(&r.messages_received), "{r:#?}");
-    assert!(r.msgs_per_s > 150.0, "{r:#?}");
-    // One-way latency from the backend's CLOCK_MONOTONIC stamp: a clock mix-up would show as
-    // all zeros (clamped to 1 µs) or as the machine's uptime.
+    assert!(r.messages_received > 0, "real traffic: {r:#?}");
+    assert_rate_matches(r.msgs_per_s, r.messages_received, &r);
+    // One-way latency from the backend's CLOCK_MONOTONIC stamp, one per message received. A
+    // clock mix-up would show as all zeros (clamped to 1 µs) or as the machine's uptime (more
+    // than this run lasted, which bounds every message's trip).
+    assert_eq!(r.rtt_us.count, r.messages_received, "{r:#?}");
+    assert!(r.rtt_us.p50 >= 2, "{r:#?}");
     assert!(
-        r.rtt_us.count == r.messages_received && r.rtt_us.p50 >= 2,
-        "{r:#?}"
+        r.rtt_us.max <= ran_us,
+        "longer than the run ({ran_us} µs): {r:#?}"
     );
-    assert!(r.rtt_us.max < 10_000_000, "{r:#?}");
-    assert!(r.cpu_busy_s > 0.0, "{r:#?}");
 }
 
 #[test]

@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::{connect_async, tungstenite::Message};
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
 use wsedge::protocols::auth::sign;
 
 const KEY: &str = "correct horse battery staple";
@@ -47,11 +47,9 @@ async fn signed_upgrades_pass_and_missing_bad_or_stale_signatures_are_refused() 
         "Authorization",
         sign(KEY.as_bytes(), "/echo?room=7", &now).parse().unwrap(),
     );
-    let (mut ws, _) = connect_async(request)
-        .await
-        .expect("a signed upgrade passes");
+    let mut ws = connect(request).await.expect("a signed upgrade passes");
     ws.send(Message::text("signed")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("signed"));
+    assert_eq!(recv(&mut ws).await, Message::text("signed"));
 
     let cases = [
         (String::new(), 400, "missing_auth"),
@@ -67,6 +65,12 @@ async fn signed_upgrades_pass_and_missing_bad_or_stale_signatures_are_refused() 
             format!("Date: {now}\r\nAuthorization: Bearer abc\r\n"),
             403,
             "bad_signature",
+        ),
+        // Not an RFC 7231 date (ISO 8601), signed correctly all the same.
+        (
+            signed("/echo", "2026-12-05T16:00:00Z", KEY),
+            400,
+            "malformed_date",
         ),
     ];
     for (headers, status, error_type) in &cases {
@@ -106,9 +110,14 @@ async fn signed_upgrades_pass_and_missing_bad_or_stale_signatures_are_refused() 
         "14 minutes off is within the window: {head}"
     );
     let metrics = p.metrics().await;
-    assert!(metrics.contains(
-        "wsedge_handshake_errors_total{function=\"echo\",status=\"403\",error_type=\"stale_date\"} 2\n"
-    ), "{metrics}");
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wsedge_handshake_errors_total{function=\"echo\",status=\"403\",error_type=\"stale_date\"}"
+        ),
+        Some(2),
+        "{metrics}"
+    );
     p.stop().await;
 
     // A spawned instance's environment has $PORT but not the key.

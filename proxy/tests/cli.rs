@@ -5,12 +5,86 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read},
+    net::TcpStream,
     process::{Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
+use tokio_tungstenite::tungstenite::{self, WebSocket};
+
 const BIN: &str = env!("CARGO_BIN_EXE_wsedge");
+
+/// How long a test waits for wsedge to log, answer, or exit.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Runs `cmd` to its end and returns its output; kills it and fails the test if it is still
+/// running after [`WAIT`].
+fn output_within(mut cmd: Command) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = pipe.read_to_end(&mut out);
+            out
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} was still running after {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// A child's stderr, line by line, read on a thread so that waiting for a line can time out.
+type Lines = mpsc::Receiver<String>;
+
+fn lines_of(stderr: std::process::ChildStderr) -> Lines {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// A blocking WebSocket client of `url` whose every read and write fails after [`WAIT`].
+fn ws_connect(url: &str) -> WebSocket<TcpStream> {
+    let authority = url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .expect("a ws:// URL");
+    let stream = TcpStream::connect(authority).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_write_timeout(Some(WAIT)).unwrap();
+    tungstenite::client(url, stream)
+        .unwrap_or_else(|e| panic!("upgrade of {url}: {e}"))
+        .0
+}
 
 fn write_config(dir: &tempfile::TempDir, data_plane: &str, extra: &str) -> std::path::PathBuf {
     let path = dir.path().join("wsedge.toml");
@@ -50,11 +124,9 @@ fn as_nobody(dir: &tempfile::TempDir, args: &[&str]) -> Command {
 }
 
 fn check(config: &std::path::Path) -> std::process::Output {
-    Command::new(BIN)
-        .args(["check", "-c"])
-        .arg(config)
-        .output()
-        .unwrap()
+    let mut cmd = Command::new(BIN);
+    cmd.args(["check", "-c"]).arg(config);
+    output_within(cmd)
 }
 
 #[test]
@@ -93,9 +165,7 @@ fn check_names_the_bad_field_and_fails() {
 fn kernel_data_plane_fails_at_start_when_ebpf_cannot_load() {
     let dir = readable_dir();
     let path = write_config(&dir, "kernel", "");
-    let out = as_nobody(&dir, &["run", "-c", path.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = output_within(as_nobody(&dir, &["run", "-c", path.to_str().unwrap()]));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -115,12 +185,15 @@ fn auto_falls_back_to_userspace_with_one_log_line_saying_why() {
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = lines_of(child.stderr.take().unwrap());
+    let deadline = Instant::now() + WAIT;
     let mut fallback_lines = 0;
     let mut plane = None;
-    while Instant::now() < deadline {
-        let Some(Ok(line)) = lines.next() else { break };
+    let mut serving = false;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Ok(line) = lines.recv_timeout(left) else {
+            break;
+        };
         let json: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
         let message = json["fields"]["message"].as_str().unwrap_or_default();
@@ -137,11 +210,13 @@ fn auto_falls_back_to_userspace_with_one_log_line_saying_why() {
             plane = json["fields"]["data_plane"].as_str().map(String::from);
         }
         if message == "wsedge serving" {
+            serving = true;
             break;
         }
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    assert!(serving, "wsedge logged \"wsedge serving\" within {WAIT:?}");
     assert_eq!(fallback_lines, 1);
     assert_eq!(plane.as_deref(), Some("userspace"));
 }
@@ -159,20 +234,14 @@ impl Drop for Running {
 
 /// Runs `wsedge run` as root with JSON logs; returns the child, its log lines, and the
 /// listen address from the "wsedge serving" line.
-fn run_json(
-    path: &std::path::Path,
-) -> (
-    Running,
-    std::io::Lines<BufReader<std::process::ChildStderr>>,
-    String,
-) {
+fn run_json(path: &std::path::Path) -> (Running, Lines, String) {
     let mut child = Command::new(BIN)
         .args(["run", "--log-format", "json", "-c"])
         .arg(path)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut lines = lines_of(child.stderr.take().unwrap());
     let child = Running(child);
     let listen = wait_for_log(&mut lines, "wsedge serving")["fields"]["listen"]
         .as_str()
@@ -181,19 +250,26 @@ fn run_json(
     (child, lines, listen)
 }
 
-fn wait_for_log(
-    lines: &mut std::io::Lines<BufReader<std::process::ChildStderr>>,
-    message: &str,
-) -> serde_json::Value {
-    for line in lines.by_ref() {
-        let line = line.unwrap();
+/// The next log line with `message`; fails if wsedge exits or [`WAIT`] passes first.
+fn wait_for_log(lines: &mut Lines, message: &str) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match lines.recv_timeout(left) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("wsedge did not log {message:?} within {WAIT:?}")
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("wsedge exited before logging {message:?}")
+            }
+        };
         let json: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
         if json["fields"]["message"] == message {
             return json;
         }
     }
-    panic!("wsedge exited before logging {message:?}");
 }
 
 /// A config for the kernel plane with the Rust example as a spawned function.
@@ -227,8 +303,7 @@ fn instance_output_is_logged_and_instances_die_with_wsedge_and_a_restart_removes
     let dir = readable_dir();
     let path = spawned_echo_config(&dir, "");
     let (wsedge, mut lines, listen) = run_json(&path);
-    let (mut ws, _) =
-        tokio_tungstenite::tungstenite::connect(format!("ws://{listen}/echo")).expect("upgrade");
+    let mut ws = ws_connect(&format!("ws://{listen}/echo"));
     ws.send("hi".into()).unwrap();
     assert_eq!(ws.read().unwrap(), "hi".into());
     let started = wait_for_log(&mut lines, "instance starting");
@@ -279,7 +354,7 @@ fn the_end_of_each_connection_is_logged_with_its_function_status() {
     let (wsedge, mut lines, listen) = run_json(&path);
     let url = format!("ws://{listen}/echo");
     // A close handshake the client starts (tungstenite's `close(None)` sends no code): 200.
-    let (mut ws, _) = tokio_tungstenite::tungstenite::connect(&url).expect("upgrade");
+    let mut ws = ws_connect(&url);
     ws.send("hi".into()).unwrap();
     assert_eq!(ws.read().unwrap(), "hi".into());
     ws.close(None).unwrap();
@@ -289,7 +364,7 @@ fn the_end_of_each_connection_is_logged_with_its_function_status() {
     assert_eq!(ended["fields"]["status"], 200, "{ended}");
     // The client drops TCP without a close frame; the function then closes too: 456, and
     // the function is not blamed (no 1011 close, no 439).
-    let (mut ws, _) = tokio_tungstenite::tungstenite::connect(&url).expect("upgrade");
+    let mut ws = ws_connect(&url);
     ws.send("hi".into()).unwrap();
     assert_eq!(ws.read().unwrap(), "hi".into());
     drop(ws);
@@ -300,8 +375,8 @@ fn the_end_of_each_connection_is_logged_with_its_function_status() {
 
 /// The status line's code of a raw upgrade request to `path`.
 fn upgrade_status(listen: &str, path: &str) -> u16 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(listen).unwrap();
+    use std::io::Write;
+    let mut s = TcpStream::connect(listen).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(&common::upgrade_request(path, "")).unwrap();
     let mut head = [0u8; 12];
@@ -324,8 +399,7 @@ fn sighup_reloads_functions_without_touching_open_connections() {
     let path = dir.path().join("wsedge.toml");
     std::fs::write(&path, format!("{server}{}{}", function("a"), function("b"))).unwrap();
     let (wsedge, mut lines, listen) = run_json(&path);
-    let (mut open, _) =
-        tokio_tungstenite::tungstenite::connect(format!("ws://{listen}/a")).expect("upgrade");
+    let mut open = ws_connect(&format!("ws://{listen}/a"));
     open.send("before".into()).unwrap();
     assert_eq!(open.read().unwrap(), "before".into());
     assert_eq!(upgrade_status(&listen, "/b"), 101);
@@ -343,8 +417,7 @@ fn sighup_reloads_functions_without_touching_open_connections() {
         "after".into(),
         "the open connection is untouched"
     );
-    let (_again, _) =
-        tokio_tungstenite::tungstenite::connect(format!("ws://{listen}/a")).expect("upgrade");
+    let _again = ws_connect(&format!("ws://{listen}/a"));
     let upgraded = wait_for_log(&mut lines, "connection upgraded");
     let upgraded = if upgraded["fields"]["function"] == "a" {
         upgraded

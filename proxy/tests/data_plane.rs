@@ -7,22 +7,19 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
 };
-use tokio_tungstenite::{
-    connect_async,
-    tungstenite::{
-        Message,
-        handshake::derive_accept_key,
-        protocol::{
-            CloseFrame,
-            frame::{
-                Frame,
-                coding::{CloseCode, Data, OpCode},
-            },
+use tokio_tungstenite::tungstenite::{
+    Message,
+    handshake::derive_accept_key,
+    protocol::{
+        CloseFrame,
+        frame::{
+            Frame,
+            coding::{CloseCode, Data, OpCode},
         },
     },
 };
@@ -34,16 +31,6 @@ fn payload(size: usize, seed: u8) -> Vec<u8> {
     (0..size)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
-}
-
-async fn recv(
-    ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
-) -> Message {
-    tokio::time::timeout(Duration::from_secs(10), ws.next())
-        .await
-        .expect("reply in time")
-        .unwrap()
-        .unwrap()
 }
 
 /// Wire bytes of an unmasked server frame with `len` payload bytes.
@@ -59,7 +46,7 @@ fn server_wire(len: usize) -> u64 {
 
 async fn echoes_every_size_as_text_and_binary_byte_for_byte(plane: DataPlaneMode) {
     let proxy = start(plane).await;
-    let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
+    let mut ws = connect(proxy.url("/echo")).await.unwrap();
     let mut expected_out = 0;
     for (i, size) in SIZES.into_iter().enumerate() {
         let data = payload(size, i as u8);
@@ -106,7 +93,7 @@ async fn fragmented_message_with_interleaved_ping_is_reassembled_and_counted_onc
     plane: DataPlaneMode,
 ) {
     let proxy = start(plane).await;
-    let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
+    let mut ws = connect(proxy.url("/echo")).await.unwrap();
     let parts: [&[u8]; 3] = [b"frag", b"mented ", b"message"];
     ws.send(Message::Frame(Frame::message(
         parts[0].to_vec(),
@@ -143,7 +130,7 @@ async fn fragmented_message_with_interleaved_ping_is_reassembled_and_counted_onc
 async fn close_code_passes_through_both_ways(plane: DataPlaneMode) {
     let proxy = start(plane).await;
     // Client closes with 4001: the function's reply close carries the same code back.
-    let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
+    let mut ws = connect(proxy.url("/echo")).await.unwrap();
     ws.close(Some(CloseFrame {
         code: CloseCode::from(4001),
         reason: "client done".into(),
@@ -156,7 +143,7 @@ async fn close_code_passes_through_both_ways(plane: DataPlaneMode) {
     }
     drop(ws);
     // The function closes first with 4000.
-    let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
+    let mut ws = connect(proxy.url("/echo")).await.unwrap();
     ws.send(Message::text("close:4000")).await.unwrap();
     match recv(&mut ws).await {
         Message::Close(Some(f)) => {
@@ -165,9 +152,7 @@ async fn close_code_passes_through_both_ways(plane: DataPlaneMode) {
         other => panic!("expected close, got {other:?}"),
     }
     // The stream then ends: the proxy propagated the function's FIN.
-    let end = tokio::time::timeout(Duration::from_secs(10), ws.next())
-        .await
-        .expect("stream ends");
+    let end = next_within(&mut ws).await;
     assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
     drop(ws);
     proxy.wait_no_connections().await;
@@ -180,7 +165,7 @@ async fn two_hundred_concurrent_connections_each_get_their_own_echoes(plane: Dat
     let clients = (0..200u32).map(|n| {
         let url = url.clone();
         tokio::spawn(async move {
-            let (mut ws, _) = connect_async(url).await.unwrap();
+            let mut ws = connect(url).await.unwrap();
             for i in 0..5u32 {
                 let msg = format!("conn {n} message {i}");
                 ws.send(Message::text(msg.clone())).await.unwrap();
@@ -271,7 +256,7 @@ async fn a_client_that_vanishes_mid_frame_is_torn_down_cleanly(plane: DataPlaneM
     drop(s);
     proxy.wait_no_connections().await;
     // The proxy keeps serving.
-    let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
+    let mut ws = connect(proxy.url("/echo")).await.unwrap();
     ws.send(Message::text("still here")).await.unwrap();
     assert_eq!(recv(&mut ws).await, Message::text("still here"));
     proxy.stop().await;
@@ -341,6 +326,9 @@ async fn a_message_over_the_limit_closes_both_sides_with_1009(plane: DataPlaneMo
         drop(s);
         proxy.wait_no_connections().await;
     }
+    proxy
+        .assert_ended_with(429, 2, "the proxy closed them for the size quota")
+        .await;
     proxy.stop().await;
 }
 
@@ -455,3 +443,14 @@ on_both_planes!(
     a_client_frame_with_a_reserved_opcode_fails_the_connection_with_1002_both_ways,
     an_instance_frame_with_a_reserved_opcode_fails_the_connection_with_1002_both_ways,
 );
+
+#[test]
+fn a_metric_value_is_read_from_the_whole_line() {
+    let metrics = "# TYPE wsedge_connections_ended_total counter\n\
+        wsedge_connections_ended_total{function=\"echo\",status=\"200\"} 12\n\
+        wsedge_connections_ended_total{function=\"echo\",status=\"429\"} 1\n";
+    assert_eq!(metric_value(metrics, &ended_series(200)), Some(12));
+    assert_eq!(metric_value(metrics, &ended_series(429)), Some(1));
+    assert_eq!(metric_value(metrics, &ended_series(20)), None);
+    assert_eq!(metric_value(metrics, &ended_series(455)), None);
+}

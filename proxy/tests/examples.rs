@@ -1,20 +1,17 @@
 //! The example functions under `deploy/examples/` (Rust, Node.js `ws`, Python `websockets`),
 //! each started by wsedge from the config beside it, echo through the kernel data plane.
-//! Node.js and Python run when their interpreters are on PATH (`cargo xtask test` installs
-//! `ws` and `websockets`).
+//! The Node.js and Python cases need their peers (`node` with `ws`, `python3` with
+//! `websockets`; `cargo xtask test` installs them) and fail, saying so, without them.
 
 mod common;
 
-use std::{path::Path, time::Duration};
+use std::path::Path;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::{
-    connect_async,
-    tungstenite::{
-        Message,
-        protocol::{CloseFrame, frame::coding::CloseCode},
-    },
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::{
+    Message,
+    protocol::{CloseFrame, frame::coding::CloseCode},
 };
 use wsedge::{Config, config::DataPlaneMode};
 
@@ -30,27 +27,19 @@ fn example_config(dir: &str) -> Config {
     config
 }
 
-fn on_path(program: &str) -> bool {
-    std::process::Command::new(program)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 async fn echoes_through_wsedge(config: Config) {
     let function = config.functions[0].name.clone();
     let p = start_proxy(config).await;
-    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(20), connect_async(p.url("/echo")))
+    let mut ws = connect(p.url("/echo"))
         .await
-        .expect("cold start in time")
-        .expect("upgrade");
+        .expect("upgrade (cold start included)");
     ws.send(Message::text("héllo")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("héllo"));
+    assert_eq!(recv(&mut ws).await, Message::text("héllo"));
     for size in [0, 125, 126, 65535, 65536, 262144] {
         let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
         ws.send(Message::binary(payload.clone())).await.unwrap();
         assert_eq!(
-            ws.next().await.unwrap().unwrap(),
+            recv(&mut ws).await,
             Message::binary(payload),
             "{size} bytes"
         );
@@ -67,7 +56,7 @@ async fn echoes_through_wsedge(config: Config) {
     .await
     .unwrap();
     let mut echoed_close = None;
-    while let Some(Ok(msg)) = ws.next().await {
+    while let Some(Ok(msg)) = next_within(&mut ws).await {
         if let Message::Close(frame) = msg {
             echoed_close = frame.map(|f| f.code);
         }
@@ -86,21 +75,23 @@ async fn the_rust_example_echoes_through_wsedge() {
     echoes_through_wsedge(config).await;
 }
 
-/// Runs the example in `dir` when `interpreter` is installed.
-async fn run_if_installed(interpreter: &str, dir: &str) {
-    if !on_path(interpreter) {
-        eprintln!("{interpreter} is not installed: the {dir} example is not run");
-        return;
-    }
-    echoes_through_wsedge(example_config(dir)).await;
-}
-
+/// The example in `deploy/examples/echo-node`, unchanged but for how `node` is started:
+/// with `NODE_PATH` pointing at the `ws` module `cargo xtask test` installs.
 #[tokio::test]
 async fn the_node_example_echoes_through_wsedge() {
-    run_if_installed("node", "echo-node").await;
+    require_node_peer();
+    let mut config = example_config("echo-node");
+    config.functions[0].command = Some(vec![
+        "env".into(),
+        format!("NODE_PATH={}", node_path()),
+        "node".into(),
+        "server.js".into(),
+    ]);
+    echoes_through_wsedge(config).await;
 }
 
 #[tokio::test]
 async fn the_python_example_echoes_through_wsedge() {
-    run_if_installed("python3", "echo-python").await;
+    require_python_peer();
+    echoes_through_wsedge(example_config("echo-python")).await;
 }

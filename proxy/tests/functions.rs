@@ -7,11 +7,8 @@ mod common;
 use std::{collections::HashSet, time::Duration};
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::{
-    connect_async,
-    tungstenite::{Message, protocol::frame::coding::CloseCode},
-};
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
 
 fn echo_function(extra: &str) -> String {
     format!(
@@ -24,21 +21,13 @@ async fn proxy(plane: &str, function: &str) -> Proxy {
     start_proxy(function_config(plane, "", function)).await
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 async fn echo_once(ws: &mut Ws, text: &str) {
     ws.send(Message::text(text)).await.unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .expect("echo in time")
-        .unwrap()
-        .unwrap();
-    assert_eq!(reply, Message::text(text));
+    assert_eq!(recv(ws).await, Message::text(text));
 }
 
 async fn open(p: &Proxy) -> Ws {
-    let (mut ws, _) = connect_async(p.url("/echo")).await.expect("upgrade");
+    let mut ws = connect(p.url("/echo")).await.expect("upgrade");
     echo_once(&mut ws, "hello").await;
     ws
 }
@@ -87,16 +76,20 @@ async fn first_connection_cold_starts_an_instance_in_its_own_namespace_and_echoe
     for size in [0, 1, 125, 126, 65535, 65536, 262144] {
         let payload = vec![0xA5u8; size];
         ws.send(Message::binary(payload.clone())).await.unwrap();
-        assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(payload));
+        assert_eq!(recv(&mut ws).await, Message::binary(payload));
     }
     ws.close(None).await.unwrap();
-    while ws.next().await.is_some() {}
+    read_to_end_of(&mut ws).await;
     drop(ws);
     p.wait_no_connections().await;
     let metrics = p.metrics().await;
-    assert!(metrics.contains("wsedge_instance_starts_total{function=\"echo\"} 1\n"));
-    let ended = "wsedge_connections_ended_total{function=\"echo\",status=\"200\"} 1\n";
-    assert!(metrics.contains(ended), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "wsedge_instance_starts_total{function=\"echo\"}"),
+        Some(1),
+        "{metrics}"
+    );
+    p.assert_one_ended_with(200, "the client closed normally")
+        .await;
     let warm = p.instances().await;
     assert_eq!(
         (warm.len(), warm[0].connections),
@@ -135,14 +128,20 @@ async fn with_concurrency_1_each_connection_gets_an_instance_on_port_9000_until_
     for ws in &mut open_ws {
         echo_once(ws, "still served").await;
     }
-    assert!(p.metrics().await.contains(
-        "wsedge_handshake_errors_total{function=\"echo\",status=\"429\",error_type=\"function_busy\"} 1\n"
-    ));
+    let metrics = p.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wsedge_handshake_errors_total{function=\"echo\",status=\"429\",error_type=\"function_busy\"}"
+        ),
+        Some(1),
+        "{metrics}"
+    );
     // A slot freed by a closing connection is used again: no fourth instance.
     open_ws.pop().unwrap().close(None).await.unwrap();
     let mut reused = None;
     for _ in 0..100 {
-        if let Ok((ws, _)) = connect_async(p.url("/echo")).await {
+        if let Ok(ws) = connect(p.url("/echo")).await {
             reused = Some(ws);
             break;
         }
@@ -172,10 +171,9 @@ async fn killed_instance_closes_the_client_with_1011(plane: &str) {
     let victim = p.instances().await.remove(0);
     // SAFETY: plain syscall on the instance process this test's proxy started.
     unsafe { libc::kill(victim.pid as i32, libc::SIGKILL) };
-    let close = tokio::time::timeout(Duration::from_secs(5), ws.next())
+    let close = next_within(&mut ws)
         .await
-        .expect("the client hears of the crash")
-        .expect("a frame")
+        .expect("a frame: the client hears of the crash")
         .expect("a close frame, not a reset");
     match close {
         Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Error),
@@ -190,9 +188,13 @@ async fn killed_instance_closes_the_client_with_1011(plane: &str) {
     assert_eq!(p.connections().await[0].instance, "echo-2");
     echo_once(&mut ws, "after the crash").await;
     let metrics = p.metrics().await;
-    assert!(metrics.contains("wsedge_instance_crashes_total{function=\"echo\"} 1\n"));
-    let ended = "wsedge_connections_ended_total{function=\"echo\",status=\"439\"} 1\n";
-    assert!(metrics.contains(ended), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "wsedge_instance_crashes_total{function=\"echo\"}"),
+        Some(1),
+        "{metrics}"
+    );
+    p.assert_one_ended_with(439, "the instance was killed")
+        .await;
     p.stop().await;
 }
 
@@ -254,7 +256,7 @@ async fn an_idle_instance_scales_to_zero_with_its_process_and_namespace() {
     let netns = instance.netns.expect("netns isolation as root");
     assert!(namespace_in_use(netns));
     ws.close(None).await.unwrap();
-    while ws.next().await.is_some() {}
+    read_to_end_of(&mut ws).await;
     drop(ws);
     let mut gone = false;
     for _ in 0..100 {
@@ -313,17 +315,15 @@ async fn refused_origins_get_403_and_the_per_ip_limit_429() {
     request
         .headers_mut()
         .insert("Origin", "https://APP.example".parse().unwrap());
-    let (mut held, _) = connect_async(request)
-        .await
-        .expect("allowed origin upgrades");
+    let mut held = connect(request).await.expect("allowed origin upgrades");
     echo_once(&mut held, "first").await;
     let (status, error_type, _) = exchange(p.addr, &upgrade_request("/echo", "")).await;
     assert_eq!((status, error_type.as_str()), (429, "too_many_connections"));
     held.close(None).await.unwrap();
-    while held.next().await.is_some() {}
+    read_to_end_of(&mut held).await;
     drop(held);
     p.wait_no_connections().await;
-    let (mut again, _) = connect_async(p.url("/echo"))
+    let mut again = connect(p.url("/echo"))
         .await
         .expect("the slot is free again");
     echo_once(&mut again, "second").await;

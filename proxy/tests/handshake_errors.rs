@@ -63,7 +63,10 @@ async fn unsupported_version_gets_426_naming_13() {
         .await
         .unwrap();
     let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("the proxy answers and closes")
+        .unwrap();
     let text = String::from_utf8_lossy(&out);
     assert!(text.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{text}");
     assert_eq!(parse_error_response(&out).0, 426);
@@ -194,9 +197,15 @@ async fn forwarded_headers_reach_the_instance() {
         )
         .await
         .unwrap();
-    let (mut s, _) = listener.accept().await.unwrap();
+    let (mut s, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("the proxy connects to the instance")
+        .unwrap();
     let mut buf = vec![0u8; 4096];
-    let n = s.read(&mut buf).await.unwrap();
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("the proxy sends the request on")
+        .unwrap();
     let request = String::from_utf8_lossy(&buf[..n]);
     assert!(
         request.contains("X-Forwarded-For: 203.0.113.9, 127.0.0.1\r\n"),

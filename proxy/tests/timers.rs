@@ -1,7 +1,8 @@
 //! The proxy ends connections itself (SPEC.md "Behaviour"), on both data planes: no frame
 //! either way for `idle_timeout_s` closes both sides with 1001 (pings count as activity);
 //! `execution_timeout_s` cuts TCP (the client sees 1006, no close frame); SIGTERM's drain
-//! closes every WebSocket with 1001.
+//! closes every WebSocket with 1001. Each case also checks the function status the connection
+//! ended with on `/metrics` (455, 433, 200).
 
 #[macro_use]
 mod common;
@@ -10,17 +11,12 @@ use std::{net::SocketAddr, time::Duration};
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::{
-    connect_async,
-    tungstenite::{Message, protocol::frame::coding::CloseCode},
-};
+use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
 use wsedge::config::DataPlaneMode;
 
-type Client =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// Reads past other messages to the close frame; panics if the stream ends without one.
-async fn next_close(ws: &mut Client) -> Option<CloseCode> {
+/// Callers bound it with their own deadline.
+async fn next_close(ws: &mut Ws) -> Option<CloseCode> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code),
@@ -47,9 +43,9 @@ fn plane(p: DataPlaneMode) -> &'static str {
 async fn an_idle_connection_is_closed_with_1001_to_both_sides(p: DataPlaneMode) {
     let (instance, mut closes) = recording_instance().await;
     let proxy = start_proxy(function_config(plane(p), "", &function(instance, 10, 600))).await;
-    let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
+    let mut ws = connect(proxy.url("/echo")).await.unwrap();
     ws.send(Message::text("hi")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    assert_eq!(recv(&mut ws).await, Message::text("hi"));
     // Pings are activity: at 12 s the connection is open although no message flowed for 10 s.
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_secs(4)).await;
@@ -68,13 +64,16 @@ async fn an_idle_connection_is_closed_with_1001_to_both_sides(p: DataPlaneMode) 
     assert_eq!(to_instance, Some(1001), "the instance is told too");
     drop(ws);
     proxy.wait_no_connections().await;
+    proxy
+        .assert_one_ended_with(455, "no frame either way for idle_timeout_s")
+        .await;
     proxy.stop().await;
 }
 
 async fn the_execution_timeout_cuts_tcp_without_a_close_frame(p: DataPlaneMode) {
     let (instance, _closes) = recording_instance().await;
     let proxy = start_proxy(function_config(plane(p), "", &function(instance, 10, 10))).await;
-    let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
+    let mut ws = connect(proxy.url("/echo")).await.unwrap();
     let started = std::time::Instant::now();
     let ended: Result<(), _> = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
@@ -98,20 +97,28 @@ async fn the_execution_timeout_cuts_tcp_without_a_close_frame(p: DataPlaneMode) 
         "{:?}",
         started.elapsed()
     );
+    drop(ws);
     proxy.wait_no_connections().await;
+    proxy
+        .assert_one_ended_with(433, "open longer than execution_timeout_s")
+        .await;
     proxy.stop().await;
 }
 
-async fn the_drain_closes_every_websocket_with_1001(p: DataPlaneMode) {
+async fn the_drain_closes_every_websocket_with_1001_and_they_end_with_200(p: DataPlaneMode) {
     let (instance, mut closes) = recording_instance().await;
     let mut config = function_config(plane(p), "", &function(instance, 600, 7200));
     config.server.drain_timeout_s = 10;
+    // The pending upgrade below must outlast the test up to the drain.
+    config.server.handshake_timeout_ms = 30_000;
     let mut proxy = start_proxy(config).await;
+    // Keeps the drain, and /metrics, going until the ends below are counted.
+    let pending = PendingUpgrade::start(proxy.addr).await;
     let mut clients = Vec::new();
     for _ in 0..3 {
-        let (mut ws, _) = connect_async(proxy.url("/echo")).await.unwrap();
+        let mut ws = connect(proxy.url("/echo")).await.unwrap();
         ws.send(Message::text("hi")).await.unwrap();
-        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+        assert_eq!(recv(&mut ws).await, Message::text("hi"));
         clients.push(ws);
     }
     proxy.begin_stop();
@@ -125,9 +132,13 @@ async fn the_drain_closes_every_websocket_with_1001(p: DataPlaneMode) {
         let code = tokio::time::timeout(Duration::from_secs(5), closes.recv())
             .await
             .unwrap();
-        assert_eq!(code, Some(1001));
+        assert_eq!(code, Some(1001), "every instance is told");
     }
     drop(clients);
+    proxy
+        .assert_ended_with(200, 3, "a connection the drain closed ends with 200")
+        .await;
+    pending.finish_with_503().await;
     tokio::time::timeout(Duration::from_secs(8), proxy.stop())
         .await
         .expect("the drain ends once every connection closed");
@@ -136,5 +147,5 @@ async fn the_drain_closes_every_websocket_with_1001(p: DataPlaneMode) {
 on_both_planes!(
     an_idle_connection_is_closed_with_1001_to_both_sides,
     the_execution_timeout_cuts_tcp_without_a_close_frame,
-    the_drain_closes_every_websocket_with_1001,
+    the_drain_closes_every_websocket_with_1001_and_they_end_with_200,
 );

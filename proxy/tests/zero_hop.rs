@@ -6,8 +6,9 @@
 //! connections, pipelined bytes, a vanishing client, the instance closing first, the size limit)
 //! runs against each example function (Rust, Node.js `ws`, Python `websockets`, spawned by
 //! wsedge in its own network namespace), and every case checks `/connections` reports
-//! `kernel-zero-hop` while the connection is open. Node.js and Python cases are skipped when the
-//! interpreter is not installed (`cargo xtask test` installs `ws` and `websockets`).
+//! `kernel-zero-hop` while the connection is open. Node.js and Python cases need their peers
+//! (`node` with `ws`, `python3` with `websockets`; `cargo xtask test` installs them) and fail,
+//! saying so, without them.
 //!
 //! The slow-reader cases use `fixtures/slow_instance.py`, a stdlib-only instance that speaks
 //! RFC 6455 on a raw socket: they guard the two hazards the zero-hop prototype hit (see
@@ -83,39 +84,25 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
-/// Node resolves `require("ws")` through NODE_PATH: `cargo xtask test` sets it, a plain
-/// `cargo test` gets the directory where xtask installs the Node peers.
+/// Node resolves `require("ws")` through NODE_PATH ([`node_path`]).
 fn node_command(script: String) -> Vec<String> {
-    let node_path = std::env::var("NODE_PATH").unwrap_or_else(|_| {
-        repo_root()
-            .join("target/node-peers/node_modules")
-            .display()
-            .to_string()
-    });
     vec![
         "env".into(),
-        format!("NODE_PATH={node_path}"),
+        format!("NODE_PATH={}", node_path()),
         "node".into(),
         script,
     ]
 }
 
 impl Example {
-    /// False (and the case is skipped, as `examples.rs` does) when the interpreter is missing.
-    fn installed(self) -> bool {
-        let interpreter = match self {
-            Example::Rust => return true,
-            Example::Node => "node",
-            Example::Python => "python3",
-        };
-        let found = std::process::Command::new(interpreter)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            eprintln!("{interpreter} is not installed: the {self:?} example is not run");
+    /// Fails the test, saying what is missing, when the example's interpreter or WebSocket
+    /// library is not installed: a case never passes without running.
+    fn require_peer(self) {
+        match self {
+            Example::Rust => {}
+            Example::Node => require_node_peer(),
+            Example::Python => require_python_peer(),
         }
-        found
     }
 
     /// The example function itself, unchanged (`deploy/examples/`).
@@ -173,16 +160,11 @@ async fn start_spawned(command: &[String], extra: &str) -> Proxy {
     .await
 }
 
-/// wsedge with `example` as its function, or None when the example cannot run here.
-async fn example_proxy(example: Example, extra: &str) -> Option<Proxy> {
-    if !example.installed() {
-        return None;
-    }
-    Some(start_spawned(&example.command(), extra).await)
+/// wsedge with `example` as its function (the test fails if the example cannot run here).
+async fn example_proxy(example: Example, extra: &str) -> Proxy {
+    example.require_peer();
+    start_spawned(&example.command(), extra).await
 }
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Opens a WebSocket through wsedge; the first connection includes the instance's cold start.
 async fn open(p: &Proxy) -> Ws {
@@ -210,14 +192,6 @@ async fn upgrade_raw(p: &Proxy, stream: TcpStream) -> (TcpStream, Vec<u8>) {
     }
     assert_zero_hop(p, 1).await;
     upgraded
-}
-
-async fn recv(ws: &mut Ws) -> Message {
-    tokio::time::timeout(Duration::from_secs(10), ws.next())
-        .await
-        .expect("a frame in time")
-        .expect("a frame, not the end")
-        .expect("a frame, not an error")
 }
 
 async fn echo_once(ws: &mut Ws, text: &str) {
@@ -261,23 +235,6 @@ async fn wait_gone(p: &Proxy, within: Duration) {
     }
 }
 
-/// Waits (5 s at most) until `/metrics` has `line`.
-async fn wait_metric(p: &Proxy, line: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let metrics = p.metrics().await;
-        if metrics.contains(line) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no {line:?} in:\n{metrics}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn ended_with_status(status: u16) -> String {
-    format!("wsedge_connections_ended_total{{function=\"echo\",status=\"{status}\"}} 1\n")
-}
-
 fn payload(size: usize, seed: u8) -> Vec<u8> {
     (0..size)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -315,9 +272,7 @@ async fn close_code_after(s: &mut TcpStream, pending: &mut Vec<u8>) -> u16 {
 // --- The kernel data-plane suite, per example -------------------------------------------
 
 async fn echoes_every_size_as_text_and_binary_byte_for_byte_with_exact_counters(example: Example) {
-    let Some(p) = example_proxy(example, "").await else {
-        return;
-    };
+    let p = example_proxy(example, "").await;
     let mut ws = open(&p).await;
     let mut expected_out = 0;
     for (i, size) in SIZES.into_iter().enumerate() {
@@ -351,9 +306,7 @@ async fn echoes_every_size_as_text_and_binary_byte_for_byte_with_exact_counters(
 }
 
 async fn fragmented_messages_with_an_interleaved_ping_are_reassembled_intact(example: Example) {
-    let Some(p) = example_proxy(example, "").await else {
-        return;
-    };
+    let p = example_proxy(example, "").await;
     let mut ws = open(&p).await;
     let fragment =
         |data: &[u8], opcode, fin| Message::Frame(Frame::message(data.to_vec(), opcode, fin));
@@ -394,9 +347,7 @@ async fn fragmented_messages_with_an_interleaved_ping_are_reassembled_intact(exa
 }
 
 async fn pings_get_pongs_with_the_same_payload_and_are_not_messages(example: Example) {
-    let Some(p) = example_proxy(example, "").await else {
-        return;
-    };
+    let p = example_proxy(example, "").await;
     let mut ws = open(&p).await;
     for size in [0, 1, 125] {
         let data = payload(size, 7);
@@ -412,9 +363,7 @@ async fn pings_get_pongs_with_the_same_payload_and_are_not_messages(example: Exa
 }
 
 async fn a_client_close_code_comes_back_from_the_instance_and_the_stream_ends(example: Example) {
-    let Some(p) = example_proxy(example, "").await else {
-        return;
-    };
+    let p = example_proxy(example, "").await;
     let mut ws = open(&p).await;
     echo_once(&mut ws, "before closing").await;
     assert_zero_hop(&p, 1).await;
@@ -434,14 +383,13 @@ async fn a_client_close_code_comes_back_from_the_instance_and_the_stream_ends(ex
     drop(ws);
     wait_gone(&p, Duration::from_secs(5)).await;
     // The client closed with a code other than 1000: 456.
-    wait_metric(&p, &ended_with_status(456)).await;
+    p.assert_one_ended_with(456, "the client closed with 4001")
+        .await;
     p.stop().await;
 }
 
 async fn the_instance_closing_first_reaches_the_client_with_its_code_then_eof(example: Example) {
-    if !example.installed() {
-        return;
-    }
+    example.require_peer();
     let p = start_spawned(&example.closing_command(), "").await;
     let mut ws = open(&p).await;
     echo_once(&mut ws, "before the instance closes").await;
@@ -458,15 +406,14 @@ async fn the_instance_closing_first_reaches_the_client_with_its_code_then_eof(ex
     drop(ws);
     wait_gone(&p, Duration::from_secs(5)).await;
     // The function closed with a code other than 1000 or 1011: 439.
-    wait_metric(&p, &ended_with_status(439)).await;
+    p.assert_one_ended_with(439, "the function closed with 4000")
+        .await;
     p.stop().await;
 }
 
 async fn two_hundred_concurrent_connections_each_get_their_own_echoes(example: Example) {
     // One instance can take them all: the test is about the data plane, not scale-out.
-    let Some(p) = example_proxy(example, "instance_concurrency = 256\n").await else {
-        return;
-    };
+    let p = example_proxy(example, "instance_concurrency = 256\n").await;
     // The cold start first, so 200 handshakes do not all wait on it.
     let mut warm = open(&p).await;
     echo_once(&mut warm, "warm").await;
@@ -513,9 +460,7 @@ async fn two_hundred_concurrent_connections_each_get_their_own_echoes(example: E
 }
 
 async fn frames_pipelined_with_the_handshake_are_forwarded_in_order(example: Example) {
-    let Some(p) = example_proxy(example, "").await else {
-        return;
-    };
+    let p = example_proxy(example, "").await;
     // The request, two whole frames and the first 1000 bytes of a third, in one write.
     let big = payload(70_000, 9);
     let third = masked_frame(true, 2, &big);
@@ -552,9 +497,7 @@ async fn frames_pipelined_with_the_handshake_are_forwarded_in_order(example: Exa
 }
 
 async fn a_frame_sent_alone_right_after_the_101_is_not_stranded(example: Example) {
-    let Some(p) = example_proxy(example, "").await else {
-        return;
-    };
+    let p = example_proxy(example, "").await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
     let (mut s, mut pending) = upgrade_raw(&p, stream).await;
     // Sent at once, possibly before the sockets are in the maps, and nothing after it.
@@ -572,9 +515,7 @@ async fn a_frame_sent_alone_right_after_the_101_is_not_stranded(example: Example
 async fn a_client_that_vanishes_mid_frame_is_cleaned_up_and_the_next_connection_works(
     example: Example,
 ) {
-    let Some(p) = example_proxy(example, "").await else {
-        return;
-    };
+    let p = example_proxy(example, "").await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
     let (mut s, mut pending) = upgrade_raw(&p, stream).await;
     s.write_all(&masked_frame(true, 1, b"whole")).await.unwrap();
@@ -595,9 +536,7 @@ async fn a_client_that_vanishes_mid_frame_is_cleaned_up_and_the_next_connection_
 }
 
 async fn a_message_over_the_limit_closes_the_client_with_1009(example: Example) {
-    let Some(p) = example_proxy(example, "").await else {
-        return;
-    };
+    let p = example_proxy(example, "").await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
     let (mut s, mut pending) = upgrade_raw(&p, stream).await;
     s.write_all(&masked_frame(true, 1, b"ok")).await.unwrap();
@@ -612,34 +551,31 @@ async fn a_message_over_the_limit_closes_the_client_with_1009(example: Example) 
     assert_eq!(close_code_after(&mut s, &mut pending).await, 1009);
     drop(s);
     wait_gone(&p, Duration::from_secs(5)).await;
+    p.assert_one_ended_with(429, "the proxy closed it for the size quota")
+        .await;
     p.stop().await;
 }
 
 /// Defines each named `async fn(Example)` case as three tests, `rust::<name>`,
-/// `node::<name>` and `python::<name>`: the same case against each example function.
+/// `node::<name>` and `python::<name>`: the same case against each example function. Each
+/// fails if it has not finished within `CASE_DEADLINE`.
 macro_rules! on_each_example {
     ($($name:ident),* $(,)?) => {
-        mod rust {
+        on_each_example!(@one rust, Rust, $($name),*);
+        on_each_example!(@one node, Node, $($name),*);
+        on_each_example!(@one python, Python, $($name),*);
+    };
+    (@one $module:ident, $example:ident, $($name:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::Example::Rust).await;
-                }
-            )*
-        }
-        mod node {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Example::Node).await;
-                }
-            )*
-        }
-        mod python {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Example::Python).await;
+                    tokio::time::timeout(
+                        super::CASE_DEADLINE,
+                        super::$name(super::Example::$example),
+                    )
+                    .await
+                    .expect("the case finished within its deadline");
                 }
             )*
         }
@@ -671,7 +607,7 @@ async fn with_data_plane_auto_spawned_instances_get_zero_hop_and_upstreams_the_k
     let p = start_proxy(function_config("auto", "", &functions)).await;
     let mut spawned = open(&p).await;
     echo_once(&mut spawned, "to a spawned instance").await;
-    let (mut fixed, _) = connect_async(p.url("/fixed")).await.expect("upgrade");
+    let mut fixed = connect(p.url("/fixed")).await.expect("upgrade");
     echo_once(&mut fixed, "to a fixed upstream").await;
     let conns = p.connections().await;
     let plane_of = |function: &str| {
@@ -711,7 +647,11 @@ async fn the_drain_closes_zero_hop_websockets_with_1001_and_ends_once_the_client
         &spawned_function(&Example::Rust.command(), ""),
     );
     config.server.drain_timeout_s = 10;
+    // The pending upgrade below must outlast the test up to the drain.
+    config.server.handshake_timeout_ms = 30_000;
     let mut p = start_proxy(config).await;
+    // Keeps the drain, and /metrics, going until the ends below are counted.
+    let pending = PendingUpgrade::start(p.addr).await;
     let mut clients = Vec::new();
     for i in 0..3 {
         let mut ws = open(&p).await;
@@ -728,6 +668,10 @@ async fn the_drain_closes_zero_hop_websockets_with_1001_and_ends_once_the_client
             Some(1001)
         );
     }
+    drop(clients);
+    p.assert_ended_with(200, 3, "a connection the drain closed ends with 200")
+        .await;
+    pending.finish_with_503().await;
     tokio::time::timeout(Duration::from_secs(8), p.stop())
         .await
         .expect("the drain ends once every connection answered (not at its 10 s limit)");
@@ -743,12 +687,52 @@ async fn an_idle_zero_hop_connection_is_closed_with_1001_and_the_next_one_works(
         proxy_close_code(&mut idle, Duration::from_secs(16)).await,
         Some(1001)
     );
+    drop(idle);
     wait_gone(&p, Duration::from_secs(5)).await;
+    p.assert_one_ended_with(455, "no frame either way for idle_timeout_s")
+        .await;
     let mut next = open(&p).await;
     echo_once(&mut next, "a fresh connection").await;
     assert_zero_hop(&p, 1).await;
     next.close(None).await.unwrap();
     wait_gone(&p, Duration::from_secs(5)).await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_execution_timeout_cuts_a_zero_hop_connection_without_a_close_frame() {
+    let p = start_spawned(
+        &Example::Rust.command(),
+        "idle_timeout_s = 10\nexecution_timeout_s = 10",
+    )
+    .await;
+    let mut ws = open(&p).await;
+    echo_once(&mut ws, "before the limit").await;
+    assert_zero_hop(&p, 1).await;
+    // Busy all along (a message every 0.5 s): only the execution limit can end it. The
+    // client sees TCP close with no close frame (tungstenite: the end of the stream or a
+    // reset, never Message::Close).
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if ws.send(Message::text("tick")).await.is_err() {
+                return "the send failed";
+            }
+            match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => panic!("a close frame: {frame:?}"),
+                Ok(Some(Ok(_))) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Ok(Some(Err(_))) => return "an error",
+                Ok(None) => return "the end of the stream",
+                Err(_) => return "silence",
+            }
+        }
+    })
+    .await
+    .expect("cut within 20 s of a 10 s limit");
+    assert_ne!(ended, "silence", "TCP closed, not just quiet");
+    drop(ws);
+    wait_gone(&p, Duration::from_secs(5)).await;
+    p.assert_one_ended_with(433, "open longer than execution_timeout_s")
+        .await;
     p.stop().await;
 }
 

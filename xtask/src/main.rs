@@ -28,7 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Set up what is missing, build every target and run every test.
+    /// Set up what is missing, build every target and run every test: each test binary on
+    /// its own, killed and counted as failed after 10 minutes (`XTASK_TEST_TIMEOUT_S`).
     Test {
         /// Passed to the test binaries, e.g. `cargo xtask test -- --test-threads=1`.
         #[arg(last = true)]

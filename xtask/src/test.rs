@@ -1,6 +1,18 @@
 //! `cargo xtask test`: set up, install the test peers, build every target, run every test.
+//!
+//! The test executables are built once (`cargo test --no-run --message-format=json` names
+//! them) and then run one by one, each in its own process group with a time limit, so that
+//! every binary runs even after another failed, a binary that crashed or hung counts as
+//! failed, and the closing tally sums what every binary reported.
 
-use std::path::PathBuf;
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 
@@ -10,6 +22,14 @@ use crate::{cmd, setup};
 /// build and test of the whole workspace leave it out.
 const HOST_EXCLUDE: [&str; 2] = ["--exclude", "proxy-ebpf"];
 
+/// How long one test binary may run before it is killed and counted as failed
+/// (`XTASK_TEST_TIMEOUT_S` overrides it).
+const DEFAULT_BINARY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// After a test binary exits, how long its output may still take to reach end of file (a
+/// process it left behind can hold the pipe open).
+const OUTPUT_GRACE: Duration = Duration::from_secs(5);
+
 pub fn run(harness_args: &[String]) -> Result<()> {
     setup::run()?;
     let node_modules = install_test_peers()?;
@@ -18,45 +38,270 @@ pub fn run(harness_args: &[String]) -> Result<()> {
             .args(["build", "--workspace", "--all-targets"])
             .args(HOST_EXCLUDE),
     )?;
-    let mut test = cmd::cargo();
-    test.args(["test", "--workspace"]).args(HOST_EXCLUDE);
-    if !harness_args.is_empty() {
-        test.arg("--").args(harness_args);
-    }
-    if let Some(dir) = node_modules {
+    let binaries = test_binaries()?;
+    let timeout = binary_timeout()?;
+    let mut tally = Tally::default();
+    for binary in &binaries {
+        let mut command = Command::new(&binary.executable);
+        command
+            .args(harness_args)
+            .current_dir(&binary.package_dir)
+            // What `cargo test` sets for a test binary at run time.
+            .env("CARGO_MANIFEST_DIR", &binary.package_dir)
+            .env(
+                "CARGO",
+                std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()),
+            );
         // Node test peers `require("ws")` from here.
-        test.env("NODE_PATH", dir);
+        command.env("NODE_PATH", &node_modules);
+        tally.add(&binary.name, run_one(&binary.name, command, timeout)?);
     }
-    run_and_tally(&mut test)
+    // Doc-tests are not test executables: rustdoc builds and runs them.
+    let mut doc = cmd::cargo();
+    doc.args(["test", "--workspace", "--doc"])
+        .args(HOST_EXCLUDE);
+    if !harness_args.is_empty() {
+        doc.arg("--").args(harness_args);
+    }
+    doc.env("NODE_PATH", &node_modules);
+    tally.add("doc-tests", run_one("doc-tests", doc, timeout)?);
+    tally.finish(binaries.len())
 }
 
-/// Runs `cargo test`, echoing its output, and ends with one plain `N passed, N failed` line
-/// summed over every test binary (cargo's own last line is often an empty doc-test run).
-fn run_and_tally(test: &mut std::process::Command) -> Result<()> {
-    use std::io::{BufRead, BufReader};
-    println!("xtask: running `{}`", cmd::display(test));
-    let mut child = test
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("starting cargo test")?;
-    let (mut passed, mut failed) = (0u64, 0u64);
-    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
-        let line = line.context("reading cargo test output")?;
-        println!("{line}");
+/// One test executable, as cargo reported it.
+struct TestBinary {
+    /// `<package>::<target>` with the kind, e.g. `proxy::zero_hop (test)`.
+    name: String,
+    executable: PathBuf,
+    package_dir: PathBuf,
+}
+
+/// Builds every test target and returns the executables, in cargo's order.
+fn test_binaries() -> Result<Vec<TestBinary>> {
+    let mut build = cmd::cargo();
+    build
+        .args([
+            "test",
+            "--workspace",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .args(HOST_EXCLUDE);
+    println!("xtask: running `{}`", cmd::display(&build));
+    let out = build
+        .stderr(Stdio::inherit())
+        .output()
+        .context("starting cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the tests failed ({})", out.status);
+    }
+    let binaries = parse_test_binaries(&String::from_utf8_lossy(&out.stdout));
+    if binaries.is_empty() {
+        bail!("`cargo test --no-run` reported no test executable");
+    }
+    Ok(binaries)
+}
+
+/// The test executables among cargo's JSON messages (`compiler-artifact` with
+/// `profile.test` and an `executable`).
+fn parse_test_binaries(json_lines: &str) -> Vec<TestBinary> {
+    json_lines
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+        .filter_map(|m| {
+            let executable = PathBuf::from(m["executable"].as_str()?);
+            let package_dir = Path::new(m["manifest_path"].as_str()?).parent()?.to_owned();
+            let package = package_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let kind = m["target"]["kind"][0].as_str().unwrap_or("test");
+            let target = m["target"]["name"].as_str().unwrap_or("?");
+            Some(TestBinary {
+                name: format!("{package}::{target} ({kind})"),
+                executable,
+                package_dir,
+            })
+        })
+        .collect()
+}
+
+fn binary_timeout() -> Result<Duration> {
+    match std::env::var("XTASK_TEST_TIMEOUT_S") {
+        Ok(s) => Ok(Duration::from_secs(s.parse().with_context(|| {
+            format!("XTASK_TEST_TIMEOUT_S={s:?} is not a number of seconds")
+        })?)),
+        Err(_) => Ok(DEFAULT_BINARY_TIMEOUT),
+    }
+}
+
+/// What one test binary (or the doc-test run) did.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Outcome {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    /// `test result:` lines seen (the doc-test run prints one per crate).
+    summaries: u64,
+    /// Tests libtest reported as FAILED, by name.
+    failed_tests: Vec<String>,
+    /// Why the binary itself counts as failed (exit status, no summary, timeout), if it does.
+    broken: Option<String>,
+}
+
+impl Outcome {
+    /// Reads one line of libtest output.
+    fn line(&mut self, line: &str) {
         if let Some(summary) = line.strip_prefix("test result: ") {
-            passed += count_before(summary, " passed");
-            failed += count_before(summary, " failed");
+            self.summaries += 1;
+            self.passed += count_before(summary, " passed");
+            self.failed += count_before(summary, " failed");
+            self.ignored += count_before(summary, " ignored");
+        } else if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|rest| rest.strip_suffix(" ... FAILED"))
+        {
+            self.failed_tests.push(name.to_string());
         }
     }
-    let status = child.wait().context("waiting for cargo test")?;
-    println!("xtask: {passed} passed, {failed} failed");
-    if !status.success() {
-        bail!("`cargo test` failed ({status})");
+
+    /// Judges the run once the process is gone (`None`: it was killed at its time limit).
+    fn finish(&mut self, status: Option<ExitStatus>, timeout: Duration) {
+        self.broken = match status {
+            None => Some(format!("killed after {}s (time limit)", timeout.as_secs())),
+            Some(s) if !s.success() => Some(format!("exited with {s}")),
+            Some(_) if self.summaries == 0 => Some("printed no `test result:` line".into()),
+            Some(_) if self.failed > 0 => Some("reported failures but exited 0".into()),
+            Some(_) => None,
+        };
     }
-    if passed == 0 {
-        bail!("`cargo test` ran no test");
+}
+
+/// Runs `command` (stdout echoed and read for libtest lines, stderr passed through) in its own
+/// process group; after `timeout` the whole group is killed.
+fn run_one(name: &str, mut command: Command, timeout: Duration) -> Result<Outcome> {
+    println!("xtask: running {name}: `{}`", cmd::display(&command));
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let (tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut outcome = Outcome::default();
+    let deadline = Instant::now() + timeout;
+    let mut exited: Option<(ExitStatus, Instant)> = None;
+    let mut reading = true;
+    let status = loop {
+        if reading {
+            match lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    println!("{line}");
+                    outcome.line(&line);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // End of output: the binary and everything it started closed stdout.
+                Err(mpsc::RecvTimeoutError::Disconnected) => reading = false,
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if exited.is_none()
+            && let Some(s) = child.try_wait().context("waiting for a test binary")?
+        {
+            exited = Some((s, Instant::now()));
+        }
+        match exited {
+            // Done, or something it left behind holds stdout open: stop reading.
+            Some((s, at)) if !reading || at.elapsed() > OUTPUT_GRACE => break Some(s),
+            Some(_) => {}
+            None if Instant::now() >= deadline => {
+                kill_group(&child);
+                let _ = child.wait();
+                break None;
+            }
+            None => {}
+        }
+    };
+    for line in lines.try_iter() {
+        println!("{line}");
+        outcome.line(&line);
     }
-    Ok(())
+    // A binary that exited leaves no process group behind either.
+    kill_group(&child);
+    outcome.finish(status, timeout);
+    match &outcome.broken {
+        Some(why) => println!("xtask: {name}: FAILED: {why}"),
+        None => println!("xtask: {name}: ok"),
+    }
+    Ok(outcome)
+}
+
+/// SIGKILL to the process group the child leads (it and what it started).
+fn kill_group(child: &std::process::Child) {
+    use nix::{sys::signal, unistd::Pid};
+    let _ = signal::killpg(Pid::from_raw(child.id() as i32), signal::Signal::SIGKILL);
+}
+
+/// The sums over every binary, and what failed.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn add(&mut self, name: &str, outcome: Outcome) {
+        self.passed += outcome.passed;
+        self.ignored += outcome.ignored;
+        self.failed += outcome.failed;
+        for test in &outcome.failed_tests {
+            self.failures.push(format!("{name}: {test}"));
+        }
+        if let Some(why) = outcome.broken {
+            // A binary that died without reporting a failed test is one failure itself.
+            if outcome.failed == 0 {
+                self.failed += 1;
+            }
+            self.failures.push(format!("{name}: {why}"));
+        }
+    }
+
+    /// Prints the closing tally and the failures; an error if anything failed or nothing ran.
+    fn finish(&self, binaries: usize) -> Result<()> {
+        println!();
+        println!("xtask: {binaries} test binaries and the doc-tests ran");
+        if !self.failures.is_empty() {
+            println!("xtask: failed:");
+            for failure in &self.failures {
+                println!("  {failure}");
+            }
+        }
+        println!(
+            "xtask: {} passed, {} failed, {} ignored",
+            self.passed, self.failed, self.ignored
+        );
+        if self.failed > 0 {
+            bail!("{} failed", self.failed);
+        }
+        if self.passed == 0 {
+            bail!("no test ran");
+        }
+        Ok(())
+    }
 }
 
 /// The number just before `label` in a libtest summary ("ok. 14 passed; 0 failed; ...").
@@ -78,10 +323,11 @@ pub fn node_peers_dir() -> PathBuf {
     cmd::root().join("target/node-peers")
 }
 
-/// Installs the real WebSocket peers the tests talk to, for each interpreter that exists:
-/// Python `websockets` (pip) and Node `ws` (npm, into [`node_peers_dir`]).
-/// Returns the node_modules directory when the Node peer is there.
-pub fn install_test_peers() -> Result<Option<PathBuf>> {
+/// Installs the real WebSocket peers the tests talk to: Python `websockets` (pip) and Node
+/// `ws` (npm, into [`node_peers_dir`]), and Node.js itself (Debian's `nodejs` and `npm`) when
+/// it is missing. Fails when a peer cannot be installed: the tests that use it would fail.
+/// Returns the node_modules directory holding `ws`.
+pub fn install_test_peers() -> Result<PathBuf> {
     python_websockets()?;
     node_ws()
 }
@@ -89,8 +335,8 @@ pub fn install_test_peers() -> Result<Option<PathBuf>> {
 fn python_websockets() -> Result<()> {
     cmd::checking("Python websockets");
     if !cmd::exists("python3") {
-        println!("skipped (no python3)");
-        return Ok(());
+        println!("missing python3");
+        apt_install(&["python3", "python3-pip"], "python3")?;
     }
     if cmd::output(cmd::new("python3").args(["-c", "import websockets"])).is_some() {
         println!("ok");
@@ -133,17 +379,18 @@ fn is_externally_managed() -> bool {
     cmd::output(cmd::new("python3").args(["-c", script])).is_some_and(|out| out.trim() == "True")
 }
 
-fn node_ws() -> Result<Option<PathBuf>> {
+fn node_ws() -> Result<PathBuf> {
     let dir = node_peers_dir();
     let node_modules = dir.join("node_modules");
     cmd::checking(&format!("Node ws ({})", node_modules.display()));
     if !cmd::exists("node") || !cmd::exists("npm") {
-        println!("skipped (no node or npm)");
-        return Ok(None);
+        println!("missing node or npm");
+        apt_install(&["nodejs", "npm"], "node and npm")?;
+        cmd::checking(&format!("Node ws ({})", node_modules.display()));
     }
     if node_modules.join("ws/package.json").is_file() {
         println!("ok");
-        return Ok(Some(node_modules));
+        return Ok(node_modules);
     }
     println!("missing, installing");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -163,5 +410,110 @@ fn node_ws() -> Result<Option<PathBuf>> {
     if !node_modules.join("ws/package.json").is_file() {
         bail!("npm finished but {} has no ws", node_modules.display());
     }
-    Ok(Some(node_modules))
+    Ok(node_modules)
+}
+
+/// Installs Debian `packages` with apt-get (as root on Debian), or fails saying how to.
+fn apt_install(packages: &[&str], what: &str) -> Result<()> {
+    let list = packages.join(" ");
+    if !(Path::new("/etc/debian_version").exists() && cmd::is_root()) {
+        bail!(
+            "{what} is needed by the tests and missing; install it, on Debian as root with:\n  \
+             apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y {list}"
+        );
+    }
+    println!("xtask: installing {list} with apt-get");
+    cmd::run(
+        cmd::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    cmd::run(
+        cmd::new("apt-get")
+            .args(["install", "-y"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("installing {what} with apt-get"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_are_summed_and_failed_tests_named() {
+        let mut o = Outcome::default();
+        for line in [
+            "running 3 tests",
+            "test a ... ok",
+            "test b::c ... FAILED",
+            "test d ... ignored",
+            "test result: FAILED. 11 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s",
+        ] {
+            o.line(line);
+        }
+        assert_eq!((o.passed, o.failed, o.ignored, o.summaries), (11, 1, 2, 1));
+        assert_eq!(o.failed_tests, vec!["b::c".to_string()]);
+    }
+
+    fn exit(code: i32) -> ExitStatus {
+        use std::os::unix::process::ExitStatusExt;
+        ExitStatus::from_raw(code << 8)
+    }
+
+    #[test]
+    fn a_binary_without_a_summary_or_that_crashed_or_hung_is_a_failure() {
+        let timeout = Duration::from_secs(600);
+        let mut silent = Outcome::default();
+        silent.finish(Some(exit(0)), timeout);
+        assert!(silent.broken.is_some());
+        let mut crashed = Outcome::default();
+        crashed.line("test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        crashed.finish(Some(exit(101)), timeout);
+        assert!(crashed.broken.is_some());
+        let mut hung = Outcome::default();
+        hung.finish(None, timeout);
+        assert!(hung.broken.as_deref().unwrap().contains("time limit"));
+        let mut tally = Tally::default();
+        tally.add("a", silent);
+        tally.add("b", crashed);
+        tally.add("c", hung);
+        assert_eq!((tally.passed, tally.failed), (3, 3));
+        assert!(tally.finish(3).is_err());
+    }
+
+    #[test]
+    fn a_clean_binary_is_not_a_failure() {
+        let mut o = Outcome::default();
+        o.line("test result: ok. 2 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        o.finish(Some(exit(0)), Duration::from_secs(1));
+        assert_eq!(o.broken, None);
+        let mut tally = Tally::default();
+        tally.add("a", o);
+        assert_eq!((tally.passed, tally.failed, tally.ignored), (2, 0, 1));
+        assert!(tally.finish(1).is_ok());
+    }
+
+    #[test]
+    fn a_hanging_binary_is_killed_with_its_children_at_the_time_limit() {
+        let mut sh = Command::new("sh");
+        sh.args(["-c", "sleep 30 & echo started; wait"]);
+        let started = Instant::now();
+        let outcome = run_one("hang", sh, Duration::from_secs(1)).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(20));
+        assert!(outcome.broken.unwrap().contains("time limit"));
+    }
+
+    #[test]
+    fn test_executables_come_from_cargos_json() {
+        let json = r#"{"reason":"compiler-artifact","manifest_path":"/w/proxy/Cargo.toml","target":{"kind":["test"],"name":"zero_hop"},"profile":{"test":true},"executable":"/w/target/debug/deps/zero_hop-1"}
+{"reason":"compiler-artifact","manifest_path":"/w/proxy/Cargo.toml","target":{"kind":["bin"],"name":"wsedge"},"profile":{"test":false},"executable":"/w/target/debug/wsedge"}
+{"reason":"compiler-artifact","manifest_path":"/w/proxy-common/Cargo.toml","target":{"kind":["lib"],"name":"proxy_common"},"profile":{"test":false},"executable":null}
+{"reason":"build-finished","success":true}"#;
+        let found = parse_test_binaries(json);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].name, "proxy::zero_hop (test)");
+        assert_eq!(found[0].package_dir, Path::new("/w/proxy"));
+    }
 }

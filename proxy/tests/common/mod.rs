@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -12,7 +12,7 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_tungstenite::tungstenite::{
-    Message,
+    self, Message,
     protocol::{CloseFrame, frame::coding::CloseCode},
 };
 use wsedge::{Config, Server, config::DataPlaneMode, registry::ConnectionView};
@@ -83,6 +83,33 @@ pub async fn recording_instance() -> (SocketAddr, tokio::sync::mpsc::UnboundedRe
     (addr, rx)
 }
 
+/// A client that has sent only the start of its upgrade request. While it is pending, a
+/// drain waits for it (up to `handshake_timeout_ms`, 10 s by default), and so the admin API
+/// stays up: a test can read `/metrics` after every WebSocket the drain closed has ended.
+pub struct PendingUpgrade(TcpStream);
+
+impl PendingUpgrade {
+    /// Connect before the connections the test wants counted: the proxy accepts in order, so
+    /// once those are upgraded this one has been accepted too.
+    pub async fn start(addr: SocketAddr) -> PendingUpgrade {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&UPGRADE.as_bytes()[..20]).await.unwrap();
+        PendingUpgrade(s)
+    }
+
+    /// Sends the rest of the request, which completes while draining: 503 `draining`.
+    pub async fn finish_with_503(mut self) {
+        self.0.write_all(&UPGRADE.as_bytes()[20..]).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(WAIT, self.0.read_to_end(&mut out))
+            .await
+            .expect("the proxy answers and closes")
+            .unwrap();
+        let (status, error_type, _) = parse_error_response(&out);
+        assert_eq!((status, error_type.as_str()), (503, "draining"));
+    }
+}
+
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
@@ -118,9 +145,13 @@ impl Proxy {
         }
     }
 
+    /// Stops wsedge and waits for it to finish (the drain included), 30 s at most.
     pub async fn stop(mut self) {
         self.begin_stop();
-        self.task.take().unwrap().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), self.task.take().unwrap())
+            .await
+            .expect("wsedge stopped within 30 s")
+            .unwrap();
     }
 }
 
@@ -169,7 +200,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .await
         .unwrap();
     let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .unwrap_or_else(|_| panic!("GET {path} answered within {WAIT:?}"))
+        .unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
     let status = text
         .split(' ')
@@ -358,11 +392,138 @@ impl Proxy {
 
     /// Asserts that exactly one connection of the function "echo" ended, with `status`.
     pub async fn assert_one_ended_with(&self, status: u16, why: &str) {
-        let metrics = self.metrics().await;
-        let line =
-            format!("wsedge_connections_ended_total{{function=\"echo\",status=\"{status}\"}} 1");
-        assert!(metrics.contains(&line), "{why}: {metrics}");
+        self.assert_ended_with(status, 1, why).await;
     }
+
+    /// Asserts that exactly `count` connections of the function "echo" ended with `status`:
+    /// waits (5 s at most) for the counter to get there, then checks it stays there.
+    pub async fn assert_ended_with(&self, status: u16, count: u64, why: &str) {
+        let series = ended_series(status);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let metrics = self.metrics().await;
+            let value = metric_value(&metrics, &series);
+            if value == Some(count) {
+                return;
+            }
+            assert!(
+                value.unwrap_or(0) < count && tokio::time::Instant::now() < deadline,
+                "{why}: expected {series} {count}, got {value:?} in:\n{metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The series of connections of the function "echo" that ended with `status`.
+pub fn ended_series(status: u16) -> String {
+    format!("wsedge_connections_ended_total{{function=\"echo\",status=\"{status}\"}}")
+}
+
+/// The value of `series` (name and labels exactly as exposed) in Prometheus text: the line
+/// must be exactly `<series> <value>`, so `..} 1` never matches `..} 12`.
+pub fn metric_value(metrics: &str, series: &str) -> Option<u64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        Some(
+            value
+                .parse()
+                .unwrap_or_else(|e| panic!("{series}: value {value:?}: {e}")),
+        )
+    })
+}
+
+/// How long a test waits for any one thing the peer or the proxy should do.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A WebSocket client connection.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next item of a WebSocket stream (`None` at its end), or a panic after [`WAIT`].
+pub async fn next_within<S>(ws: &mut S) -> Option<Result<Message, tungstenite::Error>>
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap_or_else(|_| panic!("nothing from the WebSocket within {WAIT:?}"))
+}
+
+/// The next message, or a panic: after [`WAIT`], at the end of the stream, or on an error.
+pub async fn recv<S>(ws: &mut S) -> Message
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    next_within(ws)
+        .await
+        .expect("a message, not the end of the stream")
+        .expect("a message, not an error")
+}
+
+/// Reads (and drops) messages until the stream ends or fails; panics if that takes more than
+/// [`WAIT`].
+pub async fn read_to_end_of<S>(ws: &mut S)
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = ws.next().await {} })
+        .await
+        .unwrap_or_else(|_| panic!("the WebSocket did not end within {WAIT:?}"))
+}
+
+/// Opens a WebSocket to `request` (a URL or a request), 20 s at most (a cold start included).
+pub async fn connect(
+    request: impl tungstenite::client::IntoClientRequest + Unpin,
+) -> Result<Ws, tungstenite::Error> {
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .expect("the upgrade answered within 20 s")
+    .map(|(ws, _)| ws)
+}
+
+/// Where the Node peer `ws` is: `$NODE_PATH` (`cargo xtask test` sets it), else where
+/// `cargo xtask test` installs it.
+pub fn node_path() -> String {
+    std::env::var("NODE_PATH").unwrap_or_else(|_| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/node-peers/node_modules")
+            .display()
+            .to_string()
+    })
+}
+
+/// Panics, saying what is missing, unless `node` can `require("ws")` from [`node_path`].
+/// Tests that need the Node.js peer fail without it; they never pass unrun.
+pub fn require_node_peer() {
+    let ok = std::process::Command::new("node")
+        .args(["-e", "require('ws')"])
+        .env("NODE_PATH", node_path())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "the Node.js test peer is missing: this test needs `node` with the `ws` module in \
+         NODE_PATH={}; `cargo xtask test` installs both",
+        node_path()
+    );
+}
+
+/// Panics, saying what is missing, unless `python3` can `import websockets`.
+/// Tests that need the Python peer fail without it; they never pass unrun.
+pub fn require_python_peer() {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import websockets"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "the Python test peer is missing: this test needs `python3` with the `websockets` \
+         module; `cargo xtask test` installs it"
+    );
 }
 
 /// Sends `request`, reads until the proxy closes: (status, error type header, JSON body).
@@ -416,8 +577,12 @@ pub fn upgrade_request(path: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// How long one case of [`on_both_planes!`] may take in all, its waits included.
+pub const CASE_DEADLINE: Duration = Duration::from_secs(180);
+
 /// Defines each named `async fn(DataPlaneMode)` case as two tests, `kernel::<name>` and
-/// `userspace::<name>`: the same cases against both data planes.
+/// `userspace::<name>`: the same cases against both data planes. Each fails if it has not
+/// finished within [`CASE_DEADLINE`].
 #[macro_export]
 macro_rules! on_both_planes {
     ($($name:ident),* $(,)?) => {
@@ -425,7 +590,12 @@ macro_rules! on_both_planes {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(wsedge::config::DataPlaneMode::Kernel).await;
+                    tokio::time::timeout(
+                        super::common::CASE_DEADLINE,
+                        super::$name(wsedge::config::DataPlaneMode::Kernel),
+                    )
+                    .await
+                    .expect("the case finished within its deadline");
                 }
             )*
         }
@@ -433,7 +603,12 @@ macro_rules! on_both_planes {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(wsedge::config::DataPlaneMode::Userspace).await;
+                    tokio::time::timeout(
+                        super::common::CASE_DEADLINE,
+                        super::$name(wsedge::config::DataPlaneMode::Userspace),
+                    )
+                    .await
+                    .expect("the case finished within its deadline");
                 }
             )*
         }
