@@ -314,7 +314,10 @@ mod tests {
 
     fn conn() -> Connection {
         Connection::new(
-            ConnectionId { epoch_ms: 1, key: 2 },
+            ConnectionId {
+                epoch_ms: 1,
+                key: 2,
+            },
             SystemTime::UNIX_EPOCH,
             NewConnection {
                 function: "f".into(),
@@ -335,17 +338,30 @@ mod tests {
         let c = conn();
         c.account(Direction::ClientToInstance, |s| s.bytes = 5);
         let kernel = Kernel([
-            SideState { bytes: 100, ..SideState::default() },
-            SideState { bytes: 7, ..SideState::default() },
+            SideState {
+                bytes: 100,
+                ..SideState::default()
+            },
+            SideState {
+                bytes: 7,
+                ..SideState::default()
+            },
         ]);
         let ([i, o], by_userspace) = c.totals(Some(&kernel));
         assert_eq!((i.bytes, o.bytes, by_userspace), (5, 0, 5));
-        c.set_kernel_keys(Some(KernelKeys { client: 0, instance: 1 }));
+        c.set_kernel_keys(Some(KernelKeys {
+            client: 0,
+            instance: 1,
+        }));
         let ([i, o], _) = c.totals(Some(&kernel));
         assert_eq!((i.bytes, o.bytes), (105, 7));
         c.absorb_kernel(kernel.0[0], kernel.0[1]);
         let ([i, o], _) = c.totals(Some(&kernel));
-        assert_eq!((i.bytes, o.bytes), (105, 7), "absorbed once, not added again");
+        assert_eq!(
+            (i.bytes, o.bytes),
+            (105, 7),
+            "absorbed once, not added again"
+        );
     }
 
     #[test]

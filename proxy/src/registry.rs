@@ -56,7 +56,9 @@ impl Registry {
     /// Takes a place for a connection about to be upgraded; `None` when `max` are taken.
     pub fn reserve(self: &Arc<Self>, max: usize) -> Option<Reservation> {
         self.reserved
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .ok()?;
         Some(Reservation {
             registry: self.clone(),

@@ -12,7 +12,10 @@ use tokio::{net::TcpListener, task::JoinSet};
 use tracing::{error, info, warn};
 
 pub use crate::app::{AppState, StartError};
-use crate::{app::StartError as BindError, config::Config, data_plane::DataPlane, instances::cgroup, services};
+use crate::{
+    app::StartError as BindError, config::Config, data_plane::DataPlane, instances::cgroup,
+    services,
+};
 
 pub struct Server {
     state: Arc<AppState>,
@@ -129,4 +132,3 @@ impl Server {
         info!("wsedge stopped");
     }
 }
-

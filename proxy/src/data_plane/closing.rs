@@ -66,7 +66,9 @@ pub async fn close_streams(
     instance: &mut (impl AsyncWrite + Unpin),
     instance_between_frames: bool,
 ) {
-    let to_client = frames.filter(|_| client_between_frames).map(|f| &f.to_client[..]);
+    let to_client = frames
+        .filter(|_| client_between_frames)
+        .map(|f| &f.to_client[..]);
     let to_instance = frames
         .filter(|_| instance_between_frames)
         .map(|f| &f.to_instance[..]);

@@ -200,7 +200,11 @@ impl<L: Leg> Half<L> {
 }
 
 /// Copies one direction until the sender's EOF, a refused frame, or an error.
-pub async fn copy<L, R, W>(half: &mut Half<L>, from: &mut R, to: &mut W) -> Result<HalfEnd, HalfError>
+pub async fn copy<L, R, W>(
+    half: &mut Half<L>,
+    from: &mut R,
+    to: &mut W,
+) -> Result<HalfEnd, HalfError>
 where
     L: Leg,
     R: AsyncRead + Unpin + ?Sized,
@@ -268,7 +272,10 @@ mod tests {
         assert_eq!(end, HalfEnd::Eof);
         assert_eq!(got, expected);
         assert_eq!((half.leg.accounted, half.leg.forwarded), (200_000, 200_000));
-        assert!(!half.has_backlog() && half.backlog.capacity() == 0, "backlog freed");
+        assert!(
+            !half.has_backlog() && half.backlog.capacity() == 0,
+            "backlog freed"
+        );
     }
 
     #[tokio::test]
@@ -281,7 +288,10 @@ mod tests {
         drop(to);
         let mut got = Vec::new();
         receiver.read_to_end(&mut got).await.unwrap();
-        assert!(matches!(end, HalfEnd::Refused { whole: true, .. }), "{end:?}");
+        assert!(
+            matches!(end, HalfEnd::Refused { whole: true, .. }),
+            "{end:?}"
+        );
         assert_eq!(got, [1, 2, 3]);
     }
 }

@@ -38,7 +38,8 @@ impl DataPlane {
     /// `kernel` fails when the programs cannot load, `auto` falls back to the userspace relay
     /// and logs why, once.
     pub fn select(mode: DataPlaneMode, map_connections: u32) -> Result<DataPlane, LoadError> {
-        let load = || KernelDataPlane::load(map_connections).map(|k| DataPlane::Kernel(Arc::new(k)));
+        let load =
+            || KernelDataPlane::load(map_connections).map(|k| DataPlane::Kernel(Arc::new(k)));
         match mode {
             DataPlaneMode::Userspace => Ok(DataPlane::Userspace),
             DataPlaneMode::Kernel => load(),

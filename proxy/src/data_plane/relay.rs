@@ -6,12 +6,7 @@
 //! One task per connection polls both directions and the stop signal in one future: no
 //! split halves, no per-read select, no buffer while idle.
 
-use std::{
-    future::Future,
-    io,
-    pin::pin,
-    task::Poll,
-};
+use std::{future::Future, io, pin::pin, task::Poll};
 
 use proxy_common::policy::{Ending, close_for_instance_end, closing_handshake_done};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -37,7 +32,9 @@ impl Leg for RelayLeg<'_> {
     fn account(&mut self, bytes: &[u8]) -> Result<(), Refusal> {
         let cursor = &mut self.cursor;
         self.conn
-            .account(self.direction, |side| cursor.feed(bytes, side, monotonic_ns()))
+            .account(self.direction, |side| {
+                cursor.feed(bytes, side, monotonic_ns())
+            })
             .map_err(|error| Refusal {
                 error,
                 before: cursor.refused_at(),
@@ -62,7 +59,9 @@ enum Outcome {
     /// The instance's side ended (EOF or reset) before the instance sent a close frame.
     InstanceFailed,
     /// A frame was refused; `whole`: the receiver's stream ends between frames.
-    Refused { whole: bool },
+    Refused {
+        whole: bool,
+    },
     Failed(HalfError),
 }
 
@@ -103,8 +102,22 @@ where
             if stopped.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(());
             }
-            poll_direction(cx, &mut up, &mut client, &mut instance, conn, &mut client_ended);
-            poll_direction(cx, &mut down, &mut instance, &mut client, conn, &mut client_ended);
+            poll_direction(
+                cx,
+                &mut up,
+                &mut client,
+                &mut instance,
+                conn,
+                &mut client_ended,
+            );
+            poll_direction(
+                cx,
+                &mut down,
+                &mut instance,
+                &mut client,
+                conn,
+                &mut client_ended,
+            );
             if conn.stop_reason().is_some() {
                 // A refused frame asked for the stop just now.
                 return Poll::Ready(());
@@ -144,8 +157,14 @@ where
         if let Some(frames) = ProxyClose::for_ending(ending) {
             let client_ok = between_frames(&down);
             let instance_ok = between_frames(&up);
-            closing::close_streams(Some(&frames), &mut client, client_ok, &mut instance, instance_ok)
-                .await;
+            closing::close_streams(
+                Some(&frames),
+                &mut client,
+                client_ok,
+                &mut instance,
+                instance_ok,
+            )
+            .await;
         }
         return Ok(ending);
     }
@@ -159,7 +178,9 @@ where
             closing::after_instance_failed(&mut client, frame).await;
             Ok(Ending::InstanceFailed)
         }
-        (State::Done(Outcome::Failed(e)), _) | (_, State::Done(Outcome::Failed(e))) => Err(e.into()),
+        (State::Done(Outcome::Failed(e)), _) | (_, State::Done(Outcome::Failed(e))) => {
+            Err(e.into())
+        }
         _ => Ok(Ending::Closed),
     }
 }

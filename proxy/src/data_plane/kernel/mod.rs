@@ -38,8 +38,8 @@ use proxy_common::{
 };
 use tokio::io::unix::AsyncFd;
 
-pub use maps::{WrittenByHand, ZeroHopKeys};
 use maps::Maps;
+pub use maps::{WrittenByHand, ZeroHopKeys};
 use spliced::Spliced;
 pub use zero_hop::ZeroHopUnavailable;
 
@@ -255,7 +255,11 @@ impl KernelDataPlane {
             (Err(e), _) | (_, Err(e)) => {
                 // into_std fails only when deregistering from the runtime fails: the
                 // sockets are gone, nothing is left to carry.
-                on_end(SpliceEnd::Aborted(e), SideState::default(), SideState::default());
+                on_end(
+                    SpliceEnd::Aborted(e),
+                    SideState::default(),
+                    SideState::default(),
+                );
                 return Ok(());
             }
         };
@@ -275,11 +279,12 @@ impl KernelDataPlane {
             let flags = if zero_hop.is_some() { FLAG_ZERO_HOP } else { 0 };
             // Each step takes the maps lock itself (a guard kept across the chain would
             // deadlock the next step's lock).
-            let sides = self
-                .maps
-                .lock()
-                .expect("maps lock")
-                .insert_sides(pair, written, max_message_bytes, flags);
+            let sides = self.maps.lock().expect("maps lock").insert_sides(
+                pair,
+                written,
+                max_message_bytes,
+                flags,
+            );
             let inserted = sides.and_then(|()| match zero_hop {
                 Some(keys) => {
                     zero_hop::insert(&self.maps, &client, &instance, pair, keys, pipelined)
@@ -315,7 +320,11 @@ impl KernelDataPlane {
                         on_end,
                     }),
                     (Err(e), _) | (_, Err(e)) => {
-                        on_end(SpliceEnd::Aborted(e), SideState::default(), SideState::default());
+                        on_end(
+                            SpliceEnd::Aborted(e),
+                            SideState::default(),
+                            SideState::default(),
+                        );
                         Ok(())
                     }
                 };

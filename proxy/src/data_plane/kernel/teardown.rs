@@ -116,7 +116,9 @@ async fn half_close(conn: Arc<Spliced>, from_client: bool) {
         return conn.finish(SpliceEnd::Aborted(e));
     }
     let flushed = match &conn.zero_hop {
-        Some(z) if from_client => zero_hop::wait_instance_drained(&conn, &z.keys, FLUSH_TIMEOUT).await,
+        Some(z) if from_client => {
+            zero_hop::wait_instance_drained(&conn, &z.keys, FLUSH_TIMEOUT).await
+        }
         // The instance's writes reached the client inline or through the relay just run.
         Some(_) => Ok(()),
         None => flush(&conn, from_cookie, to, to_written, FLUSH_TIMEOUT).await,
@@ -204,7 +206,9 @@ fn take_over_client(conn: Arc<Spliced>) {
     let Some(z) = &conn.zero_hop else {
         return;
     };
-    if z.client_relay.swap(true, std::sync::atomic::Ordering::AcqRel) {
+    if z.client_relay
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
         return;
     }
     if conn.ended_by_proxy() {
@@ -269,7 +273,10 @@ async fn relay_client(conn: &Spliced) -> io::Result<HalfEnd> {
 
 /// Instance -> client through the proxy socket ([`InstanceLeg`]), until the instance's EOF,
 /// or until the connection's end is reported.
-async fn relay_instance(conn: &Spliced, keys: crate::data_plane::kernel::ZeroHopKeys) -> io::Result<()> {
+async fn relay_instance(
+    conn: &Spliced,
+    keys: crate::data_plane::kernel::ZeroHopKeys,
+) -> io::Result<()> {
     let mut from = zero_hop::leg_stream(&conn.instance)?;
     let mut to = zero_hop::leg_stream(&conn.client)?;
     let mut half = Half::new(InstanceLeg::new(conn, keys));

@@ -85,7 +85,13 @@ pub(super) fn attach(
         .map_err(program_error("ws_instance_send"))?;
     sk_msg.load().map_err(program_error("ws_instance_send"))?;
     sk_msg
-        .attach(maps.lock().expect("maps lock").zero_hop.instance_sockets.fd())
+        .attach(
+            maps.lock()
+                .expect("maps lock")
+                .zero_hop
+                .instance_sockets
+                .fd(),
+        )
         .map_err(program_error("ws_instance_send"))?;
     let sock_ops: &mut SockOps = ebpf
         .program_mut("record_instance_socket")
@@ -261,7 +267,12 @@ fn locate_client(z: &mut ZeroHopMaps, client: &TcpStream, keys: &ZeroHopKeys) ->
             .insert(keys.client, client.as_raw_fd(), 0)
             .map_err(to_io)?;
         bounce(client)?;
-        match z.instance_links.get(&keys.client, 0).map_err(to_io)?.peer_sk {
+        match z
+            .instance_links
+            .get(&keys.client, 0)
+            .map_err(to_io)?
+            .peer_sk
+        {
             0 => Err(io::Error::other(
                 "the kernel did not record the client socket",
             )),

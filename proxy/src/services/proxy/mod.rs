@@ -44,7 +44,9 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
     let _ = client.set_nodelay(true);
     // 1. admit
     let server = &state.config.server;
-    let client_slot = state.clients.admit(peer.ip(), server.max_connections_per_ip);
+    let client_slot = state
+        .clients
+        .admit(peer.ip(), server.max_connections_per_ip);
     let reservation = state.registry.reserve(server.max_connections as usize);
     let admission = Admission {
         over_ip_limit: client_slot.is_none(),
@@ -78,7 +80,9 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
         },
     );
     let conn = registered.conn.clone();
-    state.metrics.connection(&conn.function, path.name().as_str());
+    state
+        .metrics
+        .connection(&conn.function, path.name().as_str());
     info!(id = %conn.id, function = %conn.function, instance = %conn.instance, client = %peer,
           data_plane = path.name().as_str(), "connection upgraded");
     if state.draining.load(Ordering::Relaxed) {
@@ -158,10 +162,22 @@ async fn hand_over(
         // pipelined bytes ended inside, in userspace, before the splice.
         timeout(limit, async {
             let [inbound, outbound] = &mut cursors;
-            complete_frame(&mut client, &mut up.client_rest, inbound, conn, Direction::ClientToInstance)
-                .await?;
-            complete_frame(&mut up.instance, &mut up.instance_rest, outbound, conn, Direction::InstanceToClient)
-                .await
+            complete_frame(
+                &mut client,
+                &mut up.client_rest,
+                inbound,
+                conn,
+                Direction::ClientToInstance,
+            )
+            .await?;
+            complete_frame(
+                &mut up.instance,
+                &mut up.instance_rest,
+                outbound,
+                conn,
+                Direction::InstanceToClient,
+            )
+            .await
         })
         .await
         .map_err(|_| {
@@ -171,8 +187,18 @@ async fn hand_over(
             )
         })??;
     } else {
-        account(&mut cursors[0], &up.client_rest, conn, Direction::ClientToInstance)?;
-        account(&mut cursors[1], &up.instance_rest, conn, Direction::InstanceToClient)?;
+        account(
+            &mut cursors[0],
+            &up.client_rest,
+            conn,
+            Direction::ClientToInstance,
+        )?;
+        account(
+            &mut cursors[1],
+            &up.instance_rest,
+            conn,
+            Direction::InstanceToClient,
+        )?;
     }
     up.written.to_instance += up.client_rest.len() as u64;
     let pipelined = if path.keeps_pipelined() {
