@@ -1,6 +1,6 @@
 //! What every service shares: the configuration, the functions (replaced whole on reload),
-//! the data plane, the registry of connections and the metrics. Built once by
-//! [`crate::server::Server::bind`]; services depend on this module, not on the server loop.
+//! the data plane, the registry of connections and the metrics. Built once when the server
+//! binds; services depend on this module, not on the server loop.
 
 use std::{
     net::SocketAddr,

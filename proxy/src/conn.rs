@@ -168,7 +168,7 @@ impl Connection {
                 }; 2],
             ),
             kernel: Mutex::new(None),
-            started_ns: crate::data_plane::socket::monotonic_ns(),
+            started_ns: crate::clock::monotonic_ns(),
             limits,
             next_check_ns: AtomicU64::new(0),
             stop_reason: OnceLock::new(),

@@ -2,7 +2,7 @@
 //! programs in the kernel. See README.md for a tour.
 //!
 //! Layout (lower modules never import higher ones):
-//! - `config` (the TOML contract), `protocols` (handshake, error responses, framing),
+//! - `clock`, `config` (the TOML contract), `protocols` (handshake, error responses, framing),
 //!   `metrics`;
 //! - `conn` (one connection: identity, limits, counters, stop signal), `registry` (the table
 //!   of open connections and the admission counts);
@@ -12,6 +12,7 @@
 //!   `server` (the main loop).
 
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod data_plane;

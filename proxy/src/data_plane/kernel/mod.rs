@@ -40,7 +40,7 @@ use tokio::io::unix::AsyncFd;
 
 use maps::Maps;
 pub use maps::{WrittenByHand, ZeroHopKeys};
-use spliced::Spliced;
+use spliced::{Entered, Spliced};
 pub use zero_hop::ZeroHopUnavailable;
 
 use super::{
@@ -342,14 +342,17 @@ impl KernelDataPlane {
         } else {
             on_end
         };
-        let conn = Arc::new(Spliced::new(
+        let entered = Entered {
             client,
             instance,
             pair,
             written,
+            zero_hop,
+        };
+        let conn = Arc::new(Spliced::new(
+            entered,
             self.maps.clone(),
             self.hangups.clone(),
-            zero_hop,
             on_end,
         ));
         if conn.zero_hop.is_some() {

@@ -32,6 +32,15 @@ pub struct Spliced {
     reported: tokio::sync::Notify,
 }
 
+/// A connection whose sockets entered the maps.
+pub(super) struct Entered {
+    pub(super) client: TcpStream,
+    pub(super) instance: TcpStream,
+    pub(super) pair: KernelKeys,
+    pub(super) written: WrittenByHand,
+    pub(super) zero_hop: Option<ZeroHopKeys>,
+}
+
 pub(super) struct ZeroHopConn {
     pub(super) keys: ZeroHopKeys,
     /// Userspace relays client -> instance (the kernel stopped parsing the client's frames).
@@ -109,15 +118,18 @@ impl Progress {
 
 impl Spliced {
     pub(super) fn new(
-        client: TcpStream,
-        instance: TcpStream,
-        pair: KernelKeys,
-        written: WrittenByHand,
+        entered: Entered,
         maps: Arc<Mutex<Maps>>,
         hangups: Arc<HangupWatcher<Spliced>>,
-        zero_hop: Option<ZeroHopKeys>,
         on_end: OnEnd,
     ) -> Spliced {
+        let Entered {
+            client,
+            instance,
+            pair,
+            written,
+            zero_hop,
+        } = entered;
         Spliced {
             client,
             instance,
