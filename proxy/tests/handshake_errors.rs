@@ -44,6 +44,32 @@ async fn malformed_upgrades_get_400() {
 }
 
 #[tokio::test]
+async fn upgrades_with_a_body_repeated_headers_or_dot_segments_get_400() {
+    let proxy = proxy_with("").await;
+    let with = |line: &str| request_with("\r\n\r\n", &format!("\r\n{line}\r\n\r\n"));
+    for request in [
+        with("Content-Length: 4\r\n\r\nbody"),
+        with("Transfer-Encoding: chunked"),
+        with("Host: other"),
+        with("sec-websocket-key: AAAAAAAAAAAAAAAAAAAAAA=="),
+        with("Date: Sat, 05 Dec 2026 16:00:00 GMT\r\nDate: Sat, 05 Dec 2026 16:00:01 GMT"),
+        with("Authorization: a\r\nAuthorization: b"),
+        request_with("GET /echo", "GET /echo/../admin"),
+        request_with("GET /echo", "GET /echo/./x"),
+        request_with("GET /echo", "GET /echo/%2e%2e/admin"),
+    ] {
+        let (status, kind, _) = exchange(proxy.addr, &request).await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (400, "malformed_upgrade"),
+            "{:?}",
+            String::from_utf8_lossy(&request)
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn wrong_method_gets_403_and_unknown_route_404() {
     let proxy = proxy_with("").await;
     assert_eq!(
@@ -184,15 +210,20 @@ async fn after_bad_input_the_proxy_still_upgrades_and_admin_reports_ready() {
 }
 
 #[tokio::test]
-async fn forwarded_headers_reach_the_instance() {
+async fn the_instance_gets_wsedges_forwarding_headers_not_the_clients() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let instance = listener.local_addr().unwrap();
     let proxy = start_proxy(config(DataPlaneMode::Kernel, instance, "")).await;
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let spoofed = "X-Forwarded-For: 203.0.113.9\r\nx-forwarded-proto: https\r\n\
+                   Forwarded: for=203.0.113.9;proto=https\r\nX-Real-IP: 203.0.113.9\r\n\
+                   X-Wsedge-Connection-Id: forged\r\nAuthorization: Bearer secret\r\n\
+                   X-Custom: kept\r\n";
     client
         .write_all(
             UPGRADE
-                .replace("\r\n\r\n", "\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n")
+                .replace("GET /echo ", "GET /echo?room=1&wsedge-date=1 ")
+                .replace("\r\n\r\n", &format!("\r\n{spoofed}\r\n"))
                 .as_bytes(),
         )
         .await
@@ -201,17 +232,42 @@ async fn forwarded_headers_reach_the_instance() {
         .await
         .expect("the proxy connects to the instance")
         .unwrap();
+    let mut head = Vec::new();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-        .await
-        .expect("the proxy sends the request on")
-        .unwrap();
-    let request = String::from_utf8_lossy(&buf[..n]);
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("the proxy sends the request on")
+            .unwrap();
+        assert!(n > 0, "the proxy closed mid-head");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("GET /echo?room=1 HTTP/1.1\r\n"), "{head}");
+    assert!(head.contains("\r\nHost: test\r\n"), "{head}");
+    assert!(head.contains("\r\nX-Custom: kept\r\n"), "{head}");
     assert!(
-        request.contains("X-Forwarded-For: 203.0.113.9, 127.0.0.1\r\n"),
-        "{request}"
+        head.contains("\r\nX-Forwarded-For: 127.0.0.1\r\n"),
+        "{head}"
     );
-    assert!(request.contains("X-Forwarded-Proto: http\r\n"), "{request}");
+    assert!(head.contains("\r\nX-Forwarded-Proto: ws\r\n"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    for gone in [
+        "203.0.113.9",
+        "https",
+        "forwarded: ",
+        "x-real-ip",
+        "forged",
+        "authorization",
+        "wsedge-date",
+    ] {
+        assert!(
+            !lower.contains(gone),
+            "{gone:?} reached the instance: {head}"
+        );
+    }
+    assert_eq!(lower.matches("x-forwarded-for").count(), 1, "{head}");
+    assert_eq!(lower.matches("x-forwarded-proto").count(), 1, "{head}");
     proxy.stop().await;
 }
 

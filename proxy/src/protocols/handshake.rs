@@ -1,7 +1,7 @@
 //! The WebSocket opening handshake (RFC 6455 section 4): validating the client's upgrade
 //! request (4.2.1), rewriting it for the instance, and checking the instance's 101 (4.1).
 
-use std::net::IpAddr;
+use std::{borrow::Cow, net::IpAddr};
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use sha1::{Digest, Sha1};
@@ -10,6 +10,25 @@ use super::error_response::HandshakeError;
 
 const MAX_HEADERS: usize = 128;
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Client headers the instance never gets: the credentials wsedge checked, and those wsedge
+/// sets itself (a client's would be taken for wsedge's).
+const NOT_FORWARDED: [&str; 6] = [
+    "authorization",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "forwarded",
+    "x-real-ip",
+    "x-wsedge-connection-id",
+];
+
+/// Headers a request may carry once at most: a second one could make wsedge and the
+/// function read different values.
+const SINGLE_HEADERS: [&str; 4] = ["Host", "Sec-WebSocket-Key", "Date", "Authorization"];
+
+/// Query parameters whose name starts with this belong to wsedge (the signed-URL form) and
+/// are removed before the request reaches the function.
+pub const WSEDGE_PARAM_PREFIX: &str = "wsedge-";
 
 /// A validated upgrade request.
 #[derive(Debug, Clone)]
@@ -28,17 +47,45 @@ impl UpgradeRequest {
         header(&self.headers, name)
     }
 
-    /// The request to send to the instance: the client's, with `X-Forwarded-For` extended by
-    /// the client's address and `X-Forwarded-Proto` set (a client cannot spoof either).
+    /// The path of the request target, as sent (without its query).
+    pub fn path_only(&self) -> &str {
+        split_target(&self.path).0
+    }
+
+    /// The query of the request target, as sent, without its `?` (`None` without one).
+    pub fn query(&self) -> Option<&str> {
+        split_target(&self.path).1
+    }
+
+    /// The request target the function receives: the client's, without its `wsedge-*`
+    /// query parameters (the signed-URL form's). Unchanged when it has none.
+    pub fn function_target(&self) -> Cow<'_, str> {
+        let (path, Some(query)) = split_target(&self.path) else {
+            return Cow::Borrowed(&self.path);
+        };
+        if !query_params(query).any(is_wsedge_param) {
+            return Cow::Borrowed(&self.path);
+        }
+        let kept: Vec<&str> = query_params(query)
+            .filter(|p| !is_wsedge_param(p))
+            .collect();
+        if kept.is_empty() {
+            Cow::Borrowed(path)
+        } else {
+            Cow::Owned(format!("{path}?{}", kept.join("&")))
+        }
+    }
+
+    /// The request to send to the instance: the client's request line (without `wsedge-*`
+    /// query parameters) and headers, without `Authorization`, and with `X-Forwarded-For`
+    /// set to the client's address and `X-Forwarded-Proto` to `ws` or `wss`. A client's own
+    /// `X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded`, `X-Real-IP` and
+    /// `X-Wsedge-Connection-Id` are dropped: the function must be able to trust them.
     pub fn forwarded(&self, client_ip: IpAddr, tls: bool) -> Vec<u8> {
-        let mut out = format!("{} {} HTTP/1.1\r\n", self.method, self.path).into_bytes();
-        let mut forwarded_for = None;
+        let target = self.function_target();
+        let mut out = format!("{} {target} HTTP/1.1\r\n", self.method).into_bytes();
         for (name, value) in &self.headers {
-            if name.eq_ignore_ascii_case("x-forwarded-for") {
-                forwarded_for = Some(String::from_utf8_lossy(value).into_owned());
-                continue;
-            }
-            if name.eq_ignore_ascii_case("x-forwarded-proto") {
+            if NOT_FORWARDED.iter().any(|n| name.eq_ignore_ascii_case(n)) {
                 continue;
             }
             out.extend_from_slice(name.as_bytes());
@@ -46,12 +93,8 @@ impl UpgradeRequest {
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
-        let xff = match forwarded_for {
-            Some(prev) => format!("{prev}, {client_ip}"),
-            None => client_ip.to_string(),
-        };
-        let proto = if tls { "https" } else { "http" };
-        out.extend_from_slice(format!("X-Forwarded-For: {xff}\r\n").as_bytes());
+        let proto = if tls { "wss" } else { "ws" };
+        out.extend_from_slice(format!("X-Forwarded-For: {client_ip}\r\n").as_bytes());
         out.extend_from_slice(format!("X-Forwarded-Proto: {proto}\r\n\r\n").as_bytes());
         out
     }
@@ -82,6 +125,72 @@ fn has_token(value: Option<&[u8]>, token: &str) -> bool {
         v.split(|&b| b == b',')
             .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
     })
+}
+
+/// A request target split at its first `?`: the path and the query, both as sent.
+pub fn split_target(target: &str) -> (&str, Option<&str>) {
+    match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    }
+}
+
+/// The `&`-separated parameters of a query, as sent (empty ones left out).
+pub fn query_params(query: &str) -> impl Iterator<Item = &str> {
+    query.split('&').filter(|p| !p.is_empty())
+}
+
+/// A query parameter's name, as sent: what comes before its first `=`.
+pub fn param_name(param: &str) -> &str {
+    param.split_once('=').map_or(param, |(name, _)| name)
+}
+
+fn is_wsedge_param(param: &str) -> bool {
+    param_name(param).starts_with(WSEDGE_PARAM_PREFIX)
+}
+
+/// True when a path has a `.` or `..` segment, percent-encoded (`%2e`) or not.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
+}
+
+/// Refuses what an upgrade must not have: a body (a `Content-Length` other than 0, or any
+/// `Transfer-Encoding`), a repeated [`SINGLE_HEADERS`] header, dot-segments in its path.
+fn check_unambiguous(path: &str, headers: &[(String, Vec<u8>)]) -> Result<(), HandshakeError> {
+    let named = |name: &'static str| {
+        headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    };
+    if named("transfer-encoding").next().is_some() {
+        return Err(HandshakeError::malformed(
+            "an upgrade has no body: Transfer-Encoding is not allowed",
+        ));
+    }
+    let zero = |v: &[u8]| {
+        let v = v.trim_ascii();
+        !v.is_empty() && v.iter().all(|&b| b == b'0')
+    };
+    if !named("content-length").all(zero) {
+        return Err(HandshakeError::malformed(
+            "an upgrade has no body: Content-Length must be 0",
+        ));
+    }
+    if let Some(name) = SINGLE_HEADERS.iter().find(|n| named(n).nth(1).is_some()) {
+        return Err(HandshakeError::malformed(format!(
+            "more than one {name} header"
+        )));
+    }
+    if has_dot_segment(split_target(path).0) {
+        return Err(HandshakeError::malformed(
+            "the path has a dot-segment (. or ..)",
+        ));
+    }
+    Ok(())
 }
 
 /// Parses and validates a complete request head.
@@ -124,6 +233,7 @@ pub fn parse_upgrade(head: &[u8]) -> Result<UpgradeRequest, HandshakeError> {
             "request target must be an absolute path",
         ));
     }
+    check_unambiguous(&path, &headers)?;
     let host = header(&headers, "host")
         .and_then(|h| std::str::from_utf8(h).ok())
         .ok_or_else(|| HandshakeError::malformed("missing Host header"))?;
@@ -234,19 +344,96 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_request_extends_xff_and_replaces_proto() {
-        let r = parse_upgrade(GOOD.as_bytes()).unwrap();
+    fn the_function_gets_the_request_without_credentials_and_with_wsedges_forwarding_headers() {
+        let head = GOOD
+            .replace(
+                "/echo/x?y=1",
+                "/echo/x?wsedge-date=1&y=1&wsedge-expires=2&z&wsedge-signature=abc",
+            )
+            .replace(
+                "X-Forwarded-Proto: https\r\n",
+                "X-Forwarded-Proto: https\r\nForwarded: for=10.9.9.9\r\nX-Real-IP: 10.8.8.8\r\n\
+             x-wsedge-connection-id: forged\r\nAuthorization: WSEDGE-HMAC-SHA256 Signature=x\r\n\
+             Date: Sat, 05 Dec 2026 16:00:00 GMT\r\n",
+            );
+        let r = parse_upgrade(head.as_bytes()).unwrap();
         let out = String::from_utf8(r.forwarded("192.0.2.7".parse().unwrap(), false)).unwrap();
-        assert!(out.starts_with("GET /echo/x?y=1 HTTP/1.1\r\n"));
+        let expected = "GET /echo/x?y=1&z HTTP/1.1\r\nHost: Example.com:8080\r\nUpgrade: websocket\r\n\
+            Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+            Sec-WebSocket-Version: 13\r\nDate: Sat, 05 Dec 2026 16:00:00 GMT\r\n\
+            X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: ws\r\n\r\n";
+        assert_eq!(out, expected);
+        let wss = String::from_utf8(r.forwarded("2001:db8::1".parse().unwrap(), true)).unwrap();
         assert!(
-            out.contains("X-Forwarded-For: 10.1.1.1, 192.0.2.7\r\n"),
-            "{out}"
+            wss.ends_with("X-Forwarded-For: 2001:db8::1\r\nX-Forwarded-Proto: wss\r\n\r\n"),
+            "{wss}"
         );
-        assert!(
-            out.contains("X-Forwarded-Proto: http\r\n") && !out.contains("https"),
-            "{out}"
+    }
+
+    #[test]
+    fn the_function_target_drops_only_wsedge_params_and_keeps_the_rest_as_sent() {
+        let target = |path: &str| {
+            let r = parse_upgrade(GOOD.replace("/echo/x?y=1", path).as_bytes()).unwrap();
+            r.function_target().into_owned()
+        };
+        assert_eq!(target("/a?y=%20&b=2&y=1"), "/a?y=%20&b=2&y=1");
+        assert_eq!(target("/a"), "/a");
+        assert_eq!(target("/a?wsedge-signature=x&wsedge-other"), "/a");
+        assert_eq!(target("/a?b=2&wsedge-date=1&a=1"), "/a?b=2&a=1");
+        // Not wsedge's: the prefix is matched as sent, case included.
+        assert_eq!(
+            target("/a?Wsedge-date=1&xwsedge-date=2"),
+            "/a?Wsedge-date=1&xwsedge-date=2"
         );
-        assert!(out.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn bodies_repeated_headers_and_dot_segments_get_400() {
+        let refused = |req: String| {
+            let e = parse_upgrade(req.as_bytes()).unwrap_err();
+            assert_eq!(
+                (e.status, e.error_type),
+                (400, "malformed_upgrade"),
+                "{req:?}"
+            );
+            e.message
+        };
+        let with = |line: &str| GOOD.replace("\r\n\r\n", &format!("\r\n{line}\r\n\r\n"));
+        for line in [
+            "Content-Length: 5",
+            "Content-Length: x",
+            "Content-Length: ",
+            "Transfer-Encoding: chunked",
+            "transfer-encoding: identity",
+        ] {
+            assert!(refused(with(line)).contains("no body"));
+        }
+        for line in [
+            "host: other.example",
+            "Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==",
+            "Date: Sat, 05 Dec 2026 16:00:00 GMT\r\nDATE: Sat, 05 Dec 2026 16:00:01 GMT",
+            "Authorization: a\r\nauthorization: b",
+        ] {
+            assert!(refused(with(line)).contains("more than one"), "{line}");
+        }
+        for path in [
+            "/echo/../admin",
+            "/echo/./x",
+            "/echo/..",
+            "/echo/.",
+            "/echo/%2e%2E/x",
+            "/echo/%2E?y=1",
+            "/echo/.%2e",
+        ] {
+            assert!(refused(GOOD.replace("/echo/x?y=1", path)).contains("dot-segment"));
+        }
+        // Allowed: an empty body, dots inside names, dot-segments in the query.
+        for ok in [
+            with("Content-Length: 0"),
+            GOOD.replace("/echo/x?y=1", "/echo/.well-known/a..b/...?p=../x"),
+        ] {
+            parse_upgrade(ok.as_bytes()).unwrap();
+        }
     }
 
     #[test]
