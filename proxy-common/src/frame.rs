@@ -186,15 +186,21 @@ mod tests {
     fn close_code_in_reads_masked_unmasked_and_missing_codes() {
         // Unmasked 1000 "x": 88 03 03 e8 78.
         let (w, n) = window_of(&[0x88, 0x03, 0x03, 0xe8, b'x']);
-        let HeaderParse::Complete(h) = parse_header(&w, n) else { panic!() };
+        let HeaderParse::Complete(h) = parse_header(&w, n) else {
+            panic!()
+        };
         assert_eq!((close_code_end(&h), close_code_in(&w, &h)), (4, 1000));
         // Masked 1001 with mask 01 02 03 04: payload bytes 03^01, e9^02.
         let (w, n) = window_of(&[0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xe9 ^ 2]);
-        let HeaderParse::Complete(h) = parse_header(&w, n) else { panic!() };
+        let HeaderParse::Complete(h) = parse_header(&w, n) else {
+            panic!()
+        };
         assert_eq!((close_code_end(&h), close_code_in(&w, &h)), (8, 1001));
         // No payload: 1005.
         let (w, n) = window_of(&[0x88, 0x80, 1, 2, 3, 4]);
-        let HeaderParse::Complete(h) = parse_header(&w, n) else { panic!() };
+        let HeaderParse::Complete(h) = parse_header(&w, n) else {
+            panic!()
+        };
         assert_eq!((close_code_end(&h), close_code_in(&w, &h)), (6, 1005));
     }
 

@@ -22,8 +22,8 @@ mod zero_hop;
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem,
-        bpf_sk_release, bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_release,
+        bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
     },
     macros::{map, stream_parser, stream_verdict},
     maps::{HashMap, SockHash},
@@ -34,8 +34,8 @@ use proxy_common::{
     frame::{close_code_end, close_code_in, header_len},
     maps::{
         BACKLOG_CHECK_EVERY, EVENT_CLIENT_HELD, FLAG_CLOSE_SEEN, FLAG_DIVERTED, FLAG_HELD,
-        FLAG_PARSER_PENDING, FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR,
-        FLAG_ZERO_HOP, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
+        FLAG_PARSER_PENDING, FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR, FLAG_ZERO_HOP,
+        MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
     },
     parse_header,
     policy::check_frame,
@@ -54,7 +54,6 @@ pub static TARGETS: SockHash<u64> = SockHash::with_max_entries(2 * MAX_CONNECTIO
 /// Per-direction state, keyed by the cookie of the socket the frames arrive on.
 #[map]
 pub static SIDES: HashMap<u64, SideState> = HashMap::with_max_entries(2 * MAX_CONNECTIONS, 0);
-
 
 const EMSGSIZE: i64 = 90;
 const EBADMSG: i64 = 74;
@@ -273,7 +272,6 @@ fn peer_backlog(side: &SideState) -> u64 {
         None => 0,
     }
 }
-
 
 fn mark_side(ctx: &SkBuffContext, flag: u32) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };

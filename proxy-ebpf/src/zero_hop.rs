@@ -27,8 +27,8 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS},
     helpers::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem,
-        bpf_msg_apply_bytes, bpf_msg_cork_bytes, bpf_msg_pull_data,
-        bpf_sk_release, bpf_skc_to_tcp_sock,
+        bpf_msg_apply_bytes, bpf_msg_cork_bytes, bpf_msg_pull_data, bpf_sk_release,
+        bpf_skc_to_tcp_sock,
     },
     macros::{map, sk_msg, sock_ops},
     maps::{HashMap, LruHashMap, RingBuf, SockHash},
@@ -78,7 +78,6 @@ static INSTANCE_LINKS: HashMap<SocketKey, InstanceLink> =
 /// Diverts and refusals, for userspace to act on.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
-
 
 /// Frames redirected to an instance socket that the kernel has not yet made readable, beyond
 /// which the client's frames move to userspace whatever the instance's receive buffer says.
@@ -139,9 +138,6 @@ pub fn record_instance_socket(ctx: SockOpsContext) -> u32 {
     }
     1
 }
-
-
-
 
 /// What the kernel holds for an instance socket that the instance has not read yet.
 #[derive(Default)]
@@ -410,8 +406,7 @@ unsafe fn full_barrier_add(at: *mut u64) {
 /// parser waits for it), or this write sees the divert and goes the instance socket's way.
 #[inline(always)]
 fn announce_push(sends: &mut SendState, client_sk: u64, n: u64) -> bool {
-    let Some(seq) = write_seq(client_sk as usize as *const u8)
-    else {
+    let Some(seq) = write_seq(client_sk as usize as *const u8) else {
         return false;
     };
     let before = sends.push_end;
