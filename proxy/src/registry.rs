@@ -26,6 +26,14 @@ pub struct Registry {
 /// becomes; given back when dropped.
 pub struct Reservation {
     registry: Arc<Registry>,
+    id: ConnectionId,
+}
+
+impl Reservation {
+    /// The id the connection will have: known before the upgrade, so the function is told it.
+    pub fn id(&self) -> ConnectionId {
+        self.id
+    }
 }
 
 impl Drop for Reservation {
@@ -60,23 +68,20 @@ impl Registry {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        let epoch_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
         Some(Reservation {
             registry: self.clone(),
+            id: ConnectionId { epoch_ms, key },
         })
     }
 
     pub fn register(self: &Arc<Self>, reservation: Reservation, new: NewConnection) -> Registered {
-        let key = self.next.fetch_add(1, Ordering::Relaxed);
-        let started_at = SystemTime::now();
-        let epoch_ms = started_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
-        let conn = Arc::new(Connection::new(
-            ConnectionId { epoch_ms, key },
-            started_at,
-            new,
-        ));
+        let key = reservation.id.key;
+        let conn = Arc::new(Connection::new(reservation.id, SystemTime::now(), new));
         self.open
             .lock()
             .expect("registry lock")

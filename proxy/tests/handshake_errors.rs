@@ -268,6 +268,30 @@ async fn the_instance_gets_wsedges_forwarding_headers_not_the_clients() {
     }
     assert_eq!(lower.matches("x-forwarded-for").count(), 1, "{head}");
     assert_eq!(lower.matches("x-forwarded-proto").count(), 1, "{head}");
+    // The proxy's own connection id: the one /connections lists once the upgrade is done.
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Wsedge-Connection-Id: "))
+        .unwrap_or_else(|| panic!("no X-Wsedge-Connection-Id: {head}"))
+        .to_string();
+    s.write_all(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (reply, _) = read_response_head(&mut client).await;
+    assert!(reply.starts_with("HTTP/1.1 101"), "{reply}");
+    let deadline = std::time::Instant::now() + WAIT;
+    let listed = loop {
+        let conns = proxy.connections().await;
+        if let Some(c) = conns.first() {
+            break c.id.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(listed, id);
     proxy.stop().await;
 }
 

@@ -80,8 +80,9 @@ impl UpgradeRequest {
     /// query parameters) and headers, without `Authorization`, and with `X-Forwarded-For`
     /// set to the client's address and `X-Forwarded-Proto` to `ws` or `wss`. A client's own
     /// `X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded`, `X-Real-IP` and
-    /// `X-Wsedge-Connection-Id` are dropped: the function must be able to trust them.
-    pub fn forwarded(&self, client_ip: IpAddr, tls: bool) -> Vec<u8> {
+    /// `X-Wsedge-Connection-Id` are dropped: the function must be able to trust them. The
+    /// proxy's `X-Wsedge-Connection-Id` is the id `/connections` and the logs use.
+    pub fn forwarded(&self, client_ip: IpAddr, tls: bool, connection_id: &str) -> Vec<u8> {
         let target = self.function_target();
         let mut out = format!("{} {target} HTTP/1.1\r\n", self.method).into_bytes();
         for (name, value) in &self.headers {
@@ -95,7 +96,10 @@ impl UpgradeRequest {
         }
         let proto = if tls { "wss" } else { "ws" };
         out.extend_from_slice(format!("X-Forwarded-For: {client_ip}\r\n").as_bytes());
-        out.extend_from_slice(format!("X-Forwarded-Proto: {proto}\r\n\r\n").as_bytes());
+        out.extend_from_slice(format!("X-Forwarded-Proto: {proto}\r\n").as_bytes());
+        out.extend_from_slice(
+            format!("X-Wsedge-Connection-Id: {connection_id}\r\n\r\n").as_bytes(),
+        );
         out
     }
 
@@ -357,15 +361,22 @@ mod tests {
              Date: Sat, 05 Dec 2026 16:00:00 GMT\r\n",
             );
         let r = parse_upgrade(head.as_bytes()).unwrap();
-        let out = String::from_utf8(r.forwarded("192.0.2.7".parse().unwrap(), false)).unwrap();
+        let out =
+            String::from_utf8(r.forwarded("192.0.2.7".parse().unwrap(), false, "19aee2a1f00-7"))
+                .unwrap();
         let expected = "GET /echo/x?y=1&z HTTP/1.1\r\nHost: Example.com:8080\r\nUpgrade: websocket\r\n\
             Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
             Sec-WebSocket-Version: 13\r\nDate: Sat, 05 Dec 2026 16:00:00 GMT\r\n\
-            X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: ws\r\n\r\n";
+            X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: ws\r\n\
+            X-Wsedge-Connection-Id: 19aee2a1f00-7\r\n\r\n";
         assert_eq!(out, expected);
-        let wss = String::from_utf8(r.forwarded("2001:db8::1".parse().unwrap(), true)).unwrap();
+        let wss =
+            String::from_utf8(r.forwarded("2001:db8::1".parse().unwrap(), true, "1-2")).unwrap();
         assert!(
-            wss.ends_with("X-Forwarded-For: 2001:db8::1\r\nX-Forwarded-Proto: wss\r\n\r\n"),
+            wss.ends_with(
+                "X-Forwarded-For: 2001:db8::1\r\nX-Forwarded-Proto: wss\r\n\
+                 X-Wsedge-Connection-Id: 1-2\r\n\r\n"
+            ),
             "{wss}"
         );
     }

@@ -51,6 +51,10 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
     let admission = Admission {
         over_ip_limit: client_slot.is_none(),
         at_capacity: reservation.is_none(),
+        connection_id: reservation
+            .as_ref()
+            .map(|r| r.id().to_string())
+            .unwrap_or_default(),
     };
     // 2. upgrade. Boxed phases: the handshake's buffers live in their own allocation, freed
     // before the connection's long life starts, instead of sizing this task's future for it.

@@ -43,12 +43,14 @@ pub(super) struct Upgraded {
 }
 
 /// What was decided about a connection before its request was read.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Admission {
     /// Its IP has `max_connections_per_ip` open already (429).
     pub(super) over_ip_limit: bool,
     /// `max_connections` are open already (503).
     pub(super) at_capacity: bool,
+    /// The id the connection will have, for `X-Wsedge-Connection-Id`.
+    pub(super) connection_id: String,
 }
 
 /// Why a handshake ended.
@@ -117,7 +119,7 @@ pub(super) async fn upgrade(
     }
     admit(route, &request, admission.over_ip_limit, peer)?;
     let assigned = route.assign().await?;
-    let forwarded = request.forwarded(peer.ip(), false);
+    let forwarded = request.forwarded(peer.ip(), false, &admission.connection_id);
     let (instance, response) = connect_instance(state, &assigned, &request, &forwarded).await?;
     client
         .write_all(&response.head)
