@@ -20,6 +20,7 @@ use tracing::warn;
 
 pub use kernel::{KernelDataPlane, LoadError};
 use kernel::{NotSpliced, OnEnd, SpliceEnd, SpliceRequest, WrittenByHand, ZeroHopKeys};
+use relay::Relay;
 
 use crate::{
     config::DataPlaneMode,
@@ -85,6 +86,9 @@ impl DataPlane {
     }
 }
 
+/// The future that carries a connection in userspace until it ends.
+pub type Carrying = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// The path one connection takes after the upgrade.
 pub enum Path {
     Relay,
@@ -122,21 +126,24 @@ impl Path {
         matches!(self, Path::ZeroHop(..))
     }
 
-    /// Carries the connection until it ends, then runs `on_end` once with how it ended. The
-    /// relay runs in the caller's task until then; a kernel path returns once the kernel
-    /// carries the connection (it then keeps no task) and `on_end` runs from teardown. When
-    /// the kernel cannot take it (maps full), the relay carries it with the same policy.
-    pub async fn carry(
+    /// Carries the connection until it ends, then runs `on_end` once with how it ended.
+    /// Returns the future that carries it when userspace does (the relay: the caller runs it
+    /// as the connection's task); `None` when the kernel does (it then keeps no task, and
+    /// `on_end` runs from teardown). When the kernel cannot take the connection (maps full),
+    /// the relay carries it with the same policy.
+    pub fn carry(
         self,
         handover: Handover,
         conn: Arc<Connection>,
         cursors: [FrameCursor; 2],
         on_end: impl FnOnce(io::Result<Ending>) + Send + 'static,
-    ) {
+    ) -> Option<Carrying> {
         let (kernel, zero_hop) = match self {
             Path::Relay => {
-                let result = relay::relay(handover.client, handover.instance, &conn, cursors).await;
-                return on_end(result);
+                // Built here, outside the future, which then only borrows it: the relay's
+                // state is held once per connection.
+                let mut relay = Relay::new(handover.client, handover.instance, conn, cursors);
+                return Some(Box::pin(async move { on_end(relay.run().await) }));
             }
             Path::TwoSocket(k) => (k, None),
             Path::ZeroHop(k, keys) => (k, Some(keys)),
@@ -175,8 +182,9 @@ impl Path {
                 if let (Some(ending), Some(keys)) = (conn.stop_reason(), conn.kernel_keys()) {
                     kernel.stop(keys, ending);
                 }
+                None
             }
-            Err(not) => relay_instead(not, conn, pipelined).await,
+            Err(not) => Some(Box::pin(relay_instead(not, conn, pipelined))),
         }
     }
 
@@ -201,7 +209,7 @@ async fn relay_instead(not: NotSpliced, conn: Arc<Connection>, pipelined: Vec<u8
     warn!(id = %conn.id, %reason, "the kernel cannot take this connection; the userspace relay carries it");
     conn.set_plane(PlaneName::Userspace);
     let result = match instance.write_all(&pipelined).await {
-        Ok(()) => relay::relay(client, instance, &conn, Default::default()).await,
+        Ok(()) => relay::relay(client, instance, conn, Default::default()).await,
         Err(e) => Err(e),
     };
     let end = match result {

@@ -6,7 +6,12 @@
 //! One task per connection polls both directions and the stop signal in one future: no
 //! split halves, no per-read select, no buffer while idle.
 
-use std::{future::Future, io, pin::pin, task::Poll};
+use std::{
+    future::Future,
+    io,
+    pin::{Pin, pin},
+    task::Poll,
+};
 
 use proxy_common::policy::{Ending, close_for_instance_end, closing_handshake_done};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -16,19 +21,21 @@ use super::{
     copy::{Half, HalfEnd, HalfError, Leg, Refusal},
     socket::monotonic_ns,
 };
+use std::sync::Arc;
+
 use crate::{
     conn::{Connection, Direction},
     protocols::frames::FrameCursor,
 };
 
 /// One direction's accounting into the connection's counters.
-pub struct RelayLeg<'a> {
-    conn: &'a Connection,
+pub struct RelayLeg {
+    conn: Arc<Connection>,
     direction: Direction,
     pub cursor: FrameCursor,
 }
 
-impl Leg for RelayLeg<'_> {
+impl Leg for RelayLeg {
     fn account(&mut self, bytes: &[u8]) -> Result<(), Refusal> {
         let cursor = &mut self.cursor;
         self.conn
@@ -65,64 +72,129 @@ enum Outcome {
     Failed(HalfError),
 }
 
-type RelayHalf<'a> = (Half<RelayLeg<'a>>, State);
+type RelayHalf = (Half<RelayLeg>, State);
 
 /// Relays until both directions have seen EOF, either fails (then both are closed), the
 /// instance's side ends without a close frame (the client gets the close code
 /// [`close_for_instance_end`] decides), or the proxy stops the connection (both sides get
 /// the close sequence of [`closing`]).
 pub async fn relay<C, I>(
-    mut client: C,
-    mut instance: I,
-    conn: &Connection,
+    client: C,
+    instance: I,
+    conn: Arc<Connection>,
     cursors: [FrameCursor; 2],
 ) -> io::Result<Ending>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let [inbound, outbound] = cursors;
-    let leg = |direction, cursor| {
-        Half::new(RelayLeg {
+    Relay::new(client, instance, conn, cursors).run().await
+}
+
+/// A relayed connection: everything its steady state needs, in one struct that the loop
+/// borrows, so the future of a connection that idles for hours holds it once and nothing
+/// more (build it outside the future that runs it, and call [`Relay::run`] on it in place).
+pub struct Relay<C, I> {
+    client: C,
+    instance: I,
+    conn: Arc<Connection>,
+    up: RelayHalf,
+    down: RelayHalf,
+    client_ended: bool,
+}
+
+impl<C, I> Relay<C, I>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    pub fn new(client: C, instance: I, conn: Arc<Connection>, cursors: [FrameCursor; 2]) -> Self {
+        let [inbound, outbound] = cursors;
+        let leg = |direction, cursor| {
+            Half::new(RelayLeg {
+                conn: conn.clone(),
+                direction,
+                cursor,
+            })
+        };
+        Relay {
+            up: (leg(Direction::ClientToInstance, inbound), State::Copying),
+            down: (leg(Direction::InstanceToClient, outbound), State::Copying),
+            client,
+            instance,
             conn,
-            direction,
-            cursor,
-        })
-    };
-    let mut up: RelayHalf = (leg(Direction::ClientToInstance, inbound), State::Copying);
-    let mut down: RelayHalf = (leg(Direction::InstanceToClient, outbound), State::Copying);
-    let mut client_ended = false;
-    {
+            client_ended: false,
+        }
+    }
+
+    /// Relays until the connection ends; see [`relay`].
+    pub async fn run(&mut self) -> io::Result<Ending> {
+        self.carry().await;
+        // The closing sequences are boxed: only a connection that is ending pays for them.
+        let conn = self.conn.clone();
+        if let Some(ending) = conn.stop_reason() {
+            if let Some(frames) = ProxyClose::for_ending(ending) {
+                let client_ok = between_frames(&self.down);
+                let instance_ok = between_frames(&self.up);
+                Box::pin(closing::close_streams(
+                    Some(&frames),
+                    &mut self.client,
+                    client_ok,
+                    &mut self.instance,
+                    instance_ok,
+                ))
+                .await;
+            }
+            return Ok(ending);
+        }
+        let states = (
+            std::mem::replace(&mut self.up.1, State::Copying),
+            std::mem::replace(&mut self.down.1, State::Copying),
+        );
+        match states {
+            (_, State::Done(Outcome::InstanceFailed)) => {
+                let side = conn.account(Direction::InstanceToClient, |side| *side);
+                let down = &self.down.0;
+                let at_boundary = down.leg.cursor.at_boundary() && !down.has_backlog();
+                let frame = close_for_instance_end(&side, false)
+                    .filter(|_| at_boundary)
+                    .map(closing::instance_failed_frame);
+                Box::pin(closing::after_instance_failed(&mut self.client, frame)).await;
+                Ok(Ending::InstanceFailed)
+            }
+            (State::Done(Outcome::Failed(e)), _) | (_, State::Done(Outcome::Failed(e))) => {
+                Err(e.into())
+            }
+            _ => Ok(Ending::Closed),
+        }
+    }
+
+    /// Both directions until the connection is over or the proxy stops it.
+    async fn carry(&mut self) {
+        let conn = &*self.conn.clone();
         let mut stopped = pin!(conn.stopped());
         // Set once the instance closed after a complete closing handshake: the client then
         // has CLOSE_GRACE to close its side too, as it would with the instance directly.
-        let mut grace = pin!(tokio::time::sleep(CLOSE_GRACE));
-        let mut grace_set = false;
+        let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
         std::future::poll_fn(|cx| {
             if stopped.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(());
             }
-            poll_direction(
-                cx,
-                &mut up,
-                &mut client,
-                &mut instance,
-                conn,
-                &mut client_ended,
-            );
-            poll_direction(
-                cx,
-                &mut down,
-                &mut instance,
-                &mut client,
-                conn,
-                &mut client_ended,
-            );
+            let Relay {
+                client,
+                instance,
+                up,
+                down,
+                client_ended,
+                ..
+            } = self;
+            poll_direction(cx, up, client, instance, conn, client_ended);
+            poll_direction(cx, down, instance, client, conn, client_ended);
             if conn.stop_reason().is_some() {
                 // A refused frame asked for the stop just now.
                 return Poll::Ready(());
             }
-            if !grace_set
+            if grace.is_none()
                 && matches!(up.1, State::Copying | State::ShuttingDown)
                 && matches!(down.1, State::Done(Outcome::Eof))
                 && closing_handshake_done(
@@ -130,12 +202,11 @@ where
                     &conn.account(Direction::InstanceToClient, |s| *s),
                 )
             {
-                grace_set = true;
-                grace
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
             }
-            if grace_set && grace.as_mut().poll(cx).is_ready() {
+            if let Some(grace) = &mut grace
+                && grace.as_mut().poll(cx).is_ready()
+            {
                 return Poll::Ready(());
             }
             let done = match (&up.1, &down.1) {
@@ -144,51 +215,21 @@ where
                 (State::Done(Outcome::Failed(HalfError::Read(_))), _) => true,
                 // The client cannot be written to.
                 (_, State::Done(Outcome::Failed(_))) => true,
-                // The client is told below; its answer has nowhere to go.
+                // The client is told in `run`; its answer has nowhere to go.
                 (_, State::Done(Outcome::InstanceFailed)) => true,
                 // A failed write to the instance: its side will tell how it ended.
                 _ => false,
             };
             if done { Poll::Ready(()) } else { Poll::Pending }
         })
-        .await;
-    }
-    if let Some(ending) = conn.stop_reason() {
-        if let Some(frames) = ProxyClose::for_ending(ending) {
-            let client_ok = between_frames(&down);
-            let instance_ok = between_frames(&up);
-            closing::close_streams(
-                Some(&frames),
-                &mut client,
-                client_ok,
-                &mut instance,
-                instance_ok,
-            )
-            .await;
-        }
-        return Ok(ending);
-    }
-    match (up.1, down.1) {
-        (_, State::Done(Outcome::InstanceFailed)) => {
-            let side = conn.account(Direction::InstanceToClient, |side| *side);
-            let at_boundary = down.0.leg.cursor.at_boundary() && !down.0.has_backlog();
-            let frame = close_for_instance_end(&side, false)
-                .filter(|_| at_boundary)
-                .map(closing::instance_failed_frame);
-            closing::after_instance_failed(&mut client, frame).await;
-            Ok(Ending::InstanceFailed)
-        }
-        (State::Done(Outcome::Failed(e)), _) | (_, State::Done(Outcome::Failed(e))) => {
-            Err(e.into())
-        }
-        _ => Ok(Ending::Closed),
+        .await
     }
 }
 
 /// Moves one direction on as far as it goes without waiting.
-fn poll_direction<'a, R, W>(
+fn poll_direction<R, W>(
     cx: &mut std::task::Context<'_>,
-    (half, state): &mut RelayHalf<'a>,
+    (half, state): &mut RelayHalf,
     from: &mut R,
     to: &mut W,
     conn: &Connection,

@@ -32,7 +32,7 @@ use tracing::{info, warn};
 use crate::{
     app::AppState,
     conn::{Connection, Direction, NewConnection},
-    data_plane::{Handover, Path, socket::monotonic_ns},
+    data_plane::{Carrying, Handover, Path, socket::monotonic_ns},
     instances::Lease,
     metrics::Metrics,
     protocols::frames::FrameCursor,
@@ -40,7 +40,20 @@ use crate::{
 };
 use upgrade::{Admission, Failure, Upgraded, refuse, upgrade};
 
-pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr) {
+pub async fn serve(state: Arc<AppState>, client: TcpStream, peer: SocketAddr) {
+    // Steps 1-4 in their own allocation, freed before the connection's long life: what stays
+    // for it is only the carrying future (for the relay; a kernel path keeps none).
+    if let Some(carrying) = Box::pin(prepare(state, client, peer)).await {
+        carrying.await;
+    }
+}
+
+/// Steps 1-4; `None` when the connection ended before it was handed over.
+async fn prepare(
+    state: Arc<AppState>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) -> Option<Carrying> {
     let _ = client.set_nodelay(true);
     // 1. admit
     let server = &state.config.server;
@@ -63,10 +76,11 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
     let (mut upgraded, reservation) = match (upgraded, reservation) {
         (Ok(upgraded), Some(reservation)) => (upgraded, reservation),
         (Err(Failure::Respond(e)), _) => {
-            return Box::pin(refuse(&state, client, peer, function, e)).await;
+            Box::pin(refuse(&state, client, peer, function, e)).await;
+            return None;
         }
         // The upgrade checks capacity before it connects to an instance.
-        (Err(Failure::ClientGone), _) | (Ok(_), None) => return,
+        (Err(Failure::ClientGone), _) | (Ok(_), None) => return None,
     };
     // 3. register
     let path = state
@@ -105,13 +119,16 @@ pub async fn serve(state: Arc<AppState>, mut client: TcpStream, peer: SocketAddr
     let handed = Box::pin(hand_over(&path, client, upgraded, &conn, limit)).await;
     let (handover, cursors) = match handed {
         Ok(handed) => handed,
-        Err(e) => return end(&conn, Err(e), &state.metrics, held),
+        Err(e) => {
+            end(&conn, Err(e), &state.metrics, held);
+            return None;
+        }
     };
     // 5. carry, 6. end
     let metrics = state.metrics.clone();
     let ended = conn.clone();
     let on_end = move |result| end(&ended, result, &metrics, held);
-    Box::pin(path.carry(handover, conn, cursors, on_end)).await;
+    path.carry(handover, conn, cursors, on_end)
 }
 
 /// Everything released when a connection ends.
