@@ -1,8 +1,9 @@
 //! Host facts the benchmark reports alongside its own numbers: descriptor limit, whole-machine
 //! CPU from /proc/stat (the proxy's cost includes softirq and kworker time no per-process
-//! counter shows) and the resident memory of the processes under test.
+//! counter shows), where that CPU went (per CPU, context switches, cross-CPU interrupts) and
+//! the resident memory of the processes under test.
 
-use std::fs;
+use std::{fs, io};
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force.
 pub fn raise_nofile() -> u64 {
@@ -59,6 +60,102 @@ fn parse_cpu_line(line: &str) -> Option<CpuTimes> {
         busy,
         total: busy + get(3) + get(4),
     })
+}
+
+/// Counters that say where the machine's CPU went: busy jiffies per CPU, context switches and
+/// the cross-CPU interrupts (rescheduling and function-call IPIs) a wake-up on another CPU
+/// costs. Summed over the whole machine, like [`CpuTimes`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostCounters {
+    pub busy_by_cpu: Vec<u64>,
+    pub context_switches: u64,
+    pub resched_ipis: u64,
+    pub call_ipis: u64,
+}
+
+impl HostCounters {
+    pub fn now() -> HostCounters {
+        let mut c = HostCounters::default();
+        if let Ok(stat) = fs::read_to_string("/proc/stat") {
+            c.parse_stat(&stat);
+        }
+        if let Ok(irqs) = fs::read_to_string("/proc/interrupts") {
+            c.parse_interrupts(&irqs, c.busy_by_cpu.len());
+        }
+        c
+    }
+
+    fn parse_stat(&mut self, stat: &str) {
+        for line in stat.lines() {
+            let Some((name, _)) = line.split_once(' ') else {
+                continue;
+            };
+            let per_cpu = name
+                .strip_prefix("cpu")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if per_cpu {
+                // The same fields as the aggregate line: reuse its parser.
+                if let Some(t) = parse_cpu_line(&format!("cpu{}", &line[name.len()..])) {
+                    self.busy_by_cpu.push(t.busy);
+                }
+            } else if name == "ctxt" {
+                self.context_switches = line[4..].trim().parse().unwrap_or(0);
+            }
+        }
+    }
+
+    /// `RES:` and `CAL:` rows of /proc/interrupts: one count per CPU, then a description.
+    fn parse_interrupts(&mut self, text: &str, cpus: usize) {
+        for line in text.lines() {
+            let mut it = line.split_ascii_whitespace();
+            let slot = match it.next() {
+                Some("RES:") => &mut self.resched_ipis,
+                Some("CAL:") => &mut self.call_ipis,
+                _ => continue,
+            };
+            *slot = it
+                .take(cpus.max(1))
+                .map_while(|v| v.parse::<u64>().ok())
+                .sum();
+        }
+    }
+
+    /// What happened between `earlier` and `self` (per-CPU lists matched by position).
+    pub fn since(&self, earlier: &HostCounters) -> HostCounters {
+        HostCounters {
+            busy_by_cpu: self
+                .busy_by_cpu
+                .iter()
+                .zip(earlier.busy_by_cpu.iter().chain(std::iter::repeat(&0)))
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect(),
+            context_switches: self
+                .context_switches
+                .saturating_sub(earlier.context_switches),
+            resched_ipis: self.resched_ipis.saturating_sub(earlier.resched_ipis),
+            call_ipis: self.call_ipis.saturating_sub(earlier.call_ipis),
+        }
+    }
+}
+
+/// Restricts the calling thread (and so every thread and process it starts afterwards) to
+/// `cpu`, so runs of the benchmark put each process in the same place.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks against its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("CPU {cpu} is out of range"),
+            ));
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock every embedded send timestamp uses, so a
@@ -143,6 +240,37 @@ mod tests {
         let t = parse_cpu_line("cpu  10 1 5 100 4 2 3 1 50 50").unwrap();
         assert_eq!((t.busy, t.total), (22, 126));
         assert!(parse_cpu_line("intr 1 2 3").is_none());
+    }
+
+    #[test]
+    fn host_counters_parse_per_cpu_and_ipis() {
+        let mut c = HostCounters::default();
+        c.parse_stat(
+            "cpu  20 0 10 100 0 0 0 0 0 0\ncpu0 15 0 5 50 0 0 0 0 0 0\n\
+             cpu1 5 0 5 50 0 0 0 0 0 0\nintr 1 2\nctxt 777\n",
+        );
+        c.parse_interrupts(
+            "           CPU0       CPU1\n LOC:  9  9  Local timer interrupts\n\
+             RES:  3  4  Rescheduling interrupts\n CAL:  10 20 Function call interrupts\n",
+            2,
+        );
+        assert_eq!(c.busy_by_cpu, [20, 10]);
+        assert_eq!(
+            (c.context_switches, c.resched_ipis, c.call_ipis),
+            (777, 7, 30)
+        );
+        let later = HostCounters {
+            busy_by_cpu: vec![25, 30],
+            context_switches: 800,
+            resched_ipis: 9,
+            call_ipis: 30,
+        };
+        let d = later.since(&c);
+        assert_eq!(d.busy_by_cpu, [5, 20]);
+        assert_eq!(
+            (d.context_switches, d.resched_ipis, d.call_ipis),
+            (23, 2, 0)
+        );
     }
 
     #[test]

@@ -85,6 +85,14 @@ pub struct Report {
     pub cpu_busy_s: f64,
     pub cpu_total_s: f64,
     pub cpu_busy_fraction: f64,
+    /// `cpu_busy_s` split by CPU (index = CPU number).
+    pub cpu_busy_s_by_cpu: Vec<f64>,
+    /// Whole-machine context switches in the window.
+    pub context_switches: u64,
+    /// Rescheduling IPIs in the window: wake-ups of a task on another CPU.
+    pub resched_ipis: u64,
+    /// Function-call IPIs in the window.
+    pub call_ipis: u64,
     pub rss_kb_before: u64,
     pub rss_kb_after: u64,
     pub errors: u64,
@@ -226,6 +234,10 @@ fn report(
     let tck = sys::clock_ticks_per_s();
     let busy = c1.busy.saturating_sub(c0.busy) as f64;
     let total = c1.total.saturating_sub(c0.total) as f64;
+    let host = match (&m.host_opened, &m.host_closed) {
+        (Some(a), Some(b)) => b.since(a),
+        _ => sys::HostCounters::default(),
+    };
     let q = |p: f64| {
         if m.hist.is_empty() {
             0
@@ -260,6 +272,10 @@ fn report(
         cpu_busy_s: busy / tck,
         cpu_total_s: total / tck,
         cpu_busy_fraction: if total > 0.0 { busy / total } else { 0.0 },
+        cpu_busy_s_by_cpu: host.busy_by_cpu.iter().map(|&j| j as f64 / tck).collect(),
+        context_switches: host.context_switches,
+        resched_ipis: host.resched_ipis,
+        call_ipis: host.call_ipis,
         rss_kb_before: rss_before,
         rss_kb_after: rss_after,
         errors: m.errors,
