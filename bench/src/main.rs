@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use bench::{LoadConfig, Workload, run_echo, run_load, sys};
+use bench::{LoadConfig, Workload, run_echo, run_load_with, sys};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -97,6 +97,10 @@ struct LoadArgs {
     /// Run on this CPU only.
     #[arg(long)]
     cpu: Option<usize>,
+    /// Processes whose CPU time is reported as `cpu_processes_s` (with the generator's own);
+    /// without any, the `--rss-pid` ones.
+    #[arg(long, num_args = 1..)]
+    cpu_pid: Vec<u32>,
 }
 
 fn secs(v: f64, name: &str) -> Result<Duration, String> {
@@ -209,7 +213,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match run_load(&cfg) {
+            let cpu_pids = match a.cpu_pid.is_empty() {
+                true => cfg.rss_pids.clone(),
+                false => a.cpu_pid,
+            };
+            match run_load_with(&cfg, &cpu_pids) {
                 Ok(report) => {
                     println!(
                         "{}",

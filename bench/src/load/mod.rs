@@ -93,6 +93,12 @@ pub struct Report {
     pub resched_ipis: u64,
     /// Function-call IPIs in the window.
     pub call_ipis: u64,
+    /// CPU seconds of the processes under test (see [`run_load_with`]) and of this generator
+    /// in the window: the run's own share of `cpu_busy_s`, hardly touched by other work on
+    /// the machine.
+    pub cpu_processes_s: f64,
+    /// CPU seconds of the kernel's `kworker` and `ksoftirqd` threads in the window.
+    pub cpu_kthreads_s: f64,
     pub rss_kb_before: u64,
     pub rss_kb_after: u64,
     pub errors: u64,
@@ -165,8 +171,15 @@ fn validate(cfg: &LoadConfig) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs one load test. Usage errors come back as `InvalidInput`.
+/// Runs one load test. Usage errors come back as `InvalidInput`. The processes whose CPU
+/// time is reported as `cpu_processes_s` are `cfg.rss_pids` (and the generator).
 pub fn run_load(cfg: &LoadConfig) -> io::Result<Report> {
+    run_load_with(cfg, &cfg.rss_pids)
+}
+
+/// [`run_load`], with `cpu_pids` as the processes under test for `cpu_processes_s` (the proxy
+/// and the backend, where `rss_pids` is only the proxy).
+pub fn run_load_with(cfg: &LoadConfig, cpu_pids: &[u32]) -> io::Result<Report> {
     validate(cfg)?;
     let mut target = parse_url(&cfg.url)?;
     if cfg.workload == Workload::Push && !target.path.contains('?') {
@@ -186,6 +199,7 @@ pub fn run_load(cfg: &LoadConfig) -> io::Result<Report> {
         Workload::Handshake => {
             eprintln!("ready {}", cfg.connections);
             let mut meter = Meter::new(ctx.clock, cfg.warmup, cfg.duration);
+            meter.cpu_pids = cpu_pids.to_vec();
             let (est, rss) = handshake::run(&mut ctx, &mut meter, cfg);
             (meter, est, rss)
         }
@@ -196,6 +210,7 @@ pub fn run_load(cfg: &LoadConfig) -> io::Result<Report> {
             let rss_after = sys::rss_kb(&cfg.rss_pids);
             eprintln!("ready {established}");
             let mut meter = Meter::new(ctx.clock, cfg.warmup, cfg.duration);
+            meter.cpu_pids = cpu_pids.to_vec();
             meter.connect_errors = connect_errors;
             if established > 0 {
                 match cfg.workload {
@@ -276,6 +291,8 @@ fn report(
         context_switches: host.context_switches,
         resched_ipis: host.resched_ipis,
         call_ipis: host.call_ipis,
+        cpu_processes_s: host.process_ticks as f64 / tck,
+        cpu_kthreads_s: host.kthread_ticks as f64 / tck,
         rss_kb_before: rss_before,
         rss_kb_after: rss_after,
         errors: m.errors,

@@ -328,6 +328,14 @@ fn measure_once(bench: &Bench, mode: Mode, load: Load, round: usize) -> Result<V
         for pid in proxy.pids() {
             cmd.args(["--rss-pid", &pid.to_string()]);
         }
+        // The zero-hop instance is running already: cold-started by the warm-up upgrade.
+        let backend_pids = match &backend {
+            Some((b, _)) => vec![b.id()],
+            None => proxy.instance_pids(),
+        };
+        for pid in proxy.pids().into_iter().chain(backend_pids.iter().copied()) {
+            cmd.args(["--cpu-pid", &pid.to_string()]);
+        }
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -346,10 +354,6 @@ fn measure_once(bench: &Bench, mode: Mode, load: Load, round: usize) -> Result<V
         });
         let mut planes = None;
         let is_ready = ready.recv_timeout(READY_WAIT).is_ok();
-        let backend_pids = match &backend {
-            Some((b, _)) => vec![b.id()],
-            None => proxy.instance_pids(),
-        };
         let seen = |pids: &[u32]| {
             let lists: Vec<String> = pids.iter().map(|&p| placement::allowed_cpus(p)).collect();
             json!(lists.join(", "))

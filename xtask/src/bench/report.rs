@@ -110,6 +110,16 @@ fn entry(cell: &Cell, direct: Option<&Cell>) -> Value {
         let r = f(&d["messages_received"]).unwrap_or(0.0);
         f(&d["cpu_busy_s"]).filter(|_| r > 0.0).map(|c| c * 1e6 / r)
     };
+    // The run's own CPU: its processes plus the kernel's worker threads (see bench's
+    // HostCounters); what other work on a shared machine does not inflate.
+    let own_cpu = |d: &Value| {
+        let r = f(&d["messages_received"]).unwrap_or(0.0);
+        f(&d["cpu_processes_s"])
+            .zip(f(&d["cpu_kthreads_s"]))
+            .filter(|_| r > 0.0)
+            .map(|(p, k)| (p + k) * 1e6 / r)
+    };
+    let own_cpu_us_per_msg = own_cpu(l);
     let per_msg =
         |v: Option<f64>, scale: f64| v.filter(|_| received > 0.0).map(|v| v * scale / received);
     let mut e = json!({
@@ -127,6 +137,9 @@ fn entry(cell: &Cell, direct: Option<&Cell>) -> Value {
         "added_cpu_us_per_msg": added(&direct_cpu, cpu_us_per_msg),
         "proxy_rss_kb_per_conn": rss_per_conn,
         "handshakes_per_s": f(&l["handshakes_per_s"]).filter(|_| cell.workload == "handshake"),
+        "own_cpu_us_per_msg": own_cpu_us_per_msg,
+        "added_own_cpu_us_per_msg": added(&own_cpu, own_cpu_us_per_msg),
+        "kworker_cpu_us_per_msg": per_msg(f(&l["cpu_kthreads_s"]), 1e6),
         "context_switches_per_msg": per_msg(f(&l["context_switches"]), 1.0),
         "ipis_per_msg": per_msg(
             f(&l["resched_ipis"]).zip(f(&l["call_ipis"])).map(|(a, b)| a + b),
@@ -570,14 +583,19 @@ fn where_cpu_went(entries: &[Value], machine: &Value) -> String {
         return String::new();
     }
     let mut md = String::from(
-        "\nWhere the CPU went (whole machine, per message, in the measurement window; an IPI is \
-         a rescheduling or function-call interrupt between CPUs):\n\n| mode | workload |",
+        "\nWhere the CPU went, per message in the measurement window. `own CPU`: the run's \
+         processes (load generator, proxy, backend or instance) and the kernel's kworker and \
+         ksoftirqd threads, which other work on a shared machine hardly inflates (the \
+         whole-machine figure above includes it); `added own` is that minus `direct`'s in the \
+         same round. Per-CPU figures, context switches and IPIs (rescheduling and function-call \
+         interrupts between CPUs) are whole-machine.\n\n\
+         | mode | workload | own CPU µs/msg | added own µs/msg | kworker µs/msg |",
     );
     for cpu in 0..cpus {
         let _ = write!(md, " CPU {cpu} µs/msg |");
     }
     md.push_str(" context switches/msg | IPIs/msg |\n|---|---|");
-    md.push_str(&"---:|".repeat(cpus + 2));
+    md.push_str(&"---:|".repeat(cpus + 5));
     md.push('\n');
     for e in rows {
         let _ = write!(
@@ -586,6 +604,13 @@ fn where_cpu_went(entries: &[Value], machine: &Value) -> String {
             e["mode"].as_str().unwrap_or(""),
             e["workload"].as_str().unwrap_or("")
         );
+        for key in [
+            "own_cpu_us_per_msg",
+            "added_own_cpu_us_per_msg",
+            "kworker_cpu_us_per_msg",
+        ] {
+            let _ = write!(md, " {} |", stat(e, key, 1));
+        }
         for cpu in 0..cpus {
             let _ = write!(md, " {} |", stat(e, &format!("cpu{cpu}_us_per_msg"), 1));
         }
