@@ -124,12 +124,11 @@ fn load_of(workload: &'static str, duration_s: u64) -> Load {
     }
 }
 
-/// Measurement window and warm-up of one run, in seconds. `--quick` keeps the 5 s window and
-/// shortens the warm-up to 1 s (every connection is open before it starts; the ramp is not
-/// in it): 3 workloads x 6 modes x 3 repeats take about 9 minutes on the 2-CPU VM.
+/// Measurement window and warm-up of one run, in seconds. `--quick`'s 5 s window keeps 3
+/// workloads x 6 modes x 3 repeats at about 7 minutes on the 2-CPU VM.
 fn timing(quick: bool) -> (u64, f64) {
     match quick {
-        true => (5, 1.0),
+        true => (5, 2.0),
         false => (10, 2.0),
     }
 }
@@ -355,7 +354,10 @@ fn measure_once(bench: &Bench, mode: Mode, load: Load, round: usize) -> Result<V
         let mut planes = None;
         let is_ready = ready.recv_timeout(READY_WAIT).is_ok();
         let seen = |pids: &[u32]| {
-            let lists: Vec<String> = pids.iter().map(|&p| placement::allowed_cpus(p)).collect();
+            // nginx's master and worker alike show once.
+            let mut lists: Vec<String> = pids.iter().map(|&p| placement::allowed_cpus(p)).collect();
+            lists.sort();
+            lists.dedup();
             json!(lists.join(", "))
         };
         let placement_seen = json!({
