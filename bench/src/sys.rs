@@ -74,6 +74,11 @@ fn parse_cpu_line(line: &str) -> Option<CpuTimes> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HostCounters {
     pub busy_by_cpu: Vec<u64>,
+    /// Idle and iowait jiffies per CPU. Unlike the busy ones, which the timer tick samples
+    /// (and a CPU woken by a timer in step with the tick, then idle again before the next,
+    /// is never seen busy), the kernel measures these to the nanosecond when idle ticks are
+    /// stopped: elapsed time minus idle is the exact busy time.
+    pub idle_by_cpu: Vec<u64>,
     pub context_switches: u64,
     pub resched_ipis: u64,
     pub call_ipis: u64,
@@ -113,6 +118,7 @@ impl HostCounters {
                 // The same fields as the aggregate line: reuse its parser.
                 if let Some(t) = parse_cpu_line(&format!("cpu{}", &line[name.len()..])) {
                     self.busy_by_cpu.push(t.busy);
+                    self.idle_by_cpu.push(t.total - t.busy);
                 }
             } else if name == "ctxt" {
                 self.context_switches = line[4..].trim().parse().unwrap_or(0);
@@ -143,6 +149,12 @@ impl HostCounters {
                 .busy_by_cpu
                 .iter()
                 .zip(earlier.busy_by_cpu.iter().chain(std::iter::repeat(&0)))
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect(),
+            idle_by_cpu: self
+                .idle_by_cpu
+                .iter()
+                .zip(earlier.idle_by_cpu.iter().chain(std::iter::repeat(&0)))
                 .map(|(a, b)| a.saturating_sub(*b))
                 .collect(),
             context_switches: self
@@ -301,20 +313,27 @@ mod tests {
              RES:  3  4  Rescheduling interrupts\n CAL:  10 20 Function call interrupts\n",
             2,
         );
-        assert_eq!(c.busy_by_cpu, [20, 10]);
+        assert_eq!(
+            (c.busy_by_cpu.as_slice(), c.idle_by_cpu.as_slice()),
+            (&[20, 10][..], &[50, 50][..])
+        );
         assert_eq!(
             (c.context_switches, c.resched_ipis, c.call_ipis),
             (777, 7, 30)
         );
         let later = HostCounters {
             busy_by_cpu: vec![25, 30],
+            idle_by_cpu: vec![60, 50],
             context_switches: 800,
             resched_ipis: 9,
             call_ipis: 30,
             ..HostCounters::default()
         };
         let d = later.since(&c);
-        assert_eq!(d.busy_by_cpu, [5, 20]);
+        assert_eq!(
+            (d.busy_by_cpu.as_slice(), d.idle_by_cpu.as_slice()),
+            (&[5, 20][..], &[10, 0][..])
+        );
         assert_eq!(
             (d.context_switches, d.resched_ipis, d.call_ipis),
             (23, 2, 0)

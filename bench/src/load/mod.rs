@@ -87,6 +87,12 @@ pub struct Report {
     pub cpu_busy_fraction: f64,
     /// `cpu_busy_s` split by CPU (index = CPU number).
     pub cpu_busy_s_by_cpu: Vec<f64>,
+    /// Whole-machine busy CPU seconds as the window's length times the CPUs minus their idle
+    /// time: exact where `cpu_busy_s` is sampled by the timer tick (see
+    /// [`sys::HostCounters::idle_by_cpu`]).
+    pub cpu_busy_exact_s: f64,
+    /// `cpu_busy_exact_s` by CPU.
+    pub cpu_busy_exact_s_by_cpu: Vec<f64>,
     /// Whole-machine context switches in the window.
     pub context_switches: u64,
     /// Rescheduling IPIs in the window: wake-ups of a task on another CPU.
@@ -253,6 +259,12 @@ fn report(
         (Some(a), Some(b)) => b.since(a),
         _ => sys::HostCounters::default(),
     };
+    // /proc/stat counts in 1/tck s: the window's own length is known far better.
+    let exact_busy: Vec<f64> = host
+        .idle_by_cpu
+        .iter()
+        .map(|&idle| (secs - idle as f64 / tck).max(0.0))
+        .collect();
     let q = |p: f64| {
         if m.hist.is_empty() {
             0
@@ -288,6 +300,8 @@ fn report(
         cpu_total_s: total / tck,
         cpu_busy_fraction: if total > 0.0 { busy / total } else { 0.0 },
         cpu_busy_s_by_cpu: host.busy_by_cpu.iter().map(|&j| j as f64 / tck).collect(),
+        cpu_busy_exact_s: exact_busy.iter().sum(),
+        cpu_busy_exact_s_by_cpu: exact_busy,
         context_switches: host.context_switches,
         resched_ipis: host.resched_ipis,
         call_ipis: host.call_ipis,

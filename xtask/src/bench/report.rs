@@ -84,9 +84,17 @@ pub fn data_plane_seen(planes: &Value) -> String {
 fn entry(cell: &Cell, direct: Option<&Cell>) -> Value {
     let l = &cell.load;
     let received = f(&l["messages_received"]).unwrap_or(0.0);
-    let cpu_us_per_msg = f(&l["cpu_busy_s"])
-        .filter(|_| received > 0.0)
-        .map(|c| c * 1e6 / received);
+    // Elapsed minus idle: exact, where the tick-sampled `cpu_busy_s` misses bursts that start
+    // with a tick and end before the next (the edge workload's timers wake in step with it).
+    // Reports from before the exact figure existed fall back to the sampled one.
+    let whole_cpu = |d: &Value| {
+        let r = f(&d["messages_received"]).unwrap_or(0.0);
+        f(&d["cpu_busy_exact_s"])
+            .or_else(|| f(&d["cpu_busy_s"]))
+            .filter(|_| r > 0.0)
+            .map(|c| c * 1e6 / r)
+    };
+    let cpu_us_per_msg = whole_cpu(l);
     let rss_per_conn = match (
         cell.mode,
         f(&l["rss_kb_after"]),
@@ -106,10 +114,6 @@ fn entry(cell: &Cell, direct: Option<&Cell>) -> Value {
         _ => None,
     };
     let p99 = f(&l["rtt_us"]["p99"]);
-    let direct_cpu = |d: &Value| {
-        let r = f(&d["messages_received"]).unwrap_or(0.0);
-        f(&d["cpu_busy_s"]).filter(|_| r > 0.0).map(|c| c * 1e6 / r)
-    };
     // The run's own CPU: its processes plus the kernel's worker threads (see bench's
     // HostCounters); what other work on a shared machine does not inflate.
     let own_cpu = |d: &Value| {
@@ -134,7 +138,8 @@ fn entry(cell: &Cell, direct: Option<&Cell>) -> Value {
         "rtt_max_us": f(&l["rtt_us"]["max"]),
         "added_p99_us": added(&|d: &Value| f(&d["rtt_us"]["p99"]), p99),
         "cpu_us_per_msg": cpu_us_per_msg,
-        "added_cpu_us_per_msg": added(&direct_cpu, cpu_us_per_msg),
+        "added_cpu_us_per_msg": added(&whole_cpu, cpu_us_per_msg),
+        "tick_sampled_cpu_us_per_msg": per_msg(f(&l["cpu_busy_s"]), 1e6),
         "proxy_rss_kb_per_conn": rss_per_conn,
         "handshakes_per_s": f(&l["handshakes_per_s"]).filter(|_| cell.workload == "handshake"),
         "own_cpu_us_per_msg": own_cpu_us_per_msg,
@@ -149,7 +154,8 @@ fn entry(cell: &Cell, direct: Option<&Cell>) -> Value {
         "connect_errors": l["connect_errors"],
         "placement_seen": l["placement_seen"],
     });
-    for (cpu, busy) in l["cpu_busy_s_by_cpu"]
+    e["load_report"] = l.clone();
+    for (cpu, busy) in l["cpu_busy_exact_s_by_cpu"]
         .as_array()
         .into_iter()
         .flatten()
@@ -612,17 +618,19 @@ fn where_cpu_went(entries: &[Value], machine: &Value) -> String {
     let mut md = String::from(
         "\nWhere the CPU went, per message in the measurement window. `own CPU`: the run's \
          processes (load generator, proxy, backend or instance) and the kernel's kworker and \
-         ksoftirqd threads, which other work on a shared machine hardly inflates (the \
-         whole-machine figure above includes it); `added own` is that minus `direct`'s in the \
-         same round. Per-CPU figures, context switches and IPIs (rescheduling and function-call \
-         interrupts between CPUs) are whole-machine.\n\n\
-         | mode | workload | own CPU µs/msg | added own µs/msg | kworker µs/msg |",
+         ksoftirqd threads, by the scheduler's exact run times, which other work on a shared \
+         machine hardly inflates (the whole-machine figure above includes it); `added own` is \
+         that minus `direct`'s in the same round. `tick-sampled`: the whole-machine figure as \
+         the timer tick counts it (what runs before 2026-12 reported). Per-CPU figures, context \
+         switches and IPIs (rescheduling and function-call interrupts between CPUs) are \
+         whole-machine.\n\n\
+         | mode | workload | own CPU µs/msg | added own µs/msg | kworker µs/msg | tick-sampled µs/msg |",
     );
     for cpu in 0..cpus {
         let _ = write!(md, " CPU {cpu} µs/msg |");
     }
     md.push_str(" context switches/msg | IPIs/msg |\n|---|---|");
-    md.push_str(&"---:|".repeat(cpus + 5));
+    md.push_str(&"---:|".repeat(cpus + 6));
     md.push('\n');
     for e in rows {
         let _ = write!(
@@ -635,6 +643,7 @@ fn where_cpu_went(entries: &[Value], machine: &Value) -> String {
             "own_cpu_us_per_msg",
             "added_own_cpu_us_per_msg",
             "kworker_cpu_us_per_msg",
+            "tick_sampled_cpu_us_per_msg",
         ] {
             let _ = write!(md, " {} |", stat(e, key, 1));
         }
