@@ -39,7 +39,7 @@ enum Task {
     /// The side-by-side benchmark: wsedge (kernel, zero-hop, userspace) against nginx and
     /// HAProxy.
     Bench {
-        /// Only the edge, bulk and push workloads, 5 s each (about 9 minutes with 3 repeats).
+        /// Only the edge, bulk and push workloads, 5 s each (about 7 minutes with 3 repeats).
         #[arg(long)]
         quick: bool,
         /// Only these modes (comma-separated: direct, wsedge-kernel, wsedge-zero-hop,
