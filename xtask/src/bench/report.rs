@@ -469,15 +469,23 @@ fn header(machine: &Value, stamp: &str, info: &RunInfo) -> String {
         Placement::Unpinned => info.placement.describe(),
         pinned => format!("{} (`--cpus {pinned}`)", pinned.describe()),
     };
+    let how = match n {
+        1 => "One run of every mode and workload (`--repeats 1`): no spread to show. `added` \
+              figures are the mode's run minus `direct`'s."
+            .to_string(),
+        _ => format!(
+            "Each figure is the median of the {n} runs of its mode and workload, the lowest and \
+             highest run in brackets. The runs are interleaved: round 1 runs every mode once, \
+             then round 2, and so on. `added` figures are taken per round (the mode's run minus \
+             `direct`'s run of the same round) and then summarised the same way. A ratio \
+             against the better of nginx and HAProxy divides medians (the mode's median by the \
+             lower of nginx's and HAProxy's); \"per round\" is the same ratio computed within \
+             each round."
+        ),
+    };
     format!(
         "Run {stamp}{}{}: {n} repeats, measured in {}. Kernel {}, {} CPUs ({}), {} GiB.\n\n\
-         Placement: {placement}.\n\n\
-         Each figure is the median of the {n} runs of its mode and workload, the lowest and \
-         highest run in brackets. The runs are interleaved: round 1 runs every mode once, then \
-         round 2, and so on. `added` figures are taken per round (the mode's run minus \
-         `direct`'s run of the same round) and then summarised the same way. A ratio against \
-         the better of nginx and HAProxy divides medians (the mode's median by the lower of \
-         nginx's and HAProxy's); \"per round\" is the same ratio computed within each round.\n\n",
+         Placement: {placement}.\n\n{how}\n\n",
         if info.quick { " (--quick)" } else { "" },
         if info.filtered {
             " (only some modes or workloads)"
