@@ -8,4 +8,4 @@ pub mod sys;
 pub mod ws;
 
 pub use echo::run_echo;
-pub use load::{LoadConfig, Report, Workload, run_load};
+pub use load::{LoadConfig, Report, Workload, run_load, run_load_with};

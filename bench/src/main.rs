@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use bench::{LoadConfig, Workload, run_echo, run_load, sys};
+use bench::{LoadConfig, Workload, run_echo, run_load_with, sys};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -61,6 +61,10 @@ struct EchoArgs {
     /// Event loops, each with its own SO_REUSEPORT listener.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Run on this CPU only. A flag rather than `taskset` in front: a function instance that
+    /// wsedge spawns inherits wsedge's CPU, and this puts it where the bench wants it.
+    #[arg(long)]
+    cpu: Option<usize>,
 }
 
 #[derive(Args)]
@@ -90,6 +94,13 @@ struct LoadArgs {
     /// New connections per second while ramping up.
     #[arg(long, default_value_t = 2000.0)]
     connect_rate: f64,
+    /// Run on this CPU only.
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// Processes whose CPU time is reported as `cpu_processes_s` (with the generator's own);
+    /// without any, the `--rss-pid` ones.
+    #[arg(long, num_args = 1..)]
+    cpu_pid: Vec<u32>,
 }
 
 fn secs(v: f64, name: &str) -> Result<Duration, String> {
@@ -105,6 +116,17 @@ fn instance_address() -> Result<SocketAddr, String> {
         Err(_) => 9000,
     };
     Ok(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))
+}
+
+/// Pins the process to `cpu` (before any thread starts, so every thread inherits it).
+fn pin(cpu: Option<usize>) -> Result<(), ExitCode> {
+    match cpu.map(sys::pin_to_cpu) {
+        Some(Err(e)) => {
+            eprintln!("error: pinning to CPU {}: {e}", cpu.unwrap_or_default());
+            Err(ExitCode::from(2))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -139,6 +161,9 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Echo(a) => {
+            if let Err(code) = pin(a.cpu) {
+                return code;
+            }
             let listen = match a.listen.map_or_else(instance_address, Ok) {
                 Ok(addr) => addr,
                 Err(e) => {
@@ -165,6 +190,9 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Load(a) => {
+            if let Err(code) = pin(a.cpu) {
+                return code;
+            }
             let cfg = match (
                 secs(a.duration_s, "duration-s"),
                 secs(a.warmup_s, "warmup-s"),
@@ -185,7 +213,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match run_load(&cfg) {
+            let cpu_pids = match a.cpu_pid.is_empty() {
+                true => cfg.rss_pids.clone(),
+                false => a.cpu_pid,
+            };
+            match run_load_with(&cfg, &cpu_pids) {
                 Ok(report) => {
                     println!(
                         "{}",

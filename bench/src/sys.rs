@@ -1,8 +1,9 @@
 //! Host facts the benchmark reports alongside its own numbers: descriptor limit, whole-machine
 //! CPU from /proc/stat (the proxy's cost includes softirq and kworker time no per-process
-//! counter shows) and the resident memory of the processes under test.
+//! counter shows), where that CPU went (per CPU, context switches, cross-CPU interrupts) and
+//! the resident memory of the processes under test.
 
-use std::fs;
+use std::{fs, io};
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force.
 pub fn raise_nofile() -> u64 {
@@ -59,6 +60,161 @@ fn parse_cpu_line(line: &str) -> Option<CpuTimes> {
         busy,
         total: busy + get(3) + get(4),
     })
+}
+
+/// Counters that say where the machine's CPU went: busy jiffies per CPU, context switches and
+/// the cross-CPU interrupts (rescheduling and function-call IPIs) a wake-up on another CPU
+/// costs. Summed over the whole machine, like [`CpuTimes`].
+///
+/// `process_ticks` and `kthread_ticks` are the part of the machine's CPU the run itself used:
+/// the processes under test (user and system time, which with tick accounting includes the
+/// softirq work, loopback delivery among it, done while they ran) and the kernel's worker and
+/// softirq threads. Unlike the whole-machine figure, other work on a shared machine (someone
+/// compiling) hardly shows in them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostCounters {
+    pub busy_by_cpu: Vec<u64>,
+    /// Idle and iowait jiffies per CPU. Unlike the busy ones, which the timer tick samples
+    /// (and a CPU woken by a timer in step with the tick, then idle again before the next,
+    /// is never seen busy), the kernel measures these to the nanosecond when idle ticks are
+    /// stopped: elapsed time minus idle is the exact busy time.
+    pub idle_by_cpu: Vec<u64>,
+    pub context_switches: u64,
+    pub resched_ipis: u64,
+    pub call_ipis: u64,
+    pub process_ticks: u64,
+    pub kthread_ticks: u64,
+}
+
+impl HostCounters {
+    /// The machine's counters now, with `pids` (and this process) as the processes under test.
+    pub fn now(pids: &[u32]) -> HostCounters {
+        let mut c = HostCounters::default();
+        if let Ok(stat) = fs::read_to_string("/proc/stat") {
+            c.parse_stat(&stat);
+        }
+        if let Ok(irqs) = fs::read_to_string("/proc/interrupts") {
+            c.parse_interrupts(&irqs, c.busy_by_cpu.len());
+        }
+        let me = std::process::id();
+        c.process_ticks = std::iter::once(me)
+            .chain(pids.iter().copied().filter(|&p| p != me))
+            .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+            .filter_map(|s| task_ticks(&s).map(|(_, t)| t))
+            .sum();
+        c.kthread_ticks = kernel_worker_ticks();
+        c
+    }
+
+    fn parse_stat(&mut self, stat: &str) {
+        for line in stat.lines() {
+            let Some((name, _)) = line.split_once(' ') else {
+                continue;
+            };
+            let per_cpu = name
+                .strip_prefix("cpu")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if per_cpu {
+                // The same fields as the aggregate line: reuse its parser.
+                if let Some(t) = parse_cpu_line(&format!("cpu{}", &line[name.len()..])) {
+                    self.busy_by_cpu.push(t.busy);
+                    self.idle_by_cpu.push(t.total - t.busy);
+                }
+            } else if name == "ctxt" {
+                self.context_switches = line[4..].trim().parse().unwrap_or(0);
+            }
+        }
+    }
+
+    /// `RES:` and `CAL:` rows of /proc/interrupts: one count per CPU, then a description.
+    fn parse_interrupts(&mut self, text: &str, cpus: usize) {
+        for line in text.lines() {
+            let mut it = line.split_ascii_whitespace();
+            let slot = match it.next() {
+                Some("RES:") => &mut self.resched_ipis,
+                Some("CAL:") => &mut self.call_ipis,
+                _ => continue,
+            };
+            *slot = it
+                .take(cpus.max(1))
+                .map_while(|v| v.parse::<u64>().ok())
+                .sum();
+        }
+    }
+
+    /// What happened between `earlier` and `self` (per-CPU lists matched by position).
+    pub fn since(&self, earlier: &HostCounters) -> HostCounters {
+        HostCounters {
+            busy_by_cpu: self
+                .busy_by_cpu
+                .iter()
+                .zip(earlier.busy_by_cpu.iter().chain(std::iter::repeat(&0)))
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect(),
+            idle_by_cpu: self
+                .idle_by_cpu
+                .iter()
+                .zip(earlier.idle_by_cpu.iter().chain(std::iter::repeat(&0)))
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect(),
+            context_switches: self
+                .context_switches
+                .saturating_sub(earlier.context_switches),
+            resched_ipis: self.resched_ipis.saturating_sub(earlier.resched_ipis),
+            call_ipis: self.call_ipis.saturating_sub(earlier.call_ipis),
+            process_ticks: self.process_ticks.saturating_sub(earlier.process_ticks),
+            kthread_ticks: self.kthread_ticks.saturating_sub(earlier.kthread_ticks),
+        }
+    }
+}
+
+/// (command name, user + system ticks) from a `/proc/PID/stat` line. The name is in
+/// parentheses and may hold spaces, so fields are counted after the last `)`.
+fn task_ticks(stat: &str) -> Option<(&str, u64)> {
+    let open = stat.find('(')?;
+    let (name, rest) = stat[open + 1..].rsplit_once(')')?;
+    // After the name: state(3) ... utime(14) stime(15), 1-based over the whole line.
+    let mut fields = rest.split_ascii_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((name, utime + stime))
+}
+
+/// CPU ticks of the kernel's workqueue and softirq threads (`kworker/*`, `ksoftirqd/*`): where
+/// the kernel data plane's deferred work (sockmap redirects, psock backlogs) runs. A worker
+/// that exits between two readings takes its ticks with it; they come and go rarely.
+fn kernel_worker_ticks() -> u64 {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(|e| {
+        let name = e.ok()?.file_name();
+        name.to_str()?.parse::<u32>().ok()?;
+        let stat = fs::read_to_string(format!("/proc/{}/stat", name.to_str()?)).ok()?;
+        let (comm, ticks) = task_ticks(&stat)?;
+        (comm.starts_with("kworker") || comm.starts_with("ksoftirqd")).then_some(ticks)
+    })
+    .sum()
+}
+
+/// Restricts the calling thread (and so every thread and process it starts afterwards) to
+/// `cpu`, so runs of the benchmark put each process in the same place.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks against its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("CPU {cpu} is out of range"),
+            ));
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock every embedded send timestamp uses, so a
@@ -143,6 +299,57 @@ mod tests {
         let t = parse_cpu_line("cpu  10 1 5 100 4 2 3 1 50 50").unwrap();
         assert_eq!((t.busy, t.total), (22, 126));
         assert!(parse_cpu_line("intr 1 2 3").is_none());
+    }
+
+    #[test]
+    fn host_counters_parse_per_cpu_and_ipis() {
+        let mut c = HostCounters::default();
+        c.parse_stat(
+            "cpu  20 0 10 100 0 0 0 0 0 0\ncpu0 15 0 5 50 0 0 0 0 0 0\n\
+             cpu1 5 0 5 50 0 0 0 0 0 0\nintr 1 2\nctxt 777\n",
+        );
+        c.parse_interrupts(
+            "           CPU0       CPU1\n LOC:  9  9  Local timer interrupts\n\
+             RES:  3  4  Rescheduling interrupts\n CAL:  10 20 Function call interrupts\n",
+            2,
+        );
+        assert_eq!(
+            (c.busy_by_cpu.as_slice(), c.idle_by_cpu.as_slice()),
+            (&[20, 10][..], &[50, 50][..])
+        );
+        assert_eq!(
+            (c.context_switches, c.resched_ipis, c.call_ipis),
+            (777, 7, 30)
+        );
+        let later = HostCounters {
+            busy_by_cpu: vec![25, 30],
+            idle_by_cpu: vec![60, 50],
+            context_switches: 800,
+            resched_ipis: 9,
+            call_ipis: 30,
+            ..HostCounters::default()
+        };
+        let d = later.since(&c);
+        assert_eq!(
+            (d.busy_by_cpu.as_slice(), d.idle_by_cpu.as_slice()),
+            (&[5, 20][..], &[10, 0][..])
+        );
+        assert_eq!(
+            (d.context_switches, d.resched_ipis, d.call_ipis),
+            (23, 2, 0)
+        );
+    }
+
+    #[test]
+    fn task_ticks_survive_odd_names() {
+        let line = "42 (kworker/0:1 (x)) I 2 0 0 0 -1 69238880 0 0 0 0 7 5 0 0 20 0 1 0";
+        assert_eq!(task_ticks(line), Some(("kworker/0:1 (x)", 12)));
+        assert!(task_ticks("42 (x) R 1").is_none());
+        let own = HostCounters::now(&[]);
+        assert!(
+            !own.busy_by_cpu.is_empty() && own.context_switches > 0,
+            "{own:?}"
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! - `cargo xtask test [-- ARGS]`: set up what is missing, build everything, run every test.
 //! - `cargo xtask demo`: set up, build, run wsedge with `deploy/demo.toml` and the echo function.
-//! - `cargo xtask bench [--quick] [--modes M,..] [--workloads W,..]`: wsedge against nginx and
-//!   HAProxy, side by side.
+//! - `cargo xtask bench [--quick] [--modes M,..] [--workloads W,..] [--repeats N] [--cpus P]`:
+//!   wsedge against nginx and HAProxy, side by side.
 
 mod bench;
 mod cmd;
@@ -40,7 +40,7 @@ enum Task {
     /// The side-by-side benchmark: wsedge (kernel, zero-hop, userspace) against nginx and
     /// HAProxy.
     Bench {
-        /// Only the edge, bulk and push workloads, 5 s each (under 5 minutes).
+        /// Only the edge, bulk and push workloads, 5 s each (about 7 minutes with 3 repeats).
         #[arg(long)]
         quick: bool,
         /// Only these modes (comma-separated: direct, wsedge-kernel, wsedge-zero-hop,
@@ -51,6 +51,14 @@ enum Task {
         /// A filtered run writes its results but leaves the README's table alone.
         #[arg(long, value_delimiter = ',')]
         workloads: Vec<String>,
+        /// Runs of every (mode, workload), interleaved in rounds (every mode once per round);
+        /// the report gives the median and the min-max.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// CPU of each process: `load=0,proxy=1,backend=0` (the default; backend includes the
+        /// zero-hop instance), or `none` to leave placement to the scheduler.
+        #[arg(long, default_value_t = bench::DEFAULT_PLACEMENT)]
+        cpus: bench::Placement,
     },
 }
 
@@ -63,10 +71,14 @@ fn main() -> ExitCode {
             quick,
             modes,
             workloads,
+            repeats,
+            cpus,
         } => bench::run(&bench::Options {
             quick,
             modes,
             workloads,
+            repeats,
+            placement: cpus,
         }),
     };
     match result {

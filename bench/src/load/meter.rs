@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::sys::{self, CpuTimes};
+use crate::sys::{self, CpuTimes, HostCounters};
 
 const RTT_MAX_US: u64 = 60_000_000;
 
@@ -28,6 +28,11 @@ pub struct Meter {
     pub stage: Stage,
     pub opened: Option<(Instant, CpuTimes)>,
     pub closed: Option<(Instant, CpuTimes)>,
+    /// Where the CPU went, taken with `opened` and `closed`.
+    pub host_opened: Option<HostCounters>,
+    pub host_closed: Option<HostCounters>,
+    /// The processes under test whose CPU time `host_*` adds up (besides the generator).
+    pub cpu_pids: Vec<u32>,
     pub hist: Histogram<u64>,
     pub sent: u64,
     pub received: u64,
@@ -55,6 +60,9 @@ impl Meter {
             stage: Stage::Warmup,
             opened: None,
             closed: None,
+            host_opened: None,
+            host_closed: None,
+            cpu_pids: Vec::new(),
             hist: Histogram::new_with_bounds(1, RTT_MAX_US, 3).expect("valid histogram bounds"),
             sent: 0,
             received: 0,
@@ -68,6 +76,7 @@ impl Meter {
 
     pub fn tick(&mut self, now: Instant) -> Stage {
         if self.stage == Stage::Warmup && now >= self.warmup_end {
+            self.host_opened = Some(HostCounters::now(&self.cpu_pids));
             let at = Instant::now();
             self.opened = Some((at, sys::cpu_times()));
             // The window is measured from when it really opened, not from the plan.
@@ -84,9 +93,11 @@ impl Meter {
     pub fn close(&mut self) {
         if self.stage != Stage::Drain {
             if self.opened.is_none() {
+                self.host_opened = Some(HostCounters::now(&self.cpu_pids));
                 self.opened = Some((Instant::now(), sys::cpu_times()));
             }
             self.closed = Some((Instant::now(), sys::cpu_times()));
+            self.host_closed = Some(HostCounters::now(&self.cpu_pids));
             self.stage = Stage::Drain;
         }
     }

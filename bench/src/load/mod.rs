@@ -85,6 +85,26 @@ pub struct Report {
     pub cpu_busy_s: f64,
     pub cpu_total_s: f64,
     pub cpu_busy_fraction: f64,
+    /// `cpu_busy_s` split by CPU (index = CPU number).
+    pub cpu_busy_s_by_cpu: Vec<f64>,
+    /// Whole-machine busy CPU seconds as the window's length times the CPUs minus their idle
+    /// time: exact where `cpu_busy_s` is sampled by the timer tick (see
+    /// [`sys::HostCounters::idle_by_cpu`]).
+    pub cpu_busy_exact_s: f64,
+    /// `cpu_busy_exact_s` by CPU.
+    pub cpu_busy_exact_s_by_cpu: Vec<f64>,
+    /// Whole-machine context switches in the window.
+    pub context_switches: u64,
+    /// Rescheduling IPIs in the window: wake-ups of a task on another CPU.
+    pub resched_ipis: u64,
+    /// Function-call IPIs in the window.
+    pub call_ipis: u64,
+    /// CPU seconds of the processes under test (see [`run_load_with`]) and of this generator
+    /// in the window: the run's own share of `cpu_busy_s`, hardly touched by other work on
+    /// the machine.
+    pub cpu_processes_s: f64,
+    /// CPU seconds of the kernel's `kworker` and `ksoftirqd` threads in the window.
+    pub cpu_kthreads_s: f64,
     pub rss_kb_before: u64,
     pub rss_kb_after: u64,
     pub errors: u64,
@@ -157,8 +177,15 @@ fn validate(cfg: &LoadConfig) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs one load test. Usage errors come back as `InvalidInput`.
+/// Runs one load test. Usage errors come back as `InvalidInput`. The processes whose CPU
+/// time is reported as `cpu_processes_s` are `cfg.rss_pids` (and the generator).
 pub fn run_load(cfg: &LoadConfig) -> io::Result<Report> {
+    run_load_with(cfg, &cfg.rss_pids)
+}
+
+/// [`run_load`], with `cpu_pids` as the processes under test for `cpu_processes_s` (the proxy
+/// and the backend, where `rss_pids` is only the proxy).
+pub fn run_load_with(cfg: &LoadConfig, cpu_pids: &[u32]) -> io::Result<Report> {
     validate(cfg)?;
     let mut target = parse_url(&cfg.url)?;
     if cfg.workload == Workload::Push && !target.path.contains('?') {
@@ -178,6 +205,7 @@ pub fn run_load(cfg: &LoadConfig) -> io::Result<Report> {
         Workload::Handshake => {
             eprintln!("ready {}", cfg.connections);
             let mut meter = Meter::new(ctx.clock, cfg.warmup, cfg.duration);
+            meter.cpu_pids = cpu_pids.to_vec();
             let (est, rss) = handshake::run(&mut ctx, &mut meter, cfg);
             (meter, est, rss)
         }
@@ -188,6 +216,7 @@ pub fn run_load(cfg: &LoadConfig) -> io::Result<Report> {
             let rss_after = sys::rss_kb(&cfg.rss_pids);
             eprintln!("ready {established}");
             let mut meter = Meter::new(ctx.clock, cfg.warmup, cfg.duration);
+            meter.cpu_pids = cpu_pids.to_vec();
             meter.connect_errors = connect_errors;
             if established > 0 {
                 match cfg.workload {
@@ -226,6 +255,16 @@ fn report(
     let tck = sys::clock_ticks_per_s();
     let busy = c1.busy.saturating_sub(c0.busy) as f64;
     let total = c1.total.saturating_sub(c0.total) as f64;
+    let host = match (&m.host_opened, &m.host_closed) {
+        (Some(a), Some(b)) => b.since(a),
+        _ => sys::HostCounters::default(),
+    };
+    // /proc/stat counts in 1/tck s: the window's own length is known far better.
+    let exact_busy: Vec<f64> = host
+        .idle_by_cpu
+        .iter()
+        .map(|&idle| (secs - idle as f64 / tck).max(0.0))
+        .collect();
     let q = |p: f64| {
         if m.hist.is_empty() {
             0
@@ -260,6 +299,14 @@ fn report(
         cpu_busy_s: busy / tck,
         cpu_total_s: total / tck,
         cpu_busy_fraction: if total > 0.0 { busy / total } else { 0.0 },
+        cpu_busy_s_by_cpu: host.busy_by_cpu.iter().map(|&j| j as f64 / tck).collect(),
+        cpu_busy_exact_s: exact_busy.iter().sum(),
+        cpu_busy_exact_s_by_cpu: exact_busy,
+        context_switches: host.context_switches,
+        resched_ipis: host.resched_ipis,
+        call_ipis: host.call_ipis,
+        cpu_processes_s: host.process_ticks as f64 / tck,
+        cpu_kthreads_s: host.kthread_ticks as f64 / tck,
         rss_kb_before: rss_before,
         rss_kb_after: rss_after,
         errors: m.errors,

@@ -2,6 +2,7 @@
 //! ratios against each other (see README, "Benchmark").
 
 mod modes;
+mod placement;
 mod report;
 
 use std::{
@@ -10,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -18,12 +19,15 @@ use serde_json::{Value, json};
 
 use crate::{cmd, setup};
 use modes::Mode;
+pub use placement::{DEFAULT as DEFAULT_PLACEMENT, Placement};
 
-/// One measured (mode, workload) cell.
+/// One measured run of a (mode, workload) cell.
 #[derive(Debug, Clone)]
 pub struct Cell {
     pub mode: Mode,
     pub workload: &'static str,
+    /// Which round of the interleaved repeats (1-based).
+    pub round: usize,
     pub connections: u64,
     /// The load generator's JSON report.
     pub load: Value,
@@ -48,15 +52,18 @@ const EDGE_MAX_STEPS: [u64; 9] = [2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000
 
 /// Every workload, in the order a full run measures them.
 const WORKLOADS: [&str; 5] = ["edge", "bulk", "push", "handshake", "edge-max"];
-/// `--quick`: 5 s each, about four minutes on the 2-core VM with all six modes.
+/// `--quick`: the workloads every comparison needs, with a short window (see [`timing`]).
 const QUICK_WORKLOADS: [&str; 3] = ["edge", "bulk", "push"];
 
 /// What `cargo xtask bench` was asked for. Empty lists mean "all" (or the quick set).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Options {
     pub quick: bool,
     pub modes: Vec<String>,
     pub workloads: Vec<String>,
+    /// Runs of every (mode, workload), in interleaved rounds.
+    pub repeats: usize,
+    pub placement: Placement,
 }
 
 impl Options {
@@ -117,71 +124,114 @@ fn load_of(workload: &'static str, duration_s: u64) -> Load {
     }
 }
 
+/// Measurement window and warm-up of one run, in seconds. `--quick`'s 5 s window keeps 3
+/// workloads x 6 modes x 3 repeats at about 7 minutes on the 2-CPU VM.
+fn timing(quick: bool) -> (u64, f64) {
+    match quick {
+        true => (5, 2.0),
+        false => (10, 2.0),
+    }
+}
+
+/// Where the runs happen and how: shared by every run of one `cargo xtask bench`.
+struct Bench {
+    work: PathBuf,
+    release: PathBuf,
+    placement: Placement,
+    warmup_s: f64,
+}
+
 pub fn run(opts: &Options) -> Result<()> {
     let modes = select_modes(&opts.modes)?;
     let workloads = select_workloads(opts)?;
+    if opts.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    opts.placement.check()?;
     setup::run()?;
     install_packages(&["nginx", "haproxy"])?;
     cmd::run(cmd::cargo().args(["build", "--release", "-p", "proxy", "-p", "bench"]))?;
-    let release = cmd::root().join("target/release");
-    let work = cmd::root().join("target/bench-run");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    let duration = if opts.quick { 5 } else { 10 };
-    let total = workloads.len() * modes.len();
+    let (duration, warmup_s) = timing(opts.quick);
+    let bench = Bench {
+        release: cmd::root().join("target/release"),
+        work: cmd::root().join("target/bench-run"),
+        placement: opts.placement,
+        warmup_s,
+    };
+    let _ = std::fs::remove_dir_all(&bench.work);
+    std::fs::create_dir_all(&bench.work)?;
+    println!(
+        "bench: {} round(s); placement: {}",
+        opts.repeats,
+        opts.placement.describe()
+    );
+    let started = Instant::now();
+    let total = workloads.len() * modes.len() * opts.repeats;
     let mut cells = Vec::new();
     let mut step = 0;
-    for &workload in workloads.iter().filter(|&&w| w != "edge-max") {
-        let load = load_of(workload, duration);
-        for &mode in &modes {
-            step += 1;
-            println!(
-                "bench: [{step}/{total}] {} through {} ...",
-                load.workload,
-                mode.name()
-            );
-            let report = measure(mode, load, &work, &release)?;
-            println!("bench:         {}", summary(&report));
-            cells.push(Cell {
-                mode,
-                workload: load.workload,
-                connections: load.connections,
-                load: report,
-                max_connections: None,
-            });
+    // Rounds outermost: every (mode, workload) once per round, so each cell's repeats are
+    // spread over the whole run and meet the same drift of a shared machine as every other
+    // cell's. Each round starts one mode further on, so no mode always runs right after the
+    // same neighbour (whose closing connections and freed memory the kernel is still
+    // reclaiming).
+    for round in 1..=opts.repeats {
+        let order: Vec<Mode> = (0..modes.len())
+            .map(|i| modes[(i + round - 1) % modes.len()])
+            .collect();
+        for &workload in &workloads {
+            for &mode in &order {
+                step += 1;
+                println!(
+                    "bench: [{step}/{total}] round {round}: {workload} through {} ...",
+                    mode.name()
+                );
+                let cell = match workload {
+                    "edge-max" => edge_max(&bench, mode, load_of(workload, duration), round)?,
+                    _ => {
+                        let load = load_of(workload, duration);
+                        let report = measure(&bench, mode, load, round)?;
+                        println!("bench:         {}", summary(&report));
+                        Cell {
+                            mode,
+                            workload,
+                            round,
+                            connections: load.connections,
+                            load: report,
+                            max_connections: None,
+                        }
+                    }
+                };
+                cells.push(cell);
+            }
         }
     }
-    if workloads.contains(&"edge-max") {
-        for &mode in &modes {
-            step += 1;
-            println!(
-                "bench: [{step}/{total}] edge-max through {} ...",
-                mode.name()
-            );
-            cells.push(edge_max(
-                mode,
-                load_of("edge-max", duration),
-                &work,
-                &release,
-            )?);
-        }
-    }
-    let machine = report::machine();
-    let out = report::write_all(&cells, &machine, opts.quick, opts.filtered())?;
-    println!("bench: results in {}", out.display());
+    let info = report::RunInfo {
+        quick: opts.quick,
+        filtered: opts.filtered(),
+        repeats: opts.repeats,
+        placement: opts.placement,
+        elapsed: started.elapsed(),
+    };
+    let out = report::write_all(&cells, &report::machine(), &info)?;
+    println!(
+        "bench: results in {} ({} runs in {:.0} s)",
+        out.display(),
+        cells.len(),
+        info.elapsed.as_secs_f64()
+    );
     Ok(())
 }
 
 /// Raises connections step by step until the mode falls below 95 % of the offered rate or
 /// its p99 exceeds 50 ms; the last step that held is the mode's capacity.
-fn edge_max(mode: Mode, edge: Load, work: &Path, release: &Path) -> Result<Cell> {
+fn edge_max(bench: &Bench, mode: Mode, edge: Load, round: usize) -> Result<Cell> {
     let mut best: Option<(u64, Value)> = None;
     for connections in EDGE_MAX_STEPS {
         let load = Load {
             connections,
             ..edge
         };
-        let report = measure(mode, load, work, release)?;
+        let report = measure(bench, mode, load, round)?;
         println!(
             "bench:         {connections} connections: {}",
             summary(&report)
@@ -195,6 +245,7 @@ fn edge_max(mode: Mode, edge: Load, work: &Path, release: &Path) -> Result<Cell>
     Ok(Cell {
         mode,
         workload: "edge-max",
+        round,
         connections: max,
         load,
         max_connections: Some(max),
@@ -224,13 +275,13 @@ fn summary(r: &Value) -> String {
 
 /// [`measure_once`], and once more if the proxy did not live through the run (it never exits
 /// by itself: something else on the machine stopped it); the report says so either way.
-fn measure(mode: Mode, load: Load, work: &Path, release: &Path) -> Result<Value> {
-    let report = measure_once(mode, load, work, release)?;
+fn measure(bench: &Bench, mode: Mode, load: Load, round: usize) -> Result<Value> {
+    let report = measure_once(bench, mode, load, round)?;
     if report.get("proxy_exited").is_none() {
         return Ok(report);
     }
     println!("bench:         measuring {} again", mode.name());
-    let mut again = measure_once(mode, load, work, release)?;
+    let mut again = measure_once(bench, mode, load, round)?;
     again["remeasured"] = json!(true);
     Ok(again)
 }
@@ -238,31 +289,51 @@ fn measure(mode: Mode, load: Load, work: &Path, release: &Path) -> Result<Value>
 /// One run: a fresh echo backend (or, for the zero-hop mode, wsedge spawning its own), the
 /// mode in front of it, the load generator. For wsedge, `/connections` is sampled once all
 /// connections are open (during the warm-up, outside the measured window) and the data planes
-/// seen are added to the report as `data_planes`.
-fn measure_once(mode: Mode, load: Load, work: &Path, release: &Path) -> Result<Value> {
-    let dir = work.join(format!(
-        "{}-{}-{}",
+/// seen are added to the report as `data_planes`; at the same moment the CPUs each process
+/// may run on are read back as `placement_seen`.
+fn measure_once(bench: &Bench, mode: Mode, load: Load, round: usize) -> Result<Value> {
+    let dir = bench.work.join(format!(
+        "{}-{}-{}-r{round}",
         load.workload,
         mode.name(),
         load.connections
     ));
     std::fs::create_dir_all(&dir)?;
+    let cpus = bench.placement.cpus();
     let mut backend = match mode.needs_backend() {
-        true => Some(start_backend(release)?),
+        true => Some(start_backend(&bench.release, cpus.map(|c| c.backend))?),
         false => None,
     };
     let result = (|| {
-        let mut proxy = modes::start(mode, backend.as_ref().map(|b| b.1), &dir, release)?;
+        let mut proxy = modes::start(
+            mode,
+            backend.as_ref().map(|b| b.1),
+            &dir,
+            &bench.release,
+            bench.placement,
+        )?;
         let path = if load.kind == "push" { "push" } else { "echo" };
-        let mut cmd = Command::new(release.join("bench"));
+        let mut cmd = Command::new(bench.release.join("bench"));
         cmd.args(["load", "--url", &format!("ws://{}/{path}", proxy.target)])
             .args(["--workload", load.kind])
             .args(["--connections", &load.connections.to_string()])
             .args(["--rate", &load.rate.max(1).to_string()])
             .args(["--size", &load.size.to_string()])
-            .args(["--duration-s", &load.duration_s.to_string()]);
+            .args(["--duration-s", &load.duration_s.to_string()])
+            .args(["--warmup-s", &bench.warmup_s.to_string()]);
+        if let Some(c) = cpus {
+            cmd.args(["--cpu", &c.load.to_string()]);
+        }
         for pid in proxy.pids() {
             cmd.args(["--rss-pid", &pid.to_string()]);
+        }
+        // The zero-hop instance is running already: cold-started by the warm-up upgrade.
+        let backend_pids = match &backend {
+            Some((b, _)) => vec![b.id()],
+            None => proxy.instance_pids(),
+        };
+        for pid in proxy.pids().into_iter().chain(backend_pids.iter().copied()) {
+            cmd.args(["--cpu-pid", &pid.to_string()]);
         }
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -281,7 +352,20 @@ fn measure_once(mode: Mode, load: Load, work: &Path, release: &Path) -> Result<V
             }
         });
         let mut planes = None;
-        if mode.expected_data_plane().is_some() && ready.recv_timeout(READY_WAIT).is_ok() {
+        let is_ready = ready.recv_timeout(READY_WAIT).is_ok();
+        let seen = |pids: &[u32]| {
+            // nginx's master and worker alike show once.
+            let mut lists: Vec<String> = pids.iter().map(|&p| placement::allowed_cpus(p)).collect();
+            lists.sort();
+            lists.dedup();
+            json!(lists.join(", "))
+        };
+        let placement_seen = json!({
+            "load": seen(&[child.id()]),
+            "proxy": seen(&proxy.pids()),
+            "backend": seen(&backend_pids),
+        });
+        if mode.expected_data_plane().is_some() && is_ready {
             if load.kind == "handshake" {
                 // Workers connect only now; catch some of their short-lived connections.
                 std::thread::sleep(Duration::from_secs(1));
@@ -306,6 +390,21 @@ fn measure_once(mode: Mode, load: Load, work: &Path, release: &Path) -> Result<V
             serde_json::from_slice(&out.stdout).context("load generator JSON")?;
         if let Some(planes) = planes {
             report["data_planes"] = json!(planes);
+        }
+        report["placement_seen"] = placement_seen;
+        if let Some(c) = cpus {
+            let want = json!({
+                "load": c.load.to_string(),
+                "proxy": if mode == Mode::Direct { String::new() } else { c.proxy.to_string() },
+                "backend": c.backend.to_string(),
+            });
+            if report["placement_seen"] != want {
+                println!(
+                    "bench: WARNING: {} ran on CPUs {}, not {want}",
+                    mode.name(),
+                    report["placement_seen"]
+                );
+            }
         }
         if let Some(status) = proxy.exited() {
             println!(
@@ -338,9 +437,13 @@ fn measure_once(mode: Mode, load: Load, work: &Path, release: &Path) -> Result<V
 /// its own handshake timeouts).
 const READY_WAIT: Duration = Duration::from_secs(120);
 
-fn start_backend(release: &Path) -> Result<(Child, SocketAddr)> {
-    let mut child = Command::new(release.join("bench"))
-        .args(["echo", "--listen", "127.0.0.1:0"])
+fn start_backend(release: &Path, cpu: Option<usize>) -> Result<(Child, SocketAddr)> {
+    let mut cmd = Command::new(release.join("bench"));
+    cmd.args(["echo", "--listen", "127.0.0.1:0"]);
+    if let Some(cpu) = cpu {
+        cmd.args(["--cpu", &cpu.to_string()]);
+    }
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

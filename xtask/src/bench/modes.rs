@@ -15,6 +15,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use super::placement::{self, Placement};
+
 /// One mode of the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -90,6 +92,15 @@ impl Running {
             pids.extend(children_of(root));
         }
         pids
+    }
+
+    /// The function instances wsedge spawned (its children), for `wsedge-zero-hop`; none for
+    /// the other modes, whose backend the bench starts.
+    pub fn instance_pids(&self) -> Vec<u32> {
+        match (self.root_pid, self.count_children) {
+            (Some(root), false) if self.admin.is_some() => children_of(root),
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -188,12 +199,13 @@ fn wait_listening(addr: SocketAddr, child: &mut Child, name: &str) -> Result<()>
 }
 
 /// Starts `mode` in front of `backend` (`None` only for the mode that spawns its own), with
-/// its files in `dir`.
+/// its files in `dir`, on the proxy's CPU of `placement`.
 pub fn start(
     mode: Mode,
     backend: Option<SocketAddr>,
     dir: &Path,
     release: &Path,
+    placement: Placement,
 ) -> Result<Running> {
     let backend = match (mode.needs_backend(), backend) {
         (true, Some(b)) => Some(b),
@@ -217,13 +229,16 @@ pub fn start(
             wsedge(mode, listen, &upstream, dir, release, &mut admin)?
         }
         (Mode::WsedgeZeroHop, _) => {
-            let function = zero_hop_function(release);
+            let function = zero_hop_function(release, placement);
             wsedge(mode, listen, &function, dir, release, &mut admin)?
         }
-        (Mode::Nginx, Some(b)) => nginx(listen, b, dir)?,
-        (Mode::Haproxy, Some(b)) => haproxy(listen, b, dir)?,
+        (Mode::Nginx, Some(b)) => nginx(listen, b, dir, placement.proxy_threads())?,
+        (Mode::Haproxy, Some(b)) => haproxy(listen, b, dir, placement.proxy_threads())?,
         _ => unreachable!("backend presence checked above"),
     };
+    if let Some(cpus) = placement.cpus() {
+        placement::pin(&mut cmd, cpus.proxy);
+    }
     let log = std::fs::File::create(dir.join(format!("{}.log", mode.name())))?;
     let mut child = cmd
         .stdin(Stdio::null())
@@ -301,10 +316,14 @@ fn write(path: PathBuf, text: String) -> Result<PathBuf> {
 }
 
 /// The zero-hop mode's function: the bench's echo backend as a spawned instance in its own
-/// network namespace, listening on 0.0.0.0:$PORT, one instance for every connection.
-fn zero_hop_function(release: &Path) -> String {
+/// network namespace, listening on 0.0.0.0:$PORT, one instance for every connection. It
+/// would inherit wsedge's CPU; `--cpu` puts it on the backend's, as in every other mode.
+fn zero_hop_function(release: &Path, placement: Placement) -> String {
+    let cpu = placement
+        .cpus()
+        .map_or(String::new(), |c| format!(", \"--cpu\", \"{}\"", c.backend));
     format!(
-        "command = [\"{}\", \"echo\"]\nisolation = \"netns\"\n\
+        "command = [\"{}\", \"echo\"{cpu}]\nisolation = \"netns\"\n\
          instance_concurrency = 100000\nmax_instances = 1",
         release.join("bench").display()
     )
@@ -343,13 +362,13 @@ fn wsedge(
     Ok(cmd)
 }
 
-/// nginx as a WebSocket reverse proxy: a worker per core, long timeouts, no logs.
-fn nginx(listen: SocketAddr, backend: SocketAddr, dir: &Path) -> Result<Command> {
+/// nginx as a WebSocket reverse proxy: a worker per CPU it may use, long timeouts, no logs.
+fn nginx(listen: SocketAddr, backend: SocketAddr, dir: &Path, workers: usize) -> Result<Command> {
     let d = dir.display();
     let config = write(
         dir.join("nginx.conf"),
         format!(
-            "worker_processes auto;\nworker_rlimit_nofile 20000;\npid {d}/nginx.pid;\n\
+            "worker_processes {workers};\nworker_rlimit_nofile 20000;\npid {d}/nginx.pid;\n\
              error_log {d}/nginx-error.log error;\n\
              events {{ worker_connections 20000; multi_accept on; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/nginx-body;\n\
@@ -373,9 +392,9 @@ fn nginx(listen: SocketAddr, backend: SocketAddr, dir: &Path) -> Result<Command>
     Ok(cmd)
 }
 
-/// HAProxy in HTTP mode (it recognises the upgrade and tunnels): a thread per core, long
-/// tunnel timeouts, no logs. maxconn is what the 20000-descriptor hard limit allows.
-fn haproxy(listen: SocketAddr, backend: SocketAddr, dir: &Path) -> Result<Command> {
+/// HAProxy in HTTP mode (it recognises the upgrade and tunnels): a thread per CPU it may use,
+/// long tunnel timeouts, no logs. maxconn is what the 20000-descriptor hard limit allows.
+fn haproxy(listen: SocketAddr, backend: SocketAddr, dir: &Path, threads: usize) -> Result<Command> {
     let config = write(
         dir.join("haproxy.cfg"),
         format!(
@@ -384,7 +403,6 @@ fn haproxy(listen: SocketAddr, backend: SocketAddr, dir: &Path) -> Result<Comman
                timeout server 1h\n  timeout tunnel 1h\n\n\
              frontend ws\n  bind {listen}\n  default_backend echo\n\n\
              backend echo\n  server echo {backend} maxconn 9900\n",
-            threads = std::thread::available_parallelism().map_or(1, |n| n.get()),
         ),
     )?;
     let mut cmd = Command::new("haproxy");
