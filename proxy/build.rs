@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     let root = root.canonicalize()?;
     let root = root.to_str().expect("utf-8 path");
     // The eBPF crate needs `-Z build-std=core`; RUSTC_BOOTSTRAP lets the stable toolchain
-    // accept it for this inner build only (TOOLCHAIN.md).
+    // accept it for this inner build only.
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };
     aya_build::build_ebpf(

@@ -1,6 +1,6 @@
 //! Decisions both data planes take the same way: which frames are accepted at all, what the
 //! client is told when the function's side ends, and the function status of an ended
-//! connection (SPEC.md "Behaviour"). Per-function quotas build on this module.
+//! connection (README, "How a connection ends"). Per-function quotas build on this module.
 
 use crate::{
     FrameHeader, MessageTracker, SideState,
@@ -93,7 +93,7 @@ pub fn proxy_close_code(ending: Ending) -> Option<u16> {
     }
 }
 
-/// The function status of an ended connection (SPEC.md's second table), from how it ended
+/// The function status of an ended connection (README, "How a connection ends"), from how it ended
 /// and the first close frame of each direction (`client_side` counts client -> instance).
 pub fn function_status(ending: Ending, client_side: &SideState, function_side: &SideState) -> u16 {
     match ending {
@@ -104,7 +104,7 @@ pub fn function_status(ending: Ending, client_side: &SideState, function_side: &
         // The side that broke the protocol ended it, with a code other than a plain close.
         Ending::ClientProtocolError => return 456,
         Ending::FunctionProtocolError => return 439,
-        // Neither side failed: the platform ended it (SPEC.md's table has no row for it).
+        // Neither side failed: the platform ended it (the status table has no row for it).
         Ending::Shutdown => return 200,
         Ending::Closed => {}
     }

@@ -3,7 +3,7 @@
 //! peer socket.
 //!
 //! Why a strparser and not a verdict-only program with frame state carried across skbs
-//! (PERFORMANCE.md measured the latter ~25 % cheaper on raw TCP): a verdict-only program
+//! (a throwaway prototype measured the latter ~25 % cheaper on raw TCP): a verdict-only program
 //! sees TCP-sized chunks, and one 64 KiB skb can hold thousands of 2-byte frames. The verifier
 //! only accepts a small bounded loop per skb, so a verdict-only parser would lose frame sync
 //! on such input, and with it every count and quota. The strparser hands the verdict one frame,

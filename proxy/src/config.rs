@@ -1,4 +1,4 @@
-//! The TOML configuration (SPEC.md "Config"). Every field is documented; unknown keys are
+//! The TOML configuration. Every field is documented; unknown keys are
 //! rejected; `Config::validate` names the offending field and the reason.
 
 use std::{net::SocketAddr, path::PathBuf};

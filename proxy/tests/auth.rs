@@ -1,4 +1,4 @@
-//! HMAC-authenticated functions (SPEC.md "Hmac auth"), end to end: an upgrade signed in the
+//! HMAC-authenticated functions, end to end: an upgrade signed in the
 //! header form or as a signed URL reaches the function, which sees neither `Authorization`
 //! nor the `wsedge-*` query parameters; a missing `Date` or `Authorization` (and no signed
 //! URL) gets 400; a bad signature, a `Date` more than 15 minutes off, or a signed URL outside

@@ -1,4 +1,4 @@
-//! Bad upgrades and bad instances get the status SPEC.md prescribes, with the JSON body and
+//! Bad upgrades and bad instances get the documented status, with the JSON body and
 //! `X-Wsedge-Error-Type`, and the connection is closed; nothing panics and the proxy keeps
 //! serving.
 

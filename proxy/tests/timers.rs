@@ -1,4 +1,4 @@
-//! The proxy ends connections itself (SPEC.md "Behaviour"), on both data planes: no frame
+//! The proxy ends connections itself, on both data planes: no frame
 //! either way for `idle_timeout_s` closes both sides with 1001 (pings count as activity);
 //! `execution_timeout_s` cuts TCP (the client sees 1006, no close frame); SIGTERM's drain
 //! closes every WebSocket with 1001. Each case also checks the function status the connection

@@ -11,8 +11,8 @@
 //! saying so, without them.
 //!
 //! The slow-reader cases use `fixtures/slow_instance.py`, a stdlib-only instance that speaks
-//! RFC 6455 on a raw socket: they guard the two hazards the zero-hop prototype hit (see
-//! `PERFORMANCE.md`): unbounded kernel buffering toward an instance that does not read, and an
+//! RFC 6455 on a raw socket: they guard the two hazards an early zero-hop prototype hit:
+//! unbounded kernel buffering toward an instance that does not read, and an
 //! instance whose write never wakes up again after its client stopped reading.
 //!
 //! After a closing handshake the tests drop their socket before waiting for the connection to

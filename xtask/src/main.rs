@@ -1,4 +1,4 @@
-//! `cargo xtask`: the project's tasks (see SPEC.md, "Commands").
+//! `cargo xtask`: the project's tasks (README, "Two commands").
 //!
 //! - `cargo xtask test [-- ARGS]`: set up what is missing, build everything, run every test.
 //! - `cargo xtask demo`: set up, build, run wsedge with `deploy/demo.toml` and the echo function.

@@ -1,4 +1,4 @@
-//! The shared set-up step of `demo` and `test`: install what is missing (TOOLCHAIN.md).
+//! The shared set-up step of `demo` and `test`: install what is missing.
 //!
 //! Each check prints one line, `xtask: checking WHAT ... ok`, or says what it installs.
 

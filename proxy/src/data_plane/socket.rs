@@ -81,7 +81,7 @@ pub fn set_receive_buffer(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
 }
 
 /// Makes the kernel look at bytes already queued on the socket. Bytes that arrived before
-/// the socket entered the sockmap are not parsed until more arrive (TOOLCHAIN.md);
+/// the socket entered the sockmap are not parsed until more arrive (a kernel behaviour checked here);
 /// setting SO_RCVLOWAT runs `tcp_data_ready`, which is the psock's parser entry point.
 pub fn kick_receive_path(fd: &impl AsRawFd) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)

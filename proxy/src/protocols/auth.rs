@@ -1,4 +1,4 @@
-//! HMAC authentication of upgrades (SPEC.md "Hmac auth"), in one of two forms.
+//! HMAC authentication of upgrades, in one of two forms (README, "Functions and their instances").
 //!
 //! * Header: `Authorization: WSEDGE-HMAC-SHA256 Signature=<base64(hmac_sha256(key,
 //!   "GET\n<host>\n<path and query>\n<Date>"))>` with an RFC 7231 `Date` no more than 15
@@ -486,7 +486,7 @@ mod tests {
     /// KAT_DATE in Unix seconds.
     const KAT_UNIX: u64 = 1_796_486_400;
 
-    /// The header form, SPEC.md's rule:
+    /// The header form, the documented rule:
     /// msg = "GET\na\n/echo?room=7&user=ann\nSat, 05 Dec 2026 16:00:00 GMT" (Host "a")
     const KAT_SPEC_HEADER: &str = "sefVHXmSPC9/BXRf38trWLOWdgCJ2MYQ0KL5r/Kvwwo=";
     /// msg = "GET\nexample.com:8443\n/chat/room?b=2&a=1&b=1\nSat, 05 Dec 2026 16:00:00 GMT"

@@ -1,5 +1,5 @@
 //! Errors that end a connection before the upgrade completes, and the HTTP responses
-//! SPEC.md prescribes for them: a JSON body and the `X-Wsedge-Error-Type` header.
+//! the contract prescribes for them: a JSON body and the `X-Wsedge-Error-Type` header.
 
 /// A handshake failure: an HTTP status, a stable machine-readable type, and a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,5 +1,5 @@
 //! The connection supervisor: the idle and execution timers of every open connection, and
-//! the close at shutdown (SPEC.md "Behaviour"). One task for all connections; each is looked
+//! the close at shutdown. One task for all connections; each is looked
 //! at only when one of its deadlines can have passed, so thousands of busy connections cost a
 //! few map lookups per idle period, not per second.
 
