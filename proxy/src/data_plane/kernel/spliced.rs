@@ -238,6 +238,29 @@ impl Spliced {
     }
 }
 
+/// Calls `check` with a growing pause (200 µs, doubling up to 20 ms) until it says done or
+/// fails, or until `limit` has passed (then `TimedOut` with `what`). The kernel gives no
+/// wake-up for the conditions teardown waits on (bytes reaching a peer's TCP, an instance
+/// draining its queue), so it looks again, often at first and then less.
+pub(super) async fn poll_until(
+    limit: std::time::Duration,
+    what: &'static str,
+    mut check: impl FnMut() -> std::io::Result<bool>,
+) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut pause = std::time::Duration::from_micros(200);
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, what));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(20));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;

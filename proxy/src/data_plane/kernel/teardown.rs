@@ -19,7 +19,7 @@ use tracing::{debug, info};
 
 use super::{
     FLUSH_TIMEOUT, SpliceEnd,
-    spliced::Spliced,
+    spliced::{Spliced, poll_until},
     zero_hop::{self, ClientLeg, InstanceLeg},
 };
 use crate::data_plane::{
@@ -314,23 +314,15 @@ async fn flush(
     to_written: u64,
     limit: Duration,
 ) -> io::Result<()> {
-    let deadline = Instant::now() + limit;
-    let mut pause = Duration::from_micros(200);
-    loop {
+    poll_until(limit, "redirected bytes not flushed", || {
         let redirected = conn.side(from).map_or(0, |s| s.bytes);
         if socket::bytes_queued_to_tcp(to)? >= to_written + redirected {
-            return Ok(());
+            return Ok(true);
         }
-        if let Some(e) = socket::take_error(to) {
-            return Err(e);
+        match socket::take_error(to) {
+            Some(e) => Err(e),
+            None => Ok(false),
         }
-        if Instant::now() > deadline {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "redirected bytes not flushed",
-            ));
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
+    })
+    .await
 }

@@ -32,7 +32,7 @@ use tracing::debug;
 
 use super::{
     maps::{Maps, ZeroHopKeys, ZeroHopMaps, bounce, side_of, socket_key, to_io},
-    spliced::Spliced,
+    spliced::{Spliced, poll_until},
 };
 use crate::{
     conn::KernelKeys,
@@ -321,12 +321,11 @@ pub(super) async fn wait_instance_drained(
     keys: &ZeroHopKeys,
     limit: Duration,
 ) -> io::Result<()> {
-    let deadline = Instant::now() + limit;
-    let mut pause = Duration::from_micros(200);
-    loop {
+    let what = "the instance did not take what the kernel queued for it";
+    poll_until(limit, what, || {
         if conn.instance_done() {
             // The instance closed its socket: what was queued for it is gone with it.
-            return Ok(());
+            return Ok(true);
         }
         let drained = conn
             .maps
@@ -334,18 +333,12 @@ pub(super) async fn wait_instance_drained(
             .expect("maps lock")
             .zero_hop
             .instance_drained(keys.instance_sk)?;
-        if drained {
-            return Ok(());
+        if !drained && conn.finished() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, what));
         }
-        if Instant::now() > deadline || conn.finished() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the instance did not take what the kernel queued for it",
-            ));
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
+        Ok(drained)
+    })
+    .await
 }
 
 /// Whether the client socket's stream parser stopped for userspace to take over.
