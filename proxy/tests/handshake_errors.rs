@@ -22,6 +22,17 @@ async fn proxy_with(extra: &str) -> Proxy {
     start_proxy(config(DataPlaneMode::Kernel, echo, extra)).await
 }
 
+/// Asserts that `request` gets 400 `malformed_upgrade`.
+async fn assert_malformed(proxy: &Proxy, request: &[u8]) {
+    let (status, kind, _) = exchange(proxy.addr, request).await;
+    assert_eq!(
+        (status, kind.as_str()),
+        (400, "malformed_upgrade"),
+        "{:?}",
+        String::from_utf8_lossy(request)
+    );
+}
+
 #[tokio::test]
 async fn malformed_upgrades_get_400() {
     let proxy = proxy_with("").await;
@@ -32,13 +43,7 @@ async fn malformed_upgrades_get_400() {
         request_with("dGhlIHNhbXBsZSBub25jZQ==", "not-a-key"),
         request_with("Host: test\r\n", ""),
     ] {
-        let (status, kind, _) = exchange(proxy.addr, &request).await;
-        assert_eq!(
-            (status, kind.as_str()),
-            (400, "malformed_upgrade"),
-            "{:?}",
-            String::from_utf8_lossy(&request)
-        );
+        assert_malformed(&proxy, &request).await;
     }
     proxy.stop().await;
 }
@@ -58,13 +63,7 @@ async fn upgrades_with_a_body_repeated_headers_or_dot_segments_get_400() {
         request_with("GET /echo", "GET /echo/./x"),
         request_with("GET /echo", "GET /echo/%2e%2e/admin"),
     ] {
-        let (status, kind, _) = exchange(proxy.addr, &request).await;
-        assert_eq!(
-            (status, kind.as_str()),
-            (400, "malformed_upgrade"),
-            "{:?}",
-            String::from_utf8_lossy(&request)
-        );
+        assert_malformed(&proxy, &request).await;
     }
     proxy.stop().await;
 }

@@ -46,27 +46,8 @@ fn llvm() -> Result<()> {
         return Ok(());
     }
     let packages = LLVM_PACKAGES.join(" ");
-    let debian = Path::new("/etc/debian_version").exists();
-    if !(debian && cmd::is_root()) {
-        println!("missing");
-        bail!(
-            "LLVM 22 development files are missing ({LLVM_PREFIX}/lib/libLLVM.so, \
-             {LLVM_PREFIX}/include/llvm); install them as root, on Debian with:\n  \
-             apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y {packages}"
-        );
-    }
-    println!("missing, installing {packages}");
-    cmd::run(
-        cmd::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    cmd::run(
-        cmd::new("apt-get")
-            .args(["install", "-y"])
-            .args(LLVM_PACKAGES)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    println!("missing");
+    apt_install(&LLVM_PACKAGES, "LLVM 22 (for bpf-linker)")?;
     if !llvm_present() {
         bail!("apt-get installed {packages} but {LLVM_PREFIX}/lib/libLLVM.so is still missing");
     }
@@ -147,4 +128,28 @@ fn bpffs_mounted() -> bool {
             fields.next() == Some(BPFFS) && fields.next() == Some("bpf")
         })
     })
+}
+
+/// Installs Debian `packages` with apt-get (as root on Debian), or fails saying how to.
+pub fn apt_install(packages: &[&str], what: &str) -> Result<()> {
+    let list = packages.join(" ");
+    if !(Path::new("/etc/debian_version").exists() && cmd::is_root()) {
+        bail!(
+            "{what} is missing; install it, on Debian as root with:\n  \
+             apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y {list}"
+        );
+    }
+    println!("xtask: installing {list} with apt-get");
+    cmd::run(
+        cmd::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    cmd::run(
+        cmd::new("apt-get")
+            .args(["install", "-y"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("installing {what} with apt-get"))
 }

@@ -336,7 +336,7 @@ fn python_websockets() -> Result<()> {
     cmd::checking("Python websockets");
     if !cmd::exists("python3") {
         println!("missing python3");
-        apt_install(&["python3", "python3-pip"], "python3")?;
+        setup::apt_install(&["python3", "python3-pip"], "python3")?;
     }
     if cmd::output(cmd::new("python3").args(["-c", "import websockets"])).is_some() {
         println!("ok");
@@ -385,7 +385,7 @@ fn node_ws() -> Result<PathBuf> {
     cmd::checking(&format!("Node ws ({})", node_modules.display()));
     if !cmd::exists("node") || !cmd::exists("npm") {
         println!("missing node or npm");
-        apt_install(&["nodejs", "npm"], "node and npm")?;
+        setup::apt_install(&["nodejs", "npm"], "node and npm")?;
         cmd::checking(&format!("Node ws ({})", node_modules.display()));
     }
     if node_modules.join("ws/package.json").is_file() {
@@ -411,30 +411,6 @@ fn node_ws() -> Result<PathBuf> {
         bail!("npm finished but {} has no ws", node_modules.display());
     }
     Ok(node_modules)
-}
-
-/// Installs Debian `packages` with apt-get (as root on Debian), or fails saying how to.
-fn apt_install(packages: &[&str], what: &str) -> Result<()> {
-    let list = packages.join(" ");
-    if !(Path::new("/etc/debian_version").exists() && cmd::is_root()) {
-        bail!(
-            "{what} is needed by the tests and missing; install it, on Debian as root with:\n  \
-             apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y {list}"
-        );
-    }
-    println!("xtask: installing {list} with apt-get");
-    cmd::run(
-        cmd::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    cmd::run(
-        cmd::new("apt-get")
-            .args(["install", "-y"])
-            .args(packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .with_context(|| format!("installing {what} with apt-get"))
 }
 
 #[cfg(test)]
