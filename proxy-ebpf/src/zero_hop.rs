@@ -488,9 +488,14 @@ fn load_front(ctx: &SkMsgContext, size: u64) -> Option<([u8; MAX_HEADER_LEN], us
     } else {
         MAX_HEADER_LEN as u32
     };
-    // SAFETY: sk_msg context; makes the first `want` bytes directly readable.
-    if unsafe { bpf_msg_pull_data(ctx.msg, 0, want, 0) } != 0 {
-        return None;
+    // Usually the first `want` bytes are directly readable already. Only when they span two
+    // pieces of the message does the kernel have to copy them into one, which needs an atomic
+    // page allocation that can fail under memory pressure: ask for it only then.
+    if ctx.data() + (want as usize) > ctx.data_end() {
+        // SAFETY: sk_msg context; makes the first `want` bytes directly readable.
+        if unsafe { bpf_msg_pull_data(ctx.msg, 0, want, 0) } != 0 {
+            return None;
+        }
     }
     let (data, end) = (ctx.data(), ctx.data_end());
     let mut window = [0u8; MAX_HEADER_LEN];
