@@ -184,8 +184,8 @@ fn find<'a>(entries: &'a [Value], mode: &str, workload: &str) -> Option<&'a Valu
         .find(|e| e["mode"] == mode && e["workload"] == workload)
 }
 
-/// wsedge-kernel (issue 3) and wsedge-zero-hop (issue 5) against the better of nginx and
-/// HAProxy, as the issues' targets state them.
+/// wsedge-kernel (issue 3), wsedge-zero-hop (issue 5) and the userspace relay (issue 11)
+/// against the better of nginx and HAProxy, as the issues' targets state them.
 fn ratios(entries: &[Value]) -> Value {
     let get = |mode: &str, workload: &str, key: &str| {
         find(entries, mode, workload).and_then(|e| f(&e[key]))
@@ -203,7 +203,13 @@ fn ratios(entries: &[Value]) -> Value {
     };
     let k = |workload: &str, key: &str| get("wsedge-kernel", workload, key);
     let z = |workload: &str, key: &str| get("wsedge-zero-hop", workload, key);
+    let u = |workload: &str, key: &str| get("wsedge-userspace", workload, key);
     json!({
+        "relay_edge_added_cpu_vs_best": ratio(u("edge", "added_cpu_us_per_msg"), better("edge", "added_cpu_us_per_msg", true)),
+        "relay_edge_added_own_cpu_vs_best": ratio(u("edge", "added_own_cpu_us_per_msg"), better("edge", "added_own_cpu_us_per_msg", true)),
+        "relay_edge_p99_vs_best": ratio(u("edge", "rtt_p99_us"), better("edge", "rtt_p99_us", true)),
+        "relay_edge_rss_per_conn_vs_haproxy": ratio(u("edge", "proxy_rss_kb_per_conn"), get("haproxy", "edge", "proxy_rss_kb_per_conn")),
+        "relay_edge_max_connections_vs_nginx": ratio(u("edge-max", "max_connections"), get("nginx", "edge-max", "max_connections")),
         "edge_added_cpu_vs_best": ratio(k("edge", "added_cpu_us_per_msg"), better("edge", "added_cpu_us_per_msg", true)),
         // Absolute p99s of the same run: "added" values can be negative (direct's p99 is often
         // the highest: wake-from-idle), which makes a ratio of them meaningless.
@@ -608,6 +614,18 @@ fn markdown(
             "zero_hop_edge_max_connections_vs_best",
             Target::AtLeast(2.0)
         ),
+    );
+    let _ = write!(
+        md,
+        "\nwsedge-userspace (the relay) against the better of nginx and HAProxy (issue 11):\n\n\
+         - edge, added CPU per message: {}\n- edge, the same on the run's own CPU: {}\n\
+         - edge, p99: {}\n- edge, proxy memory per connection against HAProxy's: {}\n\
+         - edge-max, connections served against nginx's: {}\n",
+        target(ratios, "relay_edge_added_cpu_vs_best", Target::AtMost(0.8)),
+        target(ratios, "relay_edge_added_own_cpu_vs_best", Target::AtMost(0.8)),
+        target(ratios, "relay_edge_p99_vs_best", Target::AtMost(1.0)),
+        target(ratios, "relay_edge_rss_per_conn_vs_haproxy", Target::AtMost(1.0)),
+        target(ratios, "relay_edge_max_connections_vs_nginx", Target::AtLeast(1.0)),
     );
     md
 }
