@@ -61,14 +61,7 @@ async fn recording_function() -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
                     }
                 }
                 let head = String::from_utf8(head).unwrap();
-                let key = head
-                    .lines()
-                    .find_map(|l| {
-                        let (name, value) = l.split_once(':')?;
-                        name.eq_ignore_ascii_case("sec-websocket-key")
-                            .then(|| value.trim().to_string())
-                    })
-                    .unwrap_or_default();
+                let key = header_value(&head, "sec-websocket-key").unwrap_or_default();
                 let _ = tx.send(head);
                 let response = format!(
                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\

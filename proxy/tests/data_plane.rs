@@ -362,14 +362,7 @@ async fn reserved_opcode_instance() -> (SocketAddr, tokio::sync::mpsc::Unbounded
             let tx = tx.clone();
             tokio::spawn(async move {
                 let (head, mut pending) = read_response_head(&mut s).await;
-                let key = head
-                    .lines()
-                    .find_map(|l| {
-                        let (name, value) = l.split_once(':')?;
-                        name.eq_ignore_ascii_case("sec-websocket-key")
-                            .then(|| value.trim().to_string())
-                    })
-                    .expect("a Sec-WebSocket-Key");
+                let key = header_value(&head, "sec-websocket-key").expect("a Sec-WebSocket-Key");
                 let response = format!(
                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
                      Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",

@@ -19,8 +19,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::protocols::frames::FrameError;
 
-/// Bytes taken from the sender per read: a 64 KiB message moves in a few reads.
-const SCRATCH_LEN: usize = 16 * 1024;
+/// Bytes taken from the sender per read: a 64 KiB message moves in one. Per runtime thread,
+/// not per connection.
+const SCRATCH_LEN: usize = 64 * 1024;
 
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_LEN].into_boxed_slice());
@@ -44,6 +45,8 @@ pub trait Leg {
     }
     /// `n` more bytes were taken by the receiver.
     fn forwarded(&mut self, _n: usize) {}
+    /// Everything read so far was taken by the receiver (nothing is held back).
+    fn caught_up(&mut self) {}
 }
 
 /// How a direction stopped without an I/O error.
@@ -171,6 +174,8 @@ impl<L: Leg> Half<L> {
         }
         if at < bytes.len() {
             self.backlog.extend_from_slice(&bytes[at..]);
+        } else {
+            self.leg.caught_up();
         }
         Poll::Ready(Ok(()))
     }
@@ -193,6 +198,7 @@ impl<L: Leg> Half<L> {
             // Freed, not kept: an idle connection holds no buffer.
             self.backlog = Vec::new();
             self.written = 0;
+            self.leg.caught_up();
         }
         ready!(Pin::new(&mut *to).poll_flush(cx)).map_err(HalfError::Write)?;
         Poll::Ready(Ok(()))

@@ -614,3 +614,12 @@ macro_rules! on_both_planes {
         }
     };
 }
+
+/// The value of header `name` (any case) in an HTTP head.
+pub fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (n, value) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name)
+            .then(|| value.trim().to_string())
+    })
+}

@@ -622,10 +622,22 @@ fn markdown(
          - edge, p99: {}\n- edge, proxy memory per connection against HAProxy's: {}\n\
          - edge-max, connections served against nginx's: {}\n",
         target(ratios, "relay_edge_added_cpu_vs_best", Target::AtMost(0.8)),
-        target(ratios, "relay_edge_added_own_cpu_vs_best", Target::AtMost(0.8)),
+        target(
+            ratios,
+            "relay_edge_added_own_cpu_vs_best",
+            Target::AtMost(0.8)
+        ),
         target(ratios, "relay_edge_p99_vs_best", Target::AtMost(1.0)),
-        target(ratios, "relay_edge_rss_per_conn_vs_haproxy", Target::AtMost(1.0)),
-        target(ratios, "relay_edge_max_connections_vs_nginx", Target::AtLeast(1.0)),
+        target(
+            ratios,
+            "relay_edge_rss_per_conn_vs_haproxy",
+            Target::AtMost(1.0)
+        ),
+        target(
+            ratios,
+            "relay_edge_max_connections_vs_nginx",
+            Target::AtLeast(1.0)
+        ),
     );
     md
 }

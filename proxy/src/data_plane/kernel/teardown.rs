@@ -189,6 +189,12 @@ pub(super) fn on_event(conn: Arc<Spliced>, event: &DataPlaneEvent) {
         EVENT_INSTANCE_FRAME_REFUSED => {
             let flags = conn.side(conn.pair.instance).map_or(0, |s| s.flags);
             let ending = refusal_ending(flags, false).unwrap_or(Ending::MessageTooBig);
+            info!(
+                client = conn.pair.client,
+                flags,
+                ?ending,
+                "the kernel refused a frame the function wrote"
+            );
             tokio::spawn(stop_by_proxy(conn, ending));
         }
         kind => debug!(

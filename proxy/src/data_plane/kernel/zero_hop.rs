@@ -397,11 +397,17 @@ impl Leg for ClientLeg<'_> {
 pub(super) struct InstanceLeg<'a> {
     conn: &'a Spliced,
     keys: ZeroHopKeys,
+    /// Bytes taken by the client since `forwarded` was last published.
+    unpublished: u64,
 }
 
 impl<'a> InstanceLeg<'a> {
     pub(super) fn new(conn: &'a Spliced, keys: ZeroHopKeys) -> InstanceLeg<'a> {
-        InstanceLeg { conn, keys }
+        InstanceLeg {
+            conn,
+            keys,
+            unpublished: 0,
+        }
     }
 }
 
@@ -428,12 +434,19 @@ impl Leg for InstanceLeg<'_> {
     }
 
     fn forwarded(&mut self, n: usize) {
-        // Now in the client socket: the instance's next writes may go straight after them.
+        self.unpublished += n as u64;
+    }
+
+    fn caught_up(&mut self) {
+        // Published only once everything read is in the client socket: until then the
+        // instance's next writes must not go straight to the client, where they would race
+        // this leg's writes for the client's send buffer.
+        let n = std::mem::take(&mut self.unpublished);
         self.conn
             .maps
             .lock()
             .expect("maps lock")
             .zero_hop
-            .update_link(&self.keys.instance, |l| l.forwarded += n as u64);
+            .update_link(&self.keys.instance, |l| l.forwarded += n);
     }
 }
