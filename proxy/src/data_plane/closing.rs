@@ -8,8 +8,10 @@ use std::time::Duration;
 use proxy_common::policy::{Ending, proxy_close_code, proxy_close_reason};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::socket::monotonic_ns;
-use crate::protocols::frames::{FrameError, close_frame, masked_close_frame};
+use crate::{
+    clock::monotonic_ns,
+    protocols::frames::{FrameError, close_frame, masked_close_frame},
+};
 
 /// After the proxy sent a side its close frame (its own close, an instance that failed, or a
 /// completed closing handshake), how long that side gets to answer before its socket is

@@ -19,11 +19,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{
     closing::{self, CLOSE_GRACE, ProxyClose, refusal_ending},
     copy::{Half, HalfEnd, HalfError, Leg, Refusal},
-    socket::monotonic_ns,
 };
 use std::sync::Arc;
 
 use crate::{
+    clock::monotonic_ns,
     conn::{Connection, Direction},
     protocols::frames::FrameCursor,
 };

@@ -129,5 +129,3 @@ pub fn shutdown_write(fd: &impl AsRawFd) {
     // SAFETY: shutdown on a valid fd; errors (already closed) are irrelevant here.
     unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
 }
-
-pub use crate::clock::monotonic_ns;

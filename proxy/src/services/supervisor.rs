@@ -8,11 +8,7 @@ use std::{sync::Arc, time::Duration};
 use proxy_common::policy::Ending;
 use tracing::info;
 
-use crate::{
-    app::AppState,
-    conn::Connection,
-    data_plane::{Path, socket::monotonic_ns},
-};
+use crate::{app::AppState, clock::monotonic_ns, conn::Connection, data_plane::Path};
 
 /// How often deadlines are compared with the clock: the timers' resolution.
 const TICK: Duration = Duration::from_millis(250);

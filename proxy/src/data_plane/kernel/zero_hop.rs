@@ -376,7 +376,9 @@ impl Leg for ClientLeg<'_> {
         let client = self.conn.pair.client;
         let mut m = self.conn.maps.lock().expect("maps lock");
         let mut side = m.sides.get(&client, 0).unwrap_or_default();
-        let result = self.cursor.feed(bytes, &mut side, socket::monotonic_ns());
+        let result = self
+            .cursor
+            .feed(bytes, &mut side, crate::clock::monotonic_ns());
         let _ = m.sides.insert(client, side, 0);
         result.map_err(|error| Refusal {
             error,

@@ -31,8 +31,9 @@ use tracing::{info, warn};
 
 use crate::{
     app::AppState,
+    clock::monotonic_ns,
     conn::{Connection, Direction, NewConnection},
-    data_plane::{Carrying, Handover, Path, socket::monotonic_ns},
+    data_plane::{Carrying, Handover, Path},
     instances::Lease,
     metrics::Metrics,
     protocols::frames::FrameCursor,
