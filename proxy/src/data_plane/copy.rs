@@ -80,7 +80,12 @@ pub struct Half<L> {
     backlog: Vec<u8>,
     written: usize,
     refused: Option<(FrameError, bool)>,
+    /// Writes in a row that took nothing (see `poll_drain`).
+    zero_writes: u32,
 }
+
+/// How many writes in a row may take nothing before the receiver counts as gone.
+const MAX_ZERO_WRITES: u32 = 1000;
 
 impl<L: Leg> Half<L> {
     pub fn new(leg: L) -> Half<L> {
@@ -89,6 +94,7 @@ impl<L: Leg> Half<L> {
             backlog: Vec::new(),
             written: 0,
             refused: None,
+            zero_writes: 0,
         }
     }
 
@@ -161,9 +167,8 @@ impl<L: Leg> Half<L> {
         let mut at = 0;
         while at < bytes.len() {
             match Pin::new(&mut *to).poll_write(cx, &bytes[at..]) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into())));
-                }
+                // Taken up again from the backlog (see `poll_drain`).
+                Poll::Ready(Ok(0)) => break,
                 Poll::Ready(Ok(n)) => {
                     at += n;
                     self.leg.forwarded(n);
@@ -189,8 +194,17 @@ impl<L: Leg> Half<L> {
             let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.backlog[self.written..]))
                 .map_err(HalfError::Write)?;
             if n == 0 {
-                return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into())));
+                // A socket in a sockmap can take nothing for a moment without saying
+                // EAGAIN (its sk_msg verdict pushed nothing); it is not closed, which
+                // would be an error. Yield and try again, a bounded number of times.
+                self.zero_writes += 1;
+                if self.zero_writes > MAX_ZERO_WRITES {
+                    return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into())));
+                }
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
+            self.zero_writes = 0;
             self.written += n;
             self.leg.forwarded(n);
         }
@@ -282,6 +296,56 @@ mod tests {
             !half.has_backlog() && half.backlog.capacity() == 0,
             "backlog freed"
         );
+    }
+
+    /// Takes nothing for its first `zeros` writes, then everything.
+    struct Hesitant {
+        zeros: u32,
+        got: Vec<u8>,
+    }
+
+    impl AsyncWrite for Hesitant {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.zeros > 0 {
+                self.zeros -= 1;
+                return Poll::Ready(Ok(0));
+            }
+            self.got.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_takes_nothing_for_a_moment_is_retried_not_dropped() {
+        let (mut sender, mut from) = tokio::io::duplex(1024);
+        sender.write_all(b"hello").await.unwrap();
+        drop(sender);
+        let mut to = Hesitant {
+            zeros: 5,
+            got: Vec::new(),
+        };
+        let mut half = Half::new(Counting::default());
+        let end = copy(&mut half, &mut from, &mut to).await.unwrap();
+        assert_eq!((end, &to.got[..]), (HalfEnd::Eof, &b"hello"[..]));
+        let mut gone = Hesitant {
+            zeros: u32::MAX,
+            got: Vec::new(),
+        };
+        let (mut sender, mut from) = tokio::io::duplex(1024);
+        sender.write_all(b"x").await.unwrap();
+        let mut half = Half::new(Counting::default());
+        let err = copy(&mut half, &mut from, &mut gone).await.unwrap_err();
+        assert!(matches!(err, HalfError::Write(e) if e.kind() == io::ErrorKind::WriteZero));
     }
 
     #[tokio::test]
