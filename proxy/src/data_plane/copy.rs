@@ -194,9 +194,9 @@ impl<L: Leg> Half<L> {
             let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.backlog[self.written..]))
                 .map_err(HalfError::Write)?;
             if n == 0 {
-                // A socket in a sockmap can take nothing for a moment without saying
-                // EAGAIN (its sk_msg verdict pushed nothing); it is not closed, which
-                // would be an error. Yield and try again, a bounded number of times.
+                // A write that takes nothing is not an error: a closed socket says so with
+                // one. A socket in a sockmap reports what its verdict's push kept, which can
+                // be nothing for a moment. Yield and try again, a bounded number of times.
                 self.zero_writes += 1;
                 if self.zero_writes > MAX_ZERO_WRITES {
                     return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into())));
