@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use proxy_common::policy::{Ending, proxy_close_code, proxy_close_reason};
+use proxy_common::policy::{self, Ending, proxy_close_code, proxy_close_reason};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::{
@@ -50,12 +50,11 @@ pub fn instance_failed_frame(code: u16) -> Vec<u8> {
     close_frame(code, INSTANCE_FAILED_REASON)
 }
 
-/// How the proxy ends a connection over a frame it refused (`from_client`: which side sent it).
+/// How the proxy ends a connection over a frame it refused (`from_client`: which side sent it):
+/// the kernel's mapping, from the flag the kernel would have set.
 pub fn refusal_ending(refusal: FrameError, from_client: bool) -> Ending {
-    match refusal {
-        FrameError::Policy(_) => Ending::MessageTooBig,
-        FrameError::Header(_) => Ending::protocol_error(from_client),
-    }
+    policy::refusal_ending(refusal.flag(), from_client)
+        .expect("every refusal has a flag that ends the connection")
 }
 
 /// The proxy's close over streams it writes itself: each side that stands between frames gets
@@ -118,6 +117,19 @@ mod tests {
         assert_eq!(&close.to_client[..4], &[0x88, 2 + 12, 0x03, 0xE9]);
         assert_eq!(close.to_instance[1], 0x80 | (2 + 12), "mask bit and length");
         assert!(ProxyClose::for_ending(Ending::ExecutionTimeout).is_none());
+    }
+
+    #[test]
+    fn a_refused_frame_ends_the_connection_as_the_kernel_would() {
+        use proxy_common::{frame::HeaderError, policy::FrameViolation};
+        let too_big = FrameError::Policy(FrameViolation::MessageTooBig);
+        let reserved = FrameError::Header(HeaderError::ReservedOpcode);
+        assert_eq!(refusal_ending(too_big, true), Ending::MessageTooBig);
+        assert_eq!(refusal_ending(reserved, true), Ending::ClientProtocolError);
+        assert_eq!(
+            refusal_ending(reserved, false),
+            Ending::FunctionProtocolError
+        );
     }
 
     #[tokio::test]

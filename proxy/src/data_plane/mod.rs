@@ -19,7 +19,7 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::warn;
 
 pub use kernel::{KernelDataPlane, LoadError};
-use kernel::{NotSpliced, OnEnd, SpliceEnd, SpliceRequest, WrittenByHand, ZeroHopKeys};
+use kernel::{NotSpliced, OnEnd, SpliceRequest, WrittenByHand, ZeroHopKeys};
 use relay::Relay;
 
 use crate::{
@@ -151,12 +151,7 @@ impl Path {
         let ended = conn.clone();
         let on_end: OnEnd = Box::new(move |end, inbound, outbound| {
             ended.absorb_kernel(inbound, outbound);
-            on_end(match end {
-                SpliceEnd::Closed => Ok(Ending::Closed),
-                SpliceEnd::InstanceFailed => Ok(Ending::InstanceFailed),
-                SpliceEnd::ByProxy(ending) => Ok(ending),
-                SpliceEnd::Aborted(e) => Err(e),
-            })
+            on_end(end)
         });
         let Handover {
             client,
@@ -212,11 +207,5 @@ async fn relay_instead(not: NotSpliced, conn: Arc<Connection>, pipelined: Vec<u8
         Ok(()) => relay::relay(client, instance, conn, Default::default()).await,
         Err(e) => Err(e),
     };
-    let end = match result {
-        Ok(Ending::Closed) => SpliceEnd::Closed,
-        Ok(Ending::InstanceFailed) => SpliceEnd::InstanceFailed,
-        Ok(ending) => SpliceEnd::ByProxy(ending),
-        Err(e) => SpliceEnd::Aborted(e),
-    };
-    on_end(end, Default::default(), Default::default());
+    on_end(result, Default::default(), Default::default());
 }

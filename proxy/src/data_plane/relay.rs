@@ -10,6 +10,7 @@ use std::{
     future::Future,
     io,
     pin::{Pin, pin},
+    sync::Arc,
     task::Poll,
 };
 
@@ -20,7 +21,6 @@ use super::{
     closing::{self, CLOSE_GRACE, ProxyClose, refusal_ending},
     copy::{Half, HalfEnd, HalfError, Leg, Refusal},
 };
-use std::sync::Arc;
 
 use crate::{
     clock::monotonic_ns,

@@ -17,6 +17,17 @@ pub enum FrameError {
     Policy(FrameViolation),
 }
 
+impl FrameError {
+    /// The side-state flag the kernel sets for the same refusal, so both data planes reach
+    /// their ending through [`proxy_common::policy::refusal_ending`].
+    pub fn flag(self) -> u32 {
+        match self {
+            FrameError::Header(_) => proxy_common::maps::FLAG_PROTOCOL_ERROR,
+            FrameError::Policy(violation) => violation.flag(),
+        }
+    }
+}
+
 /// Where a stream stands between frame boundaries.
 #[derive(Debug, Default, Clone)]
 pub struct FrameCursor {

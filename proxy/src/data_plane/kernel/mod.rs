@@ -95,18 +95,10 @@ pub struct KernelDataPlane {
     zero_hop_conns: Mutex<StdHashMap<u64, Weak<Spliced>>>,
 }
 
-/// How a spliced connection ended.
-#[derive(Debug)]
-pub enum SpliceEnd {
-    /// Both sides finished with FIN.
-    Closed,
-    /// The instance's side ended without a close frame; the client was sent one (1011).
-    InstanceFailed,
-    /// The proxy ended it ([`KernelDataPlane::stop`]).
-    ByProxy(Ending),
-    /// A socket failed (reset, parser error); both were closed.
-    Aborted(io::Error),
-}
+/// How a spliced connection ended, as the relay reports it too: `Closed` (both sides
+/// finished with FIN), `InstanceFailed` (the client was sent 1011), the proxy's own ending
+/// ([`KernelDataPlane::stop`]), or the error of a socket that failed (both were closed).
+pub type SpliceEnd = io::Result<Ending>;
 
 /// Runs once when a spliced connection ends: how, then the final kernel counters
 /// (client -> instance, instance -> client).
@@ -255,11 +247,7 @@ impl KernelDataPlane {
             (Err(e), _) | (_, Err(e)) => {
                 // into_std fails only when deregistering from the runtime fails: the
                 // sockets are gone, nothing is left to carry.
-                on_end(
-                    SpliceEnd::Aborted(e),
-                    SideState::default(),
-                    SideState::default(),
-                );
+                on_end(Err(e), SideState::default(), SideState::default());
                 return Ok(());
             }
         };
@@ -320,11 +308,7 @@ impl KernelDataPlane {
                         on_end,
                     }),
                     (Err(e), _) | (_, Err(e)) => {
-                        on_end(
-                            SpliceEnd::Aborted(e),
-                            SideState::default(),
-                            SideState::default(),
-                        );
+                        on_end(Err(e), SideState::default(), SideState::default());
                         Ok(())
                     }
                 };
@@ -383,7 +367,7 @@ impl KernelDataPlane {
                     .watch(pair.instance, instance_fd, conn.clone(), false),
             });
         if let Err(e) = watched {
-            conn.finish(SpliceEnd::Aborted(e));
+            conn.finish(Err(e));
         }
     }
 
@@ -406,10 +390,10 @@ impl KernelDataPlane {
     }
 
     /// Ends every spliced connection now (the drain window is over); each one's `on_end`
-    /// runs with [`SpliceEnd::Aborted`].
+    /// runs with the error.
     pub fn abort_all(&self) {
         for conn in self.hangups.watched() {
-            conn.finish(SpliceEnd::Aborted(io::Error::new(
+            conn.finish(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "cut at the end of the drain window",
             )));

@@ -109,7 +109,7 @@ impl Progress {
     fn take_report(&mut self, end: SpliceEnd) -> Option<(OnEnd, SpliceEnd)> {
         let on_end = self.on_end.take()?;
         let end = match self.phase {
-            Phase::ByProxy(ending) => SpliceEnd::ByProxy(ending),
+            Phase::ByProxy(ending) => Ok(ending),
             _ => end,
         };
         Some((on_end, end))
@@ -194,7 +194,7 @@ impl Spliced {
             &self.client
         });
         if both {
-            self.finish(SpliceEnd::Closed);
+            self.finish(Ok(Ending::Closed));
         }
         both
     }
@@ -267,9 +267,12 @@ mod tests {
 
     use super::*;
 
-    fn progress() -> (Progress, mpsc::Receiver<String>) {
+    /// The reported end, with an error reduced to its kind (so it can be compared).
+    type Reported = Result<Ending, std::io::ErrorKind>;
+
+    fn progress() -> (Progress, mpsc::Receiver<Reported>) {
         let (tx, rx) = mpsc::channel();
-        let on_end: OnEnd = Box::new(move |end, _, _| tx.send(format!("{end:?}")).unwrap());
+        let on_end: OnEnd = Box::new(move |end, _, _| tx.send(end.map_err(|e| e.kind())).unwrap());
         (Progress::new(on_end), rx)
     }
 
@@ -289,9 +292,9 @@ mod tests {
         let (mut p, rx) = progress();
         assert!(!p.side_done(true));
         assert!(p.side_done(false));
-        assert!(report(&mut p, SpliceEnd::Closed));
-        assert!(!report(&mut p, SpliceEnd::Closed), "only once");
-        assert_eq!(rx.try_recv().unwrap(), "Closed");
+        assert!(report(&mut p, Ok(Ending::Closed)));
+        assert!(!report(&mut p, Ok(Ending::Closed)), "only once");
+        assert_eq!(rx.try_recv().unwrap(), Ok(Ending::Closed));
     }
 
     #[test]
@@ -300,14 +303,14 @@ mod tests {
         assert!(p.claim_stop(Ending::IdleTimeout));
         assert!(!p.claim_stop(Ending::Shutdown), "the first stop wins");
         p.side_done(true);
-        report(&mut p, SpliceEnd::Closed);
-        assert_eq!(rx.try_recv().unwrap(), "ByProxy(IdleTimeout)");
+        report(&mut p, Ok(Ending::Closed));
+        assert_eq!(rx.try_recv().unwrap(), Ok(Ending::IdleTimeout));
     }
 
     #[test]
     fn no_stop_after_the_end_was_reported() {
         let (mut p, _rx) = progress();
-        report(&mut p, SpliceEnd::Closed);
+        report(&mut p, Ok(Ending::Closed));
         assert!(!p.claim_stop(Ending::Shutdown));
     }
 

@@ -18,7 +18,7 @@ use proxy_common::{
 use tracing::{debug, info};
 
 use super::{
-    FLUSH_TIMEOUT, SpliceEnd,
+    FLUSH_TIMEOUT,
     spliced::{Spliced, poll_until},
     zero_hop::{self, ClientLeg, InstanceLeg},
 };
@@ -104,7 +104,7 @@ async fn half_close(conn: Arc<Spliced>, from_client: bool) {
     };
     if from_client && conn.instance_failed() {
         // The client answered the close the proxy sent for the failed instance.
-        return conn.finish(SpliceEnd::InstanceFailed);
+        return conn.finish(Ok(Ending::InstanceFailed));
     }
     if from_client && conn.zero_hop.is_some() && zero_hop::client_held(&conn.maps, conn.pair.client)
     {
@@ -113,7 +113,7 @@ async fn half_close(conn: Arc<Spliced>, from_client: bool) {
         return take_over_client(conn.clone());
     }
     if let Some(e) = socket::take_error(from) {
-        return conn.finish(SpliceEnd::Aborted(e));
+        return conn.finish(Err(e));
     }
     let flushed = match &conn.zero_hop {
         Some(z) if from_client => {
@@ -124,7 +124,7 @@ async fn half_close(conn: Arc<Spliced>, from_client: bool) {
         None => flush(&conn, from_cookie, to, to_written, FLUSH_TIMEOUT).await,
     };
     if let Err(e) = flushed {
-        return conn.finish(SpliceEnd::Aborted(e));
+        return conn.finish(Err(e));
     }
     if conn.pass_fin(from_client) {
         return;
@@ -137,7 +137,7 @@ async fn half_close(conn: Arc<Spliced>, from_client: bool) {
         // CLOSE_GRACE to close its side, as it would with the instance directly, and the
         // connection (and its billed time) ends then even if it keeps TCP open.
         tokio::time::sleep(CLOSE_GRACE).await;
-        conn.finish(SpliceEnd::Closed);
+        conn.finish(Ok(Ending::Closed));
     }
 }
 
@@ -152,12 +152,12 @@ async fn instance_failed(conn: &Arc<Spliced>, code: u16) {
         debug!(error = %e, "could not tell the client the instance failed");
     }
     if client_already_done {
-        return conn.finish(SpliceEnd::InstanceFailed);
+        return conn.finish(Ok(Ending::InstanceFailed));
     }
     let conn = conn.clone();
     tokio::spawn(async move {
         tokio::time::sleep(CLOSE_GRACE).await;
-        conn.finish(SpliceEnd::InstanceFailed);
+        conn.finish(Ok(Ending::InstanceFailed));
     });
 }
 
@@ -172,14 +172,14 @@ pub(super) async fn stop_by_proxy(conn: Arc<Spliced>, ending: Ending) {
         zero_hop::stop_kernel_paths(&conn.maps, conn.pair.client, &z.keys);
     }
     let Some(frames) = ProxyClose::for_ending(ending) else {
-        return conn.finish(SpliceEnd::ByProxy(ending));
+        return conn.finish(Ok(ending));
     };
     let _ = tokio::join!(
         conn.close_side(true, &frames.to_client, STOP_FLUSH),
         conn.close_side(false, &frames.to_instance, STOP_FLUSH),
     );
     tokio::time::sleep(CLOSE_GRACE).await;
-    conn.finish(SpliceEnd::ByProxy(ending));
+    conn.finish(Ok(ending));
 }
 
 /// What the zero-hop ring buffer reported for one connection.
@@ -247,12 +247,12 @@ fn take_over_client(conn: Arc<Spliced>) {
             Ok(HalfEnd::Refused { error, .. }) => {
                 stop_by_proxy(conn, closing::refusal_ending(error, true)).await
             }
-            Ok(HalfEnd::Eof) if conn.instance_failed() => conn.finish(SpliceEnd::InstanceFailed),
+            Ok(HalfEnd::Eof) if conn.instance_failed() => conn.finish(Ok(Ending::InstanceFailed)),
             Ok(HalfEnd::Eof) => {
                 conn.pass_fin(true);
             }
             Err(_) if conn.ended_by_proxy() || conn.finished() => {}
-            Err(e) => conn.finish(SpliceEnd::Aborted(e)),
+            Err(e) => conn.finish(Err(e)),
         }
     });
 }
