@@ -10,34 +10,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use tokio_tungstenite::{connect_async, tungstenite::Message};
+use tokio_tungstenite::tungstenite::Message;
 use wsedge::config::DataPlaneMode;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn open(p: &Proxy) -> Ws {
-    tokio::time::timeout(Duration::from_secs(20), connect_async(p.url("/echo")))
-        .await
-        .expect("upgraded in time")
-        .expect("upgrade")
-        .0
-}
-
-async fn echo_once(ws: &mut Ws, text: &str) {
-    ws.send(Message::text(text)).await.unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(10), ws.next())
-        .await
-        .expect("an echo in time")
-        .expect("an echo, not the end")
-        .expect("an echo, not an error");
-    assert_eq!(reply, Message::text(text));
-}
 
 /// Waits (5 s at most) until `/connections` lists `n` connections; returns their planes.
 async fn planes(p: &Proxy, n: usize) -> Vec<String> {
@@ -106,18 +85,10 @@ async fn a_connection_the_kernel_maps_cannot_hold_is_relayed_with_the_same_polic
         .send(Message::binary(vec![7u8; 2048]))
         .await
         .unwrap();
-    let close = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match relayed.next().await {
-                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("closed in time");
-    assert_eq!(close, Some(1009));
+    assert_eq!(
+        proxy_close_code(&mut relayed, Duration::from_secs(5)).await,
+        Some(1009)
+    );
     drop(relayed);
     assert_eq!(planes(&p, 1).await, ["kernel"]);
     p.assert_one_ended_with(429, "the relayed connection's message over the limit")

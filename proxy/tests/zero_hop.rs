@@ -166,15 +166,6 @@ async fn example_proxy(example: Example, extra: &str) -> Proxy {
     start_spawned(&example.command(), extra).await
 }
 
-/// Opens a WebSocket through wsedge; the first connection includes the instance's cold start.
-async fn open(p: &Proxy) -> Ws {
-    tokio::time::timeout(Duration::from_secs(20), connect_async(p.url("/echo")))
-        .await
-        .expect("upgraded in time (cold start included)")
-        .expect("upgrade")
-        .0
-}
-
 /// Upgrades `stream` through wsedge with a raw request (the first connection includes the
 /// instance's cold start) and checks that it is the one connection, on the zero-hop plane.
 async fn upgrade_raw(p: &Proxy, stream: TcpStream) -> (TcpStream, Vec<u8>) {
@@ -192,11 +183,6 @@ async fn upgrade_raw(p: &Proxy, stream: TcpStream) -> (TcpStream, Vec<u8>) {
     }
     assert_zero_hop(p, 1).await;
     upgraded
-}
-
-async fn echo_once(ws: &mut Ws, text: &str) {
-    ws.send(Message::text(text)).await.unwrap();
-    assert_eq!(recv(ws).await, Message::text(text));
 }
 
 /// After the closing handshake the stream ends: the instance's FIN reached the client.
@@ -623,21 +609,6 @@ async fn with_data_plane_auto_spawned_instances_get_zero_hop_and_upstreams_the_k
 }
 
 // --- The proxy ending zero-hop connections -------------------------------------------------
-
-/// Reads past other messages to the proxy's close frame and returns its code.
-async fn proxy_close_code(ws: &mut Ws, within: Duration) -> Option<u16> {
-    tokio::time::timeout(within, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                other => panic!("expected the proxy's close frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("the proxy closed the connection in time")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_closes_zero_hop_websockets_with_1001_and_ends_once_the_clients_answer() {

@@ -623,3 +623,36 @@ pub fn header_value(head: &str, name: &str) -> Option<String> {
             .then(|| value.trim().to_string())
     })
 }
+
+/// Opens a WebSocket to the proxy's `/echo` (20 s: a first connection includes a cold start).
+pub async fn open(p: &Proxy) -> Ws {
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_tungstenite::connect_async(p.url("/echo")),
+    )
+    .await
+    .expect("upgraded in time (cold start included)")
+    .expect("upgrade")
+    .0
+}
+
+/// Sends `text` and asserts that it comes back.
+pub async fn echo_once(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+    assert_eq!(recv(ws).await, Message::text(text));
+}
+
+/// Reads past other messages to the proxy's close frame, within `within`; returns its code.
+pub async fn proxy_close_code(ws: &mut Ws, within: Duration) -> Option<u16> {
+    tokio::time::timeout(within, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                other => panic!("expected the proxy's close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the proxy closed the connection in time")
+}
