@@ -5,6 +5,7 @@ pub mod echo;
 pub mod load;
 pub mod slow;
 pub mod sys;
+pub mod tls;
 pub mod ws;
 
 pub use echo::run_echo;

@@ -1,7 +1,9 @@
-//! `bench echo` serves as the backend; `bench load` drives a URL and prints one JSON report.
+//! `bench echo` serves as the backend; `bench load` drives a URL and prints one JSON report;
+//! `bench cert` writes the certificate the TLS modes serve.
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -27,6 +29,8 @@ enum Cmd {
     HoldInstance(HoldArgs),
     /// Flood a `hold-instance` until held back, let it read, check every byte arrived in order.
     Flood(FloodArgs),
+    /// Write a new ECDSA P-256 CA and a leaf it signed for localhost and 127.0.0.1 (PEM).
+    Cert(CertArgs),
 }
 
 #[derive(Args)]
@@ -69,7 +73,7 @@ struct EchoArgs {
 
 #[derive(Args)]
 struct LoadArgs {
-    /// ws://IP:PORT/PATH
+    /// ws://IP:PORT/PATH, or wss://... (with --trust)
     #[arg(long)]
     url: String,
     #[arg(long, value_enum)]
@@ -101,6 +105,17 @@ struct LoadArgs {
     /// without any, the `--rss-pid` ones.
     #[arg(long, num_args = 1..)]
     cpu_pid: Vec<u32>,
+    /// For a wss:// url: PEM certificates, one of which must be the server's own (pinned,
+    /// e.g. the `cert.pem` of `bench cert`).
+    #[arg(long)]
+    trust: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CertArgs {
+    /// Directory for ca.pem, cert.pem, key.pem and cert-key.pem (created if missing).
+    #[arg(long)]
+    dir: PathBuf,
 }
 
 fn secs(v: f64, name: &str) -> Result<Duration, String> {
@@ -131,6 +146,13 @@ fn pin(cpu: Option<usize>) -> Result<(), ExitCode> {
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
+        Cmd::Cert(a) => match bench::tls::Pki::generate().and_then(|p| p.write(&a.dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cert: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::HoldInstance(a) => {
             let result = a
                 .listen
@@ -207,6 +229,7 @@ fn main() -> ExitCode {
                     warmup,
                     rss_pids: a.rss_pid,
                     connect_rate: a.connect_rate,
+                    trust: a.trust,
                 },
                 (Err(e), _) | (_, Err(e)) => {
                     eprintln!("error: {e}");

@@ -4,11 +4,19 @@
 //! message in flight, the window closing at its end), not from timing.
 
 mod common;
+mod tls_front;
 
 use std::time::{Duration, Instant};
 
 use bench::{LoadConfig, Report, Workload, run_load};
 use common::Echo;
+use tls_front::TlsFront;
+
+/// What every wss:// connection of the bench should negotiate: the load generator's
+/// `tls_sessions` key.
+const TLS_SESSION: &str = "TLSv1_3 TLS13_AES_128_GCM_SHA256 X25519 Full";
+/// The same, as [`TlsFront`] records it on its side.
+const SERVER_SAW: &str = "Some(TLS13_AES_128_GCM_SHA256) Some(X25519) Some(Full)";
 
 fn config(url: String, workload: Workload, connections: usize, size: usize) -> LoadConfig {
     LoadConfig {
@@ -21,6 +29,7 @@ fn config(url: String, workload: Workload, connections: usize, size: usize) -> L
         warmup: Duration::ZERO,
         rss_pids: vec![std::process::id()],
         connect_rate: 2000.0,
+        trust: None,
     }
 }
 
@@ -134,6 +143,87 @@ fn push_receives_what_the_backend_sends_at_the_asked_rate() {
     );
 }
 
+fn tls_config(front: &TlsFront, workload: Workload, connections: usize, size: usize) -> LoadConfig {
+    let mut cfg = config(front.url(), workload, connections, size);
+    cfg.trust = Some(front.dir.join("cert.pem"));
+    cfg
+}
+
+/// Every connection the client upgraded negotiated the one suite and group in a full
+/// handshake, and the server saw the same of every connection it accepted, `upgraded` or more
+/// (a connection the window's end cut short is the server's and not the client's).
+fn assert_tls(r: &Report, front: &TlsFront, upgraded: u64) {
+    assert_eq!(
+        r.tls_sessions,
+        [(TLS_SESSION.to_string(), upgraded)].into(),
+        "{r:#?}"
+    );
+    let seen = front.handshakes();
+    assert!(seen.len() as u64 >= upgraded, "{seen:?}");
+    assert!(seen.iter().all(|h| h == SERVER_SAW), "{seen:?}");
+}
+
+#[test]
+fn wss_edge_echoes_through_tls() {
+    let echo = Echo::start(1);
+    let front = TlsFront::start(echo.addr);
+    let cfg = tls_config(&front, Workload::Edge, 20, 512);
+    let r = run_load(&cfg).unwrap();
+    assert_clean(&r, &cfg);
+    assert_eq!(r.offered_msgs_per_s, Some(400.0));
+    assert!(r.messages_received > 0, "real traffic: {r:#?}");
+    assert!(r.messages_received <= r.messages_sent, "{r:#?}");
+    assert_eq!(r.rtt_us.count, r.messages_received, "{r:#?}");
+    assert_tls(&r, &front, 20);
+}
+
+#[test]
+fn wss_bulk_moves_messages_of_many_records() {
+    // 200 KB: a dozen TLS records each way, more than rustls holds as plaintext at once.
+    let echo = Echo::start(1);
+    let front = TlsFront::start(echo.addr);
+    let cfg = tls_config(&front, Workload::Bulk, 2, 200_000);
+    let r = run_load(&cfg).unwrap();
+    assert_clean(&r, &cfg);
+    assert!(r.messages_received > 0, "real traffic: {r:#?}");
+    assert!(r.messages_sent >= r.messages_received, "{r:#?}");
+    assert!(
+        r.messages_sent - r.messages_received <= cfg.connections as u64,
+        "{r:#?}"
+    );
+    assert_tls(&r, &front, 2);
+}
+
+#[test]
+fn wss_handshakes_are_full_every_time() {
+    // The front sends session tickets; a client that used one would show as Resumed.
+    let echo = Echo::start(1);
+    let front = TlsFront::start(echo.addr);
+    let cfg = tls_config(&front, Workload::Handshake, 4, 64);
+    let r = run_load(&cfg).unwrap();
+    assert_clean(&r, &cfg);
+    assert!(r.iterations > 0, "real traffic: {r:#?}");
+    assert!(r.handshakes >= r.iterations, "{r:#?}");
+    assert_rate_matches(r.handshakes_per_s, r.handshakes, &r);
+    // Whole-run counts: every upgrade of the run, warm-up and drain included.
+    let upgraded = r.tls_sessions.values().sum::<u64>();
+    assert!(upgraded >= r.handshakes, "{r:#?}");
+    assert_tls(&r, &front, upgraded);
+}
+
+#[test]
+fn wss_refuses_a_certificate_it_does_not_pin() {
+    let echo = Echo::start(1);
+    let front = TlsFront::start(echo.addr);
+    let mut cfg = tls_config(&front, Workload::Edge, 3, 64);
+    // The CA that signed the served certificate is not the certificate.
+    cfg.trust = Some(front.dir.join("ca.pem"));
+    cfg.duration = Duration::from_millis(100);
+    let r = run_load(&cfg).unwrap();
+    assert_eq!((r.connections_established, r.connect_errors), (0, 3));
+    assert!(r.tls_sessions.is_empty(), "{r:#?}");
+}
+
 #[test]
 fn unreachable_target_counts_connect_errors() {
     // Bind then drop a listener so the port is (almost certainly) closed.
@@ -155,6 +245,13 @@ fn usage_errors_are_invalid_input() {
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
     cfg.url = "ws://127.0.0.1:1/".into();
     cfg.size = 4;
+    assert_eq!(
+        run_load(&cfg).unwrap_err().kind(),
+        std::io::ErrorKind::InvalidInput
+    );
+    // wss:// without a certificate to trust.
+    cfg.url = "wss://localhost:1/".into();
+    cfg.size = 64;
     assert_eq!(
         run_load(&cfg).unwrap_err().kind(),
         std::io::ErrorKind::InvalidInput

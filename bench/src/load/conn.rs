@@ -1,14 +1,17 @@
-//! One client WebSocket connection: nonblocking connect, upgrade, buffered writes and
-//! streaming reads. Workloads decide what to send; this only moves bytes correctly.
+//! One client WebSocket connection: nonblocking connect, TLS for `wss://`, upgrade, buffered
+//! writes and streaming reads. Workloads decide what to send; this only moves bytes correctly.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 
 use crate::sys::Rng;
 use crate::ws::{self, Decoder, OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG, Piece};
@@ -19,6 +22,15 @@ pub struct Target {
     pub addr: SocketAddr,
     pub host: String,
     pub path: String,
+    /// Set for `wss://`.
+    pub tls: Option<TlsTarget>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsTarget {
+    pub config: Arc<ClientConfig>,
+    /// Sent as SNI (rustls sends none for an IP address).
+    pub name: ServerName<'static>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +53,8 @@ const PREFIX: usize = 125;
 
 pub struct Client {
     stream: Option<TcpStream>,
+    /// For `wss://`: everything written goes through it, everything read comes out of it.
+    tls: Option<Box<ClientConnection>>,
     token: Token,
     pub state: State,
     /// When the connect started: handshake timeouts and connect-to-echo latency.
@@ -50,6 +64,7 @@ pub struct Client {
     accept: [u8; ws::ACCEPT_LEN],
     /// The upgrade response while it arrives, then whatever followed it.
     inbuf: Vec<u8>,
+    /// Bytes the socket has not taken (plain connections; TLS ones queue inside rustls).
     wbuf: Vec<u8>,
     wpos: usize,
     writable_armed: bool,
@@ -67,6 +82,7 @@ impl Client {
     pub fn dead(token: Token) -> Client {
         Client {
             stream: None,
+            tls: None,
             token,
             state: State::Dead,
             started: Instant::now(),
@@ -84,10 +100,22 @@ impl Client {
     }
 
     pub fn connect(registry: &Registry, target: &Target, token: Token) -> io::Result<Client> {
+        let tls = match &target.tls {
+            Some(t) => {
+                let mut conn = ClientConnection::new(t.config.clone(), t.name.clone())
+                    .map_err(io::Error::other)?;
+                // The workloads bound what is in flight; a limit here would only cut a bulk
+                // message short.
+                conn.set_buffer_limit(None);
+                Some(Box::new(conn))
+            }
+            None => None,
+        };
         let mut stream = TcpStream::connect(target.addr)?;
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
         let mut c = Client::dead(token);
         c.stream = Some(stream);
+        c.tls = tls;
         c.state = State::Connecting;
         c.writable_armed = true;
         Ok(c)
@@ -100,6 +128,7 @@ impl Client {
     /// Drops the socket (which also removes it from the poll).
     pub fn kill(&mut self) {
         self.stream = None;
+        self.tls = None;
         self.state = State::Dead;
         self.in_flight = 0;
     }
@@ -127,27 +156,26 @@ impl Client {
             rng.fill(&mut key);
             let key = STANDARD.encode(key);
             self.accept = ws::accept_key(key.as_bytes());
-            ws::client_request(&mut self.wbuf, &target.host, &target.path, &key);
+            let mut request = Vec::new();
+            ws::client_request(&mut request, &target.host, &target.path, &key);
+            // Over TLS, rustls holds the request until its handshake is done: the TLS and
+            // WebSocket handshakes run back to back with no wait of ours in between.
+            self.queue(&[&request]);
             self.state = State::Handshaking;
         }
         if self.state != State::Handshaking {
             return Ok(self.is_open());
         }
         self.flush(registry)?;
-        let s = self.stream.as_mut().ok_or(io::ErrorKind::NotConnected)?;
-        while self.inbuf.len() <= ws::MAX_HANDSHAKE {
-            match s.read(scratch) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => self.inbuf.extend_from_slice(&scratch[..n]),
-                Err(e) if would_block(&e) => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let eof = self.pull(registry, scratch, false, &mut |c, data| {
+            c.inbuf.extend_from_slice(data);
+            Ok(())
+        })?;
         let Some(end) = ws::head_end(&self.inbuf) else {
-            return match self.inbuf.len() > ws::MAX_HANDSHAKE {
-                true => Err(io::ErrorKind::InvalidData.into()),
-                false => Ok(false),
+            return match (self.inbuf.len() > ws::MAX_HANDSHAKE, eof) {
+                (true, _) => Err(io::ErrorKind::InvalidData.into()),
+                (_, true) => Err(io::ErrorKind::UnexpectedEof.into()),
+                _ => Ok(false),
             };
         };
         ws::check_response(&self.inbuf[..end], &self.accept).map_err(io::Error::other)?;
@@ -160,8 +188,13 @@ impl Client {
     }
 
     /// Writes `parts` as one contiguous message: straight to the socket (one writev) when
-    /// nothing is queued, otherwise behind the queued bytes.
+    /// nothing is queued, otherwise behind the queued bytes; over TLS, encrypted and written
+    /// as far as the socket takes it.
     pub fn send(&mut self, registry: &Registry, parts: &[&[u8]]) -> io::Result<()> {
+        if self.tls.is_some() {
+            self.queue(parts);
+            return self.flush(registry);
+        }
         if self.wpos < self.wbuf.len() {
             parts.iter().for_each(|p| self.wbuf.extend_from_slice(p));
             return Ok(());
@@ -191,8 +224,44 @@ impl Client {
         self.set_interest(registry)
     }
 
+    /// Queues `parts` as one contiguous message behind whatever waits: in `wbuf`, or in
+    /// rustls as one record (or as few as its size needs), never a record per part.
+    fn queue(&mut self, parts: &[&[u8]]) {
+        match self.tls.as_mut() {
+            Some(tls) => {
+                let mut io = [IoSlice::new(&[]); 4];
+                for (slot, p) in io.iter_mut().zip(parts) {
+                    *slot = IoSlice::new(p);
+                }
+                // Without a buffer limit rustls takes everything; it cannot fail.
+                let _ = tls.writer().write_vectored(&io[..parts.len().min(4)]);
+            }
+            None => parts.iter().for_each(|p| self.wbuf.extend_from_slice(p)),
+        }
+    }
+
+    /// Whether bytes wait for the socket to take them.
+    fn write_pending(&self) -> bool {
+        match &self.tls {
+            Some(tls) => tls.wants_write(),
+            None => self.wpos < self.wbuf.len(),
+        }
+    }
+
     pub fn flush(&mut self, registry: &Registry) -> io::Result<()> {
         let s = self.stream.as_mut().ok_or(io::ErrorKind::NotConnected)?;
+        if let Some(tls) = self.tls.as_mut() {
+            while tls.wants_write() {
+                match tls.write_tls(s) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if would_block(&e) => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            return self.set_interest(registry);
+        }
         while self.wpos < self.wbuf.len() {
             match s.write(&self.wbuf[self.wpos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -212,7 +281,7 @@ impl Client {
     /// Asks for EPOLLOUT only while bytes wait (or the connect is pending), so a busy
     /// connection is not woken for every ACK.
     fn set_interest(&mut self, registry: &Registry) -> io::Result<()> {
-        let want = self.state == State::Connecting || self.wpos < self.wbuf.len();
+        let want = self.state == State::Connecting || self.write_pending();
         if want != self.writable_armed {
             let s = self.stream.as_mut().ok_or(io::ErrorKind::NotConnected)?;
             let interest = match want {
@@ -241,6 +310,23 @@ impl Client {
             let mut early = std::mem::take(&mut self.inbuf);
             self.decode(&mut early, registry, &mut on_msg)?;
         }
+        self.pull(registry, scratch, hup, &mut |c, data| {
+            c.decode(data, registry, &mut on_msg)
+        })
+    }
+
+    /// Reads until the socket is drained (see [`Client::read_msgs`] on `hup`), handing what
+    /// the peer sent (decrypted, for TLS) to `sink` in pieces. Returns true on EOF.
+    fn pull(
+        &mut self,
+        registry: &Registry,
+        scratch: &mut [u8],
+        hup: bool,
+        sink: &mut dyn FnMut(&mut Client, &mut [u8]) -> io::Result<()>,
+    ) -> io::Result<bool> {
+        if self.tls.is_some() {
+            return self.pull_tls(registry, scratch, hup, sink);
+        }
         loop {
             let s = self.stream.as_mut().ok_or(io::ErrorKind::NotConnected)?;
             let n = match s.read(scratch) {
@@ -250,11 +336,82 @@ impl Client {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            self.decode(&mut scratch[..n], registry, &mut on_msg)?;
+            sink(self, &mut scratch[..n])?;
             if n < scratch.len() && !hup {
                 return Ok(false);
             }
         }
+    }
+
+    /// [`Client::pull`] through rustls: half of `scratch` takes ciphertext from the socket,
+    /// the other half plaintext out of rustls. Plaintext is taken out before each piece of
+    /// ciphertext goes in, as rustls refuses more while over a record's worth waits. The
+    /// handshake's own answers (the client's Finished) are written on the way.
+    fn pull_tls(
+        &mut self,
+        registry: &Registry,
+        scratch: &mut [u8],
+        hup: bool,
+        sink: &mut dyn FnMut(&mut Client, &mut [u8]) -> io::Result<()>,
+    ) -> io::Result<bool> {
+        let (cipher, plain) = scratch.split_at_mut(scratch.len() / 2);
+        loop {
+            let s = self.stream.as_mut().ok_or(io::ErrorKind::NotConnected)?;
+            let n = match s.read(cipher) {
+                Ok(n) => n,
+                Err(e) if would_block(&e) => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            // At EOF the empty slice goes in too: that is how rustls learns of it.
+            let mut src = &cipher[..n];
+            let mut told_eof = false;
+            let eof = loop {
+                let tls = self.tls.as_mut().ok_or(io::ErrorKind::NotConnected)?;
+                match tls.reader().read(plain) {
+                    // close_notify.
+                    Ok(0) => break true,
+                    Ok(m) => {
+                        sink(self, &mut plain[..m])?;
+                        continue;
+                    }
+                    Err(e) if would_block(&e) => {}
+                    // The TCP connection closed without close_notify: an end all the same,
+                    // as for a plain connection.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break true,
+                    Err(e) => return Err(e),
+                }
+                if src.is_empty() && (n > 0 || told_eof) {
+                    break n == 0;
+                }
+                told_eof = n == 0;
+                tls.read_tls(&mut src)?;
+                tls.process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            };
+            if self.write_pending() {
+                self.flush(registry)?;
+            }
+            if eof {
+                return Ok(true);
+            }
+            if n < cipher.len() && !hup {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// The TLS session's parameters once its handshake is done (`None` for plain ones), as
+    /// "TLSv1_3 TLS13_AES_128_GCM_SHA256 X25519 Full".
+    pub fn tls_session(&self) -> Option<String> {
+        let tls = self.tls.as_ref()?;
+        let kind = tls.handshake_kind()?;
+        Some(format!(
+            "{:?} {:?} {:?} {kind:?}",
+            tls.protocol_version()?,
+            tls.negotiated_cipher_suite()?.suite(),
+            tls.negotiated_key_exchange_group()?.name(),
+        ))
     }
 
     fn decode(

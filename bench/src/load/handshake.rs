@@ -98,6 +98,7 @@ pub(super) fn run(ctx: &mut Ctx, m: &mut Meter, cfg: &LoadConfig) -> (usize, u64
                 match c.advance(registry, &ctx.target, &mut ctx.rng, &mut ctx.scratch) {
                     Ok(true) => {
                         m.on_handshake();
+                        m.on_tls_session(c);
                         w.ever_upgraded = true;
                         msg.clear();
                         ws::write_frame(&mut msg, OPCODE_BINARY, Some(ctx.rng.mask()), &filler);

@@ -2,10 +2,12 @@
 //! taken, then drain. Counting only inside the window keeps ramp-up and tail-off out of the
 //! rates, and the CPU snapshot brackets exactly the same interval.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use super::conn::Client;
 use crate::sys::{self, CpuTimes, HostCounters};
 
 const RTT_MAX_US: u64 = 60_000_000;
@@ -42,6 +44,8 @@ pub struct Meter {
     /// Whole-run counters (not windowed).
     pub errors: u64,
     pub connect_errors: u64,
+    /// Whole run: upgraded `wss://` connections by their TLS parameters.
+    pub tls_sessions: BTreeMap<String, u64>,
 }
 
 impl Meter {
@@ -71,6 +75,7 @@ impl Meter {
             iterations: 0,
             errors: 0,
             connect_errors: 0,
+            tls_sessions: BTreeMap::new(),
         }
     }
 
@@ -129,6 +134,13 @@ impl Meter {
 
     pub fn on_late(&mut self) {
         self.late += self.measuring() as u64;
+    }
+
+    /// Counts an upgraded client's TLS parameters (nothing for a plain one).
+    pub fn on_tls_session(&mut self, c: &Client) {
+        if let Some(s) = c.tls_session() {
+            *self.tls_sessions.entry(s).or_insert(0) += 1;
+        }
     }
 
     pub fn on_handshake(&mut self) {

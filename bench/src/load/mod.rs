@@ -10,8 +10,10 @@ mod meter;
 mod payload;
 mod push;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
@@ -19,8 +21,9 @@ use mio::{Events, Poll, Registry, Token};
 use serde::Serialize;
 
 use crate::sys::{self, Rng};
-pub use conn::Target;
+use crate::tls;
 use conn::{Client, Msg, State};
+pub use conn::{Target, TlsTarget};
 use meter::Meter;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -49,6 +52,8 @@ pub struct LoadConfig {
     pub warmup: Duration,
     pub rss_pids: Vec<u32>,
     pub connect_rate: f64,
+    /// For `wss://`: a PEM file with the certificate(s) the server's own must be one of.
+    pub trust: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -108,6 +113,9 @@ pub struct Report {
     pub rss_kb_before: u64,
     pub rss_kb_after: u64,
     pub errors: u64,
+    /// `wss://`: upgraded connections by the TLS parameters they negotiated (see
+    /// [`conn::Client::tls_session`]), over the whole run; empty for `ws://`.
+    pub tls_sessions: BTreeMap<String, u64>,
 }
 
 /// State every workload loop needs.
@@ -130,11 +138,14 @@ fn usage(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.into())
 }
 
-/// Parses `ws://host:port/path`; the host must resolve without DNS (an IP or localhost).
-pub fn parse_url(url: &str) -> io::Result<Target> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| usage("url must start with ws://"))?;
+/// Parses `ws://host:port/path` or `wss://...`; the host must resolve without DNS (an IP or
+/// localhost). A `wss://` target accepts the certificates in `trust` (a PEM file).
+pub fn parse_url(url: &str, trust: Option<&Path>) -> io::Result<Target> {
+    let (rest, secure) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => return Err(usage("url must start with ws:// or wss://")),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -149,10 +160,28 @@ pub fn parse_url(url: &str) -> io::Result<Target> {
             None => return Err(usage("url host must be ip:port or localhost:port")),
         },
     };
+    let tls = match secure {
+        true => Some(tls_target(authority, trust)?),
+        false => None,
+    };
     Ok(Target {
         addr,
         host: authority.to_string(),
         path: path.to_string(),
+        tls,
+    })
+}
+
+/// The TLS side of a `wss://` target: SNI from the URL's host, the certificates in `trust`.
+fn tls_target(authority: &str, trust: Option<&Path>) -> io::Result<TlsTarget> {
+    let trust = trust.ok_or_else(|| usage("a wss:// url needs --trust"))?;
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|_| usage(format!("{host:?} is not a TLS server name")))?;
+    Ok(TlsTarget {
+        config: tls::client_config(tls::read_certs(trust)?)?,
+        name,
     })
 }
 
@@ -187,7 +216,7 @@ pub fn run_load(cfg: &LoadConfig) -> io::Result<Report> {
 /// and the backend, where `rss_pids` is only the proxy).
 pub fn run_load_with(cfg: &LoadConfig, cpu_pids: &[u32]) -> io::Result<Report> {
     validate(cfg)?;
-    let mut target = parse_url(&cfg.url)?;
+    let mut target = parse_url(&cfg.url, cfg.trust.as_deref())?;
     if cfg.workload == Workload::Push && !target.path.contains('?') {
         target.path = format!("{}?rate={}&size={}", target.path, cfg.rate, cfg.size);
     }
@@ -218,6 +247,9 @@ pub fn run_load_with(cfg: &LoadConfig, cpu_pids: &[u32]) -> io::Result<Report> {
             let mut meter = Meter::new(ctx.clock, cfg.warmup, cfg.duration);
             meter.cpu_pids = cpu_pids.to_vec();
             meter.connect_errors = connect_errors;
+            for c in &clients {
+                meter.on_tls_session(c);
+            }
             if established > 0 {
                 match cfg.workload {
                     Workload::Edge => edge::run(&mut ctx, &mut meter, &mut clients, cfg)?,
@@ -310,6 +342,7 @@ fn report(
         rss_kb_before: rss_before,
         rss_kb_after: rss_after,
         errors: m.errors,
+        tls_sessions: m.tls_sessions.clone(),
     }
 }
 
