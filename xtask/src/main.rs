@@ -37,14 +37,16 @@ enum Task {
     },
     /// Set up, build, and run wsedge with deploy/demo.toml and the demo echo function.
     Demo,
-    /// The side-by-side benchmark: wsedge (kernel, zero-hop, userspace) against nginx and
-    /// HAProxy.
+    /// The side-by-side benchmark: wsedge (kernel, zero-hop, userspace, TLS) against nginx and
+    /// HAProxy (plain and TLS).
     Bench {
-        /// Only the edge, bulk and push workloads, 5 s each (about 7 minutes with 3 repeats).
+        /// Only the edge, bulk and push workloads, and handshake through the TLS modes, 5 s
+        /// each (about 11 minutes with 3 repeats).
         #[arg(long)]
         quick: bool,
         /// Only these modes (comma-separated: direct, wsedge-kernel, wsedge-zero-hop,
-        /// wsedge-userspace, nginx, haproxy); "added" columns need direct among them.
+        /// wsedge-userspace, nginx, haproxy, wsedge-tls, nginx-tls, haproxy-tls); "added"
+        /// columns need direct among them. The TLS modes run edge, bulk and handshake.
         #[arg(long, value_delimiter = ',')]
         modes: Vec<String>,
         /// Only these workloads (comma-separated: edge, bulk, push, handshake, edge-max).

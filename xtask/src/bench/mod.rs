@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::{cmd, setup};
-use modes::Mode;
+use modes::{Mode, Pki};
 pub use placement::{DEFAULT as DEFAULT_PLACEMENT, Placement};
 
 /// One measured run of a (mode, workload) cell.
@@ -53,7 +53,8 @@ const EDGE_MAX_STEPS: [u64; 9] = [2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000
 /// Every workload, in the order a full run measures them.
 const WORKLOADS: [&str; 5] = ["edge", "bulk", "push", "handshake", "edge-max"];
 /// `--quick`: the workloads every comparison needs, with a short window (see [`timing`]).
-const QUICK_WORKLOADS: [&str; 3] = ["edge", "bulk", "push"];
+/// `handshake` only through the TLS modes (see [`measured`]).
+const QUICK_WORKLOADS: [&str; 4] = ["edge", "bulk", "push", "handshake"];
 
 /// What `cargo xtask bench` was asked for. Empty lists mean "all" (or the quick set).
 #[derive(Debug, Clone)]
@@ -104,6 +105,15 @@ fn select_workloads(opts: &Options) -> Result<Vec<&'static str>> {
         .collect())
 }
 
+/// Whether a run measures `workload` through `mode`: what the mode runs (see [`Mode::runs`]),
+/// and in a `--quick` run of the default workloads, handshakes only through the TLS modes:
+/// the TLS handshake rate is a target, the plain one is not, and measuring it through every
+/// mode would take the quick run past 12 minutes.
+fn measured(opts: &Options, mode: Mode, workload: &str) -> bool {
+    let quick_default = opts.quick && opts.workloads.is_empty();
+    mode.runs(workload) && !(quick_default && workload == "handshake" && !mode.tls())
+}
+
 /// The load a workload puts on every mode (`edge-max` steps `edge` up).
 fn load_of(workload: &'static str, duration_s: u64) -> Load {
     let (kind, connections, rate, size) = match workload {
@@ -124,8 +134,9 @@ fn load_of(workload: &'static str, duration_s: u64) -> Load {
     }
 }
 
-/// Measurement window and warm-up of one run, in seconds. `--quick`'s 5 s window keeps 3
-/// workloads x 6 modes x 3 repeats at about 7 minutes on the 2-CPU VM.
+/// Measurement window and warm-up of one run, in seconds. `--quick`'s 5 s window keeps its
+/// 27 (mode, workload) cells x 3 repeats at about 11 minutes on the 2-CPU VM (about 7.8 s a
+/// run).
 fn timing(quick: bool) -> (u64, f64) {
     match quick {
         true => (5, 2.0),
@@ -139,6 +150,10 @@ struct Bench {
     release: PathBuf,
     placement: Placement,
     warmup_s: f64,
+    /// The certificate every TLS mode serves, made once per bench run.
+    pki: Pki,
+    /// What the load generator trusts for `wss://`: the served certificate itself.
+    trust: PathBuf,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -152,21 +167,37 @@ pub fn run(opts: &Options) -> Result<()> {
     install_packages(&["nginx", "haproxy"])?;
     cmd::run(cmd::cargo().args(["build", "--release", "-p", "proxy", "-p", "bench"]))?;
     let (duration, warmup_s) = timing(opts.quick);
+    let work = cmd::root().join("target/bench-run");
+    let pki_dir = work.join("tls");
     let bench = Bench {
         release: cmd::root().join("target/release"),
-        work: cmd::root().join("target/bench-run"),
         placement: opts.placement,
         warmup_s,
+        pki: Pki::in_dir(&pki_dir),
+        trust: pki_dir.join("cert.pem"),
+        work,
     };
     let _ = std::fs::remove_dir_all(&bench.work);
     std::fs::create_dir_all(&bench.work)?;
+    if modes.iter().any(|m| m.tls()) {
+        // One ECDSA P-256 certificate for every TLS mode of the run.
+        cmd::run(
+            Command::new(bench.release.join("bench"))
+                .args(["cert", "--dir"])
+                .arg(&pki_dir),
+        )?;
+    }
     println!(
         "bench: {} round(s); placement: {}",
         opts.repeats,
         opts.placement.describe()
     );
     let started = Instant::now();
-    let total = workloads.len() * modes.len() * opts.repeats;
+    let cells_per_round = workloads
+        .iter()
+        .map(|w| modes.iter().filter(|&&m| measured(opts, m, w)).count())
+        .sum::<usize>();
+    let total = cells_per_round * opts.repeats;
     let mut cells = Vec::new();
     let mut step = 0;
     // Rounds outermost: every (mode, workload) once per round, so each cell's repeats are
@@ -179,7 +210,7 @@ pub fn run(opts: &Options) -> Result<()> {
             .map(|i| modes[(i + round - 1) % modes.len()])
             .collect();
         for &workload in &workloads {
-            for &mode in &order {
+            for &mode in order.iter().filter(|&&m| measured(opts, m, workload)) {
                 step += 1;
                 println!(
                     "bench: [{step}/{total}] round {round}: {workload} through {} ...",
@@ -311,10 +342,11 @@ fn measure_once(bench: &Bench, mode: Mode, load: Load, round: usize) -> Result<V
             &dir,
             &bench.release,
             bench.placement,
+            &bench.pki,
         )?;
         let path = if load.kind == "push" { "push" } else { "echo" };
         let mut cmd = Command::new(bench.release.join("bench"));
-        cmd.args(["load", "--url", &format!("ws://{}/{path}", proxy.target)])
+        cmd.args(["load", "--url", &proxy.url(path)])
             .args(["--workload", load.kind])
             .args(["--connections", &load.connections.to_string()])
             .args(["--rate", &load.rate.max(1).to_string()])
@@ -323,6 +355,9 @@ fn measure_once(bench: &Bench, mode: Mode, load: Load, round: usize) -> Result<V
             .args(["--warmup-s", &bench.warmup_s.to_string()]);
         if let Some(c) = cpus {
             cmd.args(["--cpu", &c.load.to_string()]);
+        }
+        if proxy.tls {
+            cmd.arg("--trust").arg(&bench.trust);
         }
         for pid in proxy.pids() {
             cmd.args(["--rss-pid", &pid.to_string()]);
@@ -413,6 +448,16 @@ fn measure_once(bench: &Bench, mode: Mode, load: Load, round: usize) -> Result<V
                 dir.display()
             );
             report["proxy_exited"] = json!(status.to_string());
+        }
+        if mode.tls() {
+            let seen = report::tls_seen(&report["tls_sessions"]);
+            if seen != modes::TLS_SESSION {
+                println!(
+                    "bench: WARNING: {} connections negotiated {seen}, not {}",
+                    mode.name(),
+                    modes::TLS_SESSION
+                );
+            }
         }
         if let Some(expected) = mode.expected_data_plane() {
             let seen = report::data_plane_seen(&report["data_planes"]);

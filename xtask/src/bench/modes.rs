@@ -1,7 +1,8 @@
 //! The proxies under test, each started the same way: listen on a free loopback port, proxy
 //! WebSocket upgrades to the echo backend, report the PIDs whose memory counts as "proxy".
 //! `wsedge-zero-hop` is the exception: wsedge starts the echo backend itself, as a function
-//! instance, and the bench starts none.
+//! instance, and the bench starts none. The `-tls` modes terminate `wss://` with the run's one
+//! certificate and proxy to the same plaintext backend.
 
 use std::{
     collections::BTreeMap,
@@ -29,16 +30,47 @@ pub enum Mode {
     WsedgeUserspace,
     Nginx,
     Haproxy,
+    /// wsedge terminating TLS on `tls_listen`, `data_plane = "auto"`.
+    WsedgeTls,
+    NginxTls,
+    HaproxyTls,
+}
+
+/// The TLS parameters every connection of a TLS mode should show in the load generator's
+/// `tls_sessions` (its format: protocol, cipher suite, key exchange group, handshake kind).
+pub const TLS_SESSION: &str = "TLSv1_3 TLS13_AES_128_GCM_SHA256 X25519 Full";
+/// The same cipher suite by its IANA name, as OpenSSL's `Ciphersuites` takes it.
+const TLS_CIPHER_SUITE: &str = "TLS_AES_128_GCM_SHA256";
+
+/// What the TLS modes serve, from `bench cert`: the leaf alone, its key, and both in one file.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub cert_key: PathBuf,
+}
+
+impl Pki {
+    pub fn in_dir(dir: &Path) -> Pki {
+        Pki {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            cert_key: dir.join("cert-key.pem"),
+        }
+    }
 }
 
 impl Mode {
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 9] = [
         Mode::Direct,
         Mode::WsedgeKernel,
         Mode::WsedgeZeroHop,
         Mode::WsedgeUserspace,
         Mode::Nginx,
         Mode::Haproxy,
+        Mode::WsedgeTls,
+        Mode::NginxTls,
+        Mode::HaproxyTls,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,7 +81,22 @@ impl Mode {
             Mode::WsedgeUserspace => "wsedge-userspace",
             Mode::Nginx => "nginx",
             Mode::Haproxy => "haproxy",
+            Mode::WsedgeTls => "wsedge-tls",
+            Mode::NginxTls => "nginx-tls",
+            Mode::HaproxyTls => "haproxy-tls",
         }
+    }
+
+    /// Whether clients connect with `wss://`.
+    pub fn tls(self) -> bool {
+        matches!(self, Mode::WsedgeTls | Mode::NginxTls | Mode::HaproxyTls)
+    }
+
+    /// Whether the bench measures `workload` through this mode. The TLS modes are compared
+    /// on messages (edge, bulk) and on handshakes; push would measure the same relay as edge,
+    /// and edge-max's steps would double a full run's length.
+    pub fn runs(self, workload: &str) -> bool {
+        !self.tls() || matches!(workload, "edge" | "bulk" | "handshake")
     }
 
     /// The `data_plane` wsedge's `/connections` should report for this mode's connections.
@@ -58,7 +105,10 @@ impl Mode {
             Mode::WsedgeKernel => Some("kernel"),
             Mode::WsedgeZeroHop => Some("kernel-zero-hop"),
             Mode::WsedgeUserspace => Some("userspace"),
-            Mode::Direct | Mode::Nginx | Mode::Haproxy => None,
+            // No kTLS on this machine's kernel: "auto" relays the decrypted stream in user
+            // space.
+            Mode::WsedgeTls => Some("userspace-tls"),
+            Mode::Direct | Mode::Nginx | Mode::Haproxy | Mode::NginxTls | Mode::HaproxyTls => None,
         }
     }
 
@@ -72,6 +122,8 @@ impl Mode {
 /// A running proxy (or none, for `direct`): where clients connect, and its processes.
 pub struct Running {
     pub target: SocketAddr,
+    /// Clients connect with `wss://` (to `localhost`, the certificate's name, sent as SNI).
+    pub tls: bool,
     /// wsedge's admin API.
     pub admin: Option<SocketAddr>,
     child: Option<Child>,
@@ -82,6 +134,14 @@ pub struct Running {
 }
 
 impl Running {
+    /// The URL of `path` through this proxy.
+    pub fn url(&self, path: &str) -> String {
+        match self.tls {
+            true => format!("wss://localhost:{}/{path}", self.target.port()),
+            false => format!("ws://{}/{path}", self.target),
+        }
+    }
+
     /// The proxy's PIDs now: the process and, for nginx, its workers.
     pub fn pids(&self) -> Vec<u32> {
         let Some(root) = self.root_pid else {
@@ -136,7 +196,10 @@ impl Running {
             serde_json::from_slice(&answer[split + 4..]).context("/connections JSON")?;
         let mut planes = BTreeMap::new();
         for c in &conns {
-            let plane = c["data_plane"].as_str().unwrap_or("(missing)").to_string();
+            let mut plane = c["data_plane"].as_str().unwrap_or("(missing)").to_string();
+            if self.tls && c["tls"] != true {
+                plane = format!("{plane} (tls: {})", c["tls"]);
+            }
             *planes.entry(plane).or_insert(0) += 1;
         }
         Ok(Some(planes))
@@ -199,13 +262,14 @@ fn wait_listening(addr: SocketAddr, child: &mut Child, name: &str) -> Result<()>
 }
 
 /// Starts `mode` in front of `backend` (`None` only for the mode that spawns its own), with
-/// its files in `dir`, on the proxy's CPU of `placement`.
+/// its files in `dir`, on the proxy's CPU of `placement`; a TLS mode serves `pki`.
 pub fn start(
     mode: Mode,
     backend: Option<SocketAddr>,
     dir: &Path,
     release: &Path,
     placement: Placement,
+    pki: &Pki,
 ) -> Result<Running> {
     let backend = match (mode.needs_backend(), backend) {
         (true, Some(b)) => Some(b),
@@ -215,6 +279,7 @@ pub fn start(
     if mode == Mode::Direct {
         return Ok(Running {
             target: backend.expect("checked above"),
+            tls: false,
             admin: None,
             child: None,
             root_pid: None,
@@ -223,17 +288,19 @@ pub fn start(
     }
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let mut admin = None;
+    let tls = mode.tls().then_some(pki);
+    let threads = placement.proxy_threads();
     let mut cmd = match (mode, backend) {
-        (Mode::WsedgeKernel | Mode::WsedgeUserspace, Some(b)) => {
+        (Mode::WsedgeKernel | Mode::WsedgeUserspace | Mode::WsedgeTls, Some(b)) => {
             let upstream = format!("upstreams = [\"{b}\"]");
-            wsedge(mode, listen, &upstream, dir, release, &mut admin)?
+            wsedge(mode, listen, tls, &upstream, dir, release, &mut admin)?
         }
         (Mode::WsedgeZeroHop, _) => {
             let function = zero_hop_function(release, placement);
-            wsedge(mode, listen, &function, dir, release, &mut admin)?
+            wsedge(mode, listen, None, &function, dir, release, &mut admin)?
         }
-        (Mode::Nginx, Some(b)) => nginx(listen, b, dir, placement.proxy_threads())?,
-        (Mode::Haproxy, Some(b)) => haproxy(listen, b, dir, placement.proxy_threads())?,
+        (Mode::Nginx | Mode::NginxTls, Some(b)) => nginx(listen, tls, b, dir, threads)?,
+        (Mode::Haproxy | Mode::HaproxyTls, Some(b)) => haproxy(listen, tls, b, dir, threads)?,
         _ => unreachable!("backend presence checked above"),
     };
     if let Some(cpus) = placement.cpus() {
@@ -250,10 +317,11 @@ pub fn start(
     let root_pid = Some(child.id());
     let running = Running {
         target: listen,
+        tls: mode.tls(),
         admin,
         child: Some(child),
         root_pid,
-        count_children: mode == Mode::Nginx,
+        count_children: matches!(mode, Mode::Nginx | Mode::NginxTls),
     };
     if mode == Mode::WsedgeZeroHop {
         // Cold-start the instance before the load, as every other mode's backend is already
@@ -330,10 +398,12 @@ fn zero_hop_function(release: &Path, placement: Placement) -> String {
 }
 
 /// wsedge with quotas raised far above the load, so they do not shape it; `instances` is the
-/// function's `upstreams` or `command` lines.
+/// function's `upstreams` or `command` lines. With `tls`, `listen` is its `tls_listen` and
+/// plain `ws://` goes to a port nobody uses.
 fn wsedge(
     mode: Mode,
     listen: SocketAddr,
+    tls: Option<&Pki>,
     instances: &str,
     dir: &Path,
     release: &Path,
@@ -341,14 +411,25 @@ fn wsedge(
 ) -> Result<Command> {
     let plane = match mode {
         Mode::WsedgeUserspace => "userspace",
+        Mode::WsedgeTls => "auto",
         _ => "kernel",
+    };
+    let listeners = match tls {
+        Some(pki) => format!(
+            "listen = \"127.0.0.1:{}\"\ntls_listen = \"{listen}\"\ntls_cert = \"{}\"\n\
+             tls_key = \"{}\"\ntls_handshake_timeout_s = 10\n",
+            free_port()?,
+            pki.cert.display(),
+            pki.key.display()
+        ),
+        None => format!("listen = \"{listen}\"\n"),
     };
     let admin = free_port()?;
     *admin_addr = Some(SocketAddr::from(([127, 0, 0, 1], admin)));
     let config = write(
         dir.join(format!("{}.toml", mode.name())),
         format!(
-            "[server]\nlisten = \"{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+            "[server]\n{listeners}admin_listen = \"127.0.0.1:{admin}\"\n\
              data_plane = \"{plane}\"\nstate_dir = \"{state}\"\ndrain_timeout_s = 1\n\n\
              [[function]]\nname = \"echo\"\nroute = \"/\"\n{instances}\n\
              idle_timeout_s = 7200\nexecution_timeout_s = 7200\n\
@@ -362,9 +443,29 @@ fn wsedge(
     Ok(cmd)
 }
 
-/// nginx as a WebSocket reverse proxy: a worker per CPU it may use, long timeouts, no logs.
-fn nginx(listen: SocketAddr, backend: SocketAddr, dir: &Path, workers: usize) -> Result<Command> {
+/// nginx as a WebSocket reverse proxy: a worker per CPU it may use, long timeouts, no logs;
+/// with `tls`, TLS 1.3 with the one cipher suite only.
+fn nginx(
+    listen: SocketAddr,
+    tls: Option<&Pki>,
+    backend: SocketAddr,
+    dir: &Path,
+    workers: usize,
+) -> Result<Command> {
     let d = dir.display();
+    let (ssl, ssl_config) = match tls {
+        Some(pki) => (
+            " ssl",
+            format!(
+                "    ssl_certificate {};\n    ssl_certificate_key {};\n\
+                     ssl_protocols TLSv1.3;\n    ssl_conf_command Ciphersuites {};\n",
+                pki.cert.display(),
+                pki.key.display(),
+                TLS_CIPHER_SUITE
+            ),
+        ),
+        None => ("", String::new()),
+    };
     let config = write(
         dir.join("nginx.conf"),
         format!(
@@ -375,7 +476,7 @@ fn nginx(listen: SocketAddr, backend: SocketAddr, dir: &Path, workers: usize) ->
                proxy_temp_path {d}/nginx-proxy;\n  fastcgi_temp_path {d}/nginx-fcgi;\n\
                uwsgi_temp_path {d}/nginx-uwsgi;\n  scgi_temp_path {d}/nginx-scgi;\n\
                upstream echo {{ server {backend}; }}\n\
-               server {{\n    listen {listen} backlog=4096;\n    location / {{\n\
+               server {{\n    listen {listen}{ssl} backlog=4096;\n{ssl_config}    location / {{\n\
                  proxy_pass http://echo;\n      proxy_http_version 1.1;\n\
                  proxy_set_header Upgrade $http_upgrade;\n\
                  proxy_set_header Connection \"upgrade\";\n\
@@ -394,14 +495,27 @@ fn nginx(listen: SocketAddr, backend: SocketAddr, dir: &Path, workers: usize) ->
 
 /// HAProxy in HTTP mode (it recognises the upgrade and tunnels): a thread per CPU it may use,
 /// long tunnel timeouts, no logs. maxconn is what the 20000-descriptor hard limit allows.
-fn haproxy(listen: SocketAddr, backend: SocketAddr, dir: &Path, threads: usize) -> Result<Command> {
+/// With `tls`, TLS 1.3 with the one cipher suite only.
+fn haproxy(
+    listen: SocketAddr,
+    tls: Option<&Pki>,
+    backend: SocketAddr,
+    dir: &Path,
+    threads: usize,
+) -> Result<Command> {
+    let ssl = tls.map_or(String::new(), |pki| {
+        format!(
+            " ssl crt {} ssl-min-ver TLSv1.3 ciphersuites {TLS_CIPHER_SUITE}",
+            pki.cert_key.display()
+        )
+    });
     let config = write(
         dir.join("haproxy.cfg"),
         format!(
             "global\n  nbthread {threads}\n  maxconn 9900\n\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 1h\n\
                timeout server 1h\n  timeout tunnel 1h\n\n\
-             frontend ws\n  bind {listen}\n  default_backend echo\n\n\
+             frontend ws\n  bind {listen}{ssl}\n  default_backend echo\n\n\
              backend echo\n  server echo {backend} maxconn 9900\n",
         ),
     )?;

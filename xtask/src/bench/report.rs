@@ -80,6 +80,16 @@ pub fn data_plane_seen(planes: &Value) -> String {
     }
 }
 
+/// The TLS parameters a TLS mode's connections negotiated (`tls_sessions`: the load
+/// generator's counts by parameters), in the same form as [`data_plane_seen`].
+pub fn tls_seen(sessions: &Value) -> String {
+    match sessions.as_object() {
+        Some(s) if s.is_empty() => "none (no TLS connection upgraded)".into(),
+        Some(_) => data_plane_seen(sessions),
+        None => "unknown (not reported)".into(),
+    }
+}
+
 /// The row for one cell; `added_*` against `direct` in the same workload.
 fn entry(cell: &Cell, direct: Option<&Cell>) -> Value {
     let l = &cell.load;
@@ -175,6 +185,9 @@ fn entry(cell: &Cell, direct: Option<&Cell>) -> Value {
         e["data_plane_seen"] = json!(data_plane_seen(&l["data_planes"]));
         e["data_plane_counts"] = l["data_planes"].clone();
     }
+    if cell.mode.tls() {
+        e["tls_seen"] = json!(tls_seen(&l["tls_sessions"]));
+    }
     e
 }
 
@@ -190,12 +203,18 @@ fn ratios(entries: &[Value]) -> Value {
     let get = |mode: &str, workload: &str, key: &str| {
         find(entries, mode, workload).and_then(|e| f(&e[key]))
     };
+    let better_of = |[a, b]: [&str; 2], workload: &str, key: &str, lower: bool| match (
+        get(a, workload, key),
+        get(b, workload, key),
+    ) {
+        (Some(a), Some(b)) => Some(if lower { a.min(b) } else { a.max(b) }),
+        (x, y) => x.or(y),
+    };
     let better = |workload: &str, key: &str, lower: bool| {
-        let (a, b) = (get("nginx", workload, key), get("haproxy", workload, key));
-        match (a, b) {
-            (Some(a), Some(b)) => Some(if lower { a.min(b) } else { a.max(b) }),
-            (x, y) => x.or(y),
-        }
+        better_of(["nginx", "haproxy"], workload, key, lower)
+    };
+    let better_tls = |workload: &str, key: &str, lower: bool| {
+        better_of(["nginx-tls", "haproxy-tls"], workload, key, lower)
     };
     let ratio = |mine: Option<f64>, theirs: Option<f64>| match (mine, theirs) {
         (Some(m), Some(t)) if t.abs() > f64::EPSILON => Some(m / t),
@@ -204,7 +223,19 @@ fn ratios(entries: &[Value]) -> Value {
     let k = |workload: &str, key: &str| get("wsedge-kernel", workload, key);
     let z = |workload: &str, key: &str| get("wsedge-zero-hop", workload, key);
     let u = |workload: &str, key: &str| get("wsedge-userspace", workload, key);
+    let t = |workload: &str, key: &str| get("wsedge-tls", workload, key);
+    // wsedge-tls against the better TLS-terminating proxy on the same workload.
+    let vs_tls = |workload: &str, key: &str, lower: bool| {
+        ratio(t(workload, key), better_tls(workload, key, lower))
+    };
     json!({
+        "tls_edge_added_cpu_vs_best": vs_tls("edge", "added_cpu_us_per_msg", true),
+        "tls_edge_added_own_cpu_vs_best": vs_tls("edge", "added_own_cpu_us_per_msg", true),
+        "tls_edge_p99_vs_best": vs_tls("edge", "rtt_p99_us", true),
+        "tls_bulk_added_cpu_vs_best": vs_tls("bulk", "added_cpu_us_per_msg", true),
+        "tls_bulk_added_own_cpu_vs_best": vs_tls("bulk", "added_own_cpu_us_per_msg", true),
+        "tls_bulk_p99_vs_best": vs_tls("bulk", "rtt_p99_us", true),
+        "tls_handshakes_per_s_vs_best": vs_tls("handshake", "handshakes_per_s", false),
         "relay_edge_added_cpu_vs_best": ratio(u("edge", "added_cpu_us_per_msg"), better("edge", "added_cpu_us_per_msg", true)),
         "relay_edge_added_own_cpu_vs_best": ratio(u("edge", "added_own_cpu_us_per_msg"), better("edge", "added_own_cpu_us_per_msg", true)),
         "relay_edge_p99_vs_best": ratio(u("edge", "rtt_p99_us"), better("edge", "rtt_p99_us", true)),
@@ -276,16 +307,17 @@ fn summarise(runs: &[&Value]) -> Value {
         range.insert(key.clone(), json!([lo, hi]));
     }
     out.insert("range".into(), Value::Object(range));
-    // Planes seen in the runs: one name when they all agree.
-    let mut planes: Vec<String> = runs
-        .iter()
-        .filter_map(|r| r["data_plane_seen"].as_str().map(String::from))
-        .collect();
-    planes.dedup();
-    planes.sort();
-    planes.dedup();
-    if !planes.is_empty() {
-        out.insert("data_plane_seen".into(), json!(planes.join("; ")));
+    // Planes and TLS parameters seen in the runs: one when they all agree.
+    for key in ["data_plane_seen", "tls_seen"] {
+        let mut seen: Vec<String> = runs
+            .iter()
+            .filter_map(|r| r[key].as_str().map(String::from))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        if !seen.is_empty() {
+            out.insert(key.into(), json!(seen.join("; ")));
+        }
     }
     for key in ["proxy_exited", "remeasured"] {
         let n = runs.iter().filter(|r| r.get(key).is_some()).count();
@@ -638,6 +670,72 @@ fn markdown(
             "relay_edge_max_connections_vs_nginx",
             Target::AtLeast(1.0)
         ),
+    );
+    md.push_str(&tls_targets(entries, ratios));
+    md
+}
+
+/// wsedge-tls against the better of nginx-tls and haproxy-tls, with what the TLS modes'
+/// connections negotiated; nothing when no TLS mode ran.
+fn tls_targets(entries: &[Value], ratios: &Value) -> String {
+    let tls: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e.get("tls_seen").is_some())
+        .collect();
+    if tls.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\nTLS sessions the load generator negotiated (every connection of the run, by \
+         protocol, cipher suite, key exchange group and handshake kind; all should be the \
+         same, full handshakes):\n\n",
+    );
+    for e in tls {
+        let seen = e["tls_seen"].as_str().unwrap_or("");
+        let shown = match seen == super::modes::TLS_SESSION {
+            true => format!("`{seen}`"),
+            false => format!("**`{seen}`**"),
+        };
+        let _ = writeln!(
+            md,
+            "- {}, {}: {shown}",
+            e["mode"].as_str().unwrap_or(""),
+            e["workload"].as_str().unwrap_or("")
+        );
+    }
+    let caveat = entries
+        .iter()
+        .filter(|e| e["mode"] == "wsedge-tls")
+        .filter_map(|e| e["data_plane_seen"].as_str())
+        .find(|&p| p != "userspace-tls")
+        .map_or(String::new(), |p| {
+            format!(" (its connections ran on `{p}`, not `userspace-tls`)")
+        });
+    let _ = write!(
+        md,
+        "\nwsedge-tls against the better of nginx-tls and haproxy-tls{caveat}. All three serve \
+         the same ECDSA P-256 certificate over TLS 1.3 with TLS_AES_128_GCM_SHA256; `added` \
+         figures are against plaintext `direct`, so they include the load generator's own TLS \
+         work, the same in every TLS mode:\n\n\
+         - edge, added CPU per message: {}\n- edge, the same on the run's own CPU: {}\n\
+         - edge, p99: {}\n- bulk, added CPU per message: {}\n\
+         - bulk, the same on the run's own CPU: {}\n- bulk, p99: {}\n\
+         - handshake, full TLS and WebSocket handshakes per second: {}\n",
+        target(ratios, "tls_edge_added_cpu_vs_best", Target::AtMost(1.0)),
+        target(
+            ratios,
+            "tls_edge_added_own_cpu_vs_best",
+            Target::AtMost(1.0)
+        ),
+        target(ratios, "tls_edge_p99_vs_best", Target::AtMost(1.0)),
+        target(ratios, "tls_bulk_added_cpu_vs_best", Target::AtMost(1.0)),
+        target(
+            ratios,
+            "tls_bulk_added_own_cpu_vs_best",
+            Target::AtMost(1.0)
+        ),
+        target(ratios, "tls_bulk_p99_vs_best", Target::AtMost(1.0)),
+        target(ratios, "tls_handshakes_per_s_vs_best", Target::AtLeast(1.0)),
     );
     md
 }
