@@ -132,8 +132,9 @@ impl AppState {
                 retired.push(pool.clone());
             }
         }
-        info!(functions = config.functions.len(), "functions reloaded");
         *self.routes.write().expect("routes lock") = Arc::new(new);
+        // Logged once in effect: a request that follows the log line sees the new functions.
+        info!(functions = config.functions.len(), "functions reloaded");
         Ok(())
     }
 }

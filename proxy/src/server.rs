@@ -92,7 +92,11 @@ impl Server {
             tls_listener,
             admin,
         } = self;
-        info!(listen = %listener.local_addr().expect("bound"), tls_listen = ?tls_listener.as_ref().and_then(|l| l.local_addr().ok()), admin = %admin.local_addr().expect("bound"), "wsedge serving");
+        let tls_addr = tls_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound").to_string());
+        info!(listen = %listener.local_addr().expect("bound"), tls_listen = tls_addr.as_deref(),
+              admin = %admin.local_addr().expect("bound"), "wsedge serving");
         let admin_task = tokio::spawn({
             let router = services::admin::router(state.clone());
             async move {

@@ -10,7 +10,10 @@ use std::{path::Path, sync::Arc, time::Duration};
 use tokio::{net::TcpStream, time::timeout};
 use tokio_rustls::{TlsAcceptor, rustls};
 
-use crate::{config::ServerConfig, protocols::stream::ClientStream};
+use crate::{
+    config::{DataPlaneMode, ServerConfig},
+    protocols::stream::ClientStream,
+};
 use certs::{CertError, CertFiles, Certificates};
 use ktls::{KernelTls, KtlsStream};
 
@@ -55,7 +58,11 @@ pub struct TlsTerminator {
 impl TlsTerminator {
     /// Loads the certificates and finds out whether the kernel can take TLS sessions over.
     pub async fn build(server: &ServerConfig, base_dir: &Path) -> Result<TlsTerminator, TlsError> {
-        let kernel = KernelTls::probe().await;
+        // `data_plane = "userspace"` keeps TLS in userspace too: it is the way to compare.
+        let kernel = match server.data_plane {
+            DataPlaneMode::Userspace => None,
+            DataPlaneMode::Auto | DataPlaneMode::Kernel => KernelTls::probe().await,
+        };
         // ring rather than aws-lc-rs: it builds with a C compiler alone. Its price is no
         // post-quantum key exchange, which rustls marks by deprecating this provider.
         #[allow(deprecated)]
