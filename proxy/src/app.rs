@@ -15,6 +15,7 @@ use crate::{
     data_plane::{DataPlane, LoadError},
     instances::{Pool, SpawnSpec, cgroup},
     metrics::Metrics,
+    protocols::tls::{TlsError, TlsTerminator},
     registry::{ClientCounts, Registry},
     routing::{Backend, Route, Routes},
 };
@@ -34,6 +35,8 @@ pub struct AppState {
     pub clients: Arc<ClientCounts>,
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
+    /// TLS for `tls_listen`, when configured.
+    pub tls: Option<TlsTerminator>,
     /// This server's directory for instance cgroups (root with cgroup2 only).
     pub(crate) instance_cgroups: Option<PathBuf>,
 }
@@ -48,13 +51,15 @@ pub enum StartError {
     },
     #[error("data_plane = \"kernel\" but the eBPF programs cannot be loaded: {0}")]
     DataPlane(#[from] LoadError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("function {function}: {reason}")]
     Function { function: String, reason: String },
 }
 
 impl AppState {
-    /// Loads the data plane and builds the functions of `config`.
-    pub fn build(config: Config) -> Result<AppState, StartError> {
+    /// Loads the data plane and builds the functions of `config`; `tls` serves `tls_listen`.
+    pub fn build(config: Config, tls: Option<TlsTerminator>) -> Result<AppState, StartError> {
         let data_plane = DataPlane::select(
             config.server.data_plane,
             config.server.kernel_map_connections,
@@ -76,6 +81,7 @@ impl AppState {
             clients: Arc::default(),
             metrics,
             draining: AtomicBool::new(false),
+            tls,
             instance_cgroups: cgroups,
         })
     }
@@ -90,6 +96,18 @@ impl AppState {
         let mut pools: Vec<Arc<Pool>> = self.routes().pools().cloned().collect();
         pools.extend(self.retired.lock().expect("retired lock").iter().cloned());
         pools
+    }
+
+    /// Reads the TLS certificates again (SIGHUP): new handshakes get them, open connections
+    /// keep theirs; certificates that do not load change nothing.
+    pub fn reload_certificates(&self) {
+        let Some(tls) = &self.tls else { return };
+        match tls.certificates().reload() {
+            Ok(count) => info!(certificates = count, "TLS certificates reloaded"),
+            Err(e) => {
+                warn!(error = %e, "TLS certificate reload refused; the certificates in use stay")
+            }
+        }
     }
 
     /// Applies the functions of `config` (SIGHUP) without touching open connections: a
@@ -114,8 +132,9 @@ impl AppState {
                 retired.push(pool.clone());
             }
         }
-        info!(functions = config.functions.len(), "functions reloaded");
         *self.routes.write().expect("routes lock") = Arc::new(new);
+        // Logged once in effect: a request that follows the log line sees the new functions.
+        info!(functions = config.functions.len(), "functions reloaded");
         Ok(())
     }
 }

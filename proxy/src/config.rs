@@ -61,12 +61,17 @@ pub struct ServerConfig {
     /// Address for `wss://` connections (TLS); requires `tls_cert` and `tls_key`.
     #[serde(default)]
     pub tls_listen: Option<SocketAddr>,
-    /// PEM certificate chain for `tls_listen`.
-    #[serde(default)]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for `tls_listen`.
-    #[serde(default)]
-    pub tls_key: Option<PathBuf>,
+    /// PEM certificate chain (leaf first) for `tls_listen`, or a list of them: each client
+    /// gets the first whose names match its SNI, and the first one when none does. A
+    /// relative path resolves against the config file's directory. Re-read on SIGHUP.
+    #[serde(default, with = "one_or_many")]
+    pub tls_cert: Vec<PathBuf>,
+    /// PEM private key of each `tls_cert`, in the same order.
+    #[serde(default, with = "one_or_many")]
+    pub tls_key: Vec<PathBuf>,
+    /// Seconds a client has to complete the TLS handshake; then it is cut.
+    #[serde(default = "default_tls_handshake_timeout_s")]
+    pub tls_handshake_timeout_s: u64,
     /// Admin API address (/metrics /live /ready /connections /billing).
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
@@ -303,6 +308,38 @@ fn default_on_exceed() -> OnExceed {
     OnExceed::Throttle
 }
 
+fn default_tls_handshake_timeout_s() -> u64 {
+    10
+}
+
+/// A path or a list of paths: `tls_cert = "a.pem"` and `tls_cert = ["a.pem", "b.pem"]`.
+mod one_or_many {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(path) => vec![path],
+            OneOrMany::Many(paths) => paths,
+        })
+    }
+
+    pub fn serialize<S: Serializer>(paths: &[PathBuf], s: S) -> Result<S::Ok, S::Error> {
+        match paths {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -328,10 +365,25 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
-        if s.tls_listen.is_some() || s.tls_cert.is_some() || s.tls_key.is_some() {
+        if s.tls_cert.len() != s.tls_key.len() {
             return Err(invalid(
-                "server.tls_listen",
-                "wss:// is not implemented yet",
+                "server.tls_key",
+                "needs one key per tls_cert, in the same order",
+            ));
+        }
+        match (s.tls_listen, s.tls_cert.is_empty()) {
+            (Some(_), true) => {
+                return Err(invalid("server.tls_listen", "needs tls_cert and tls_key"));
+            }
+            (None, false) => {
+                return Err(invalid("server.tls_cert", "is only used with tls_listen"));
+            }
+            _ => {}
+        }
+        if s.tls_handshake_timeout_s == 0 {
+            return Err(invalid(
+                "server.tls_handshake_timeout_s",
+                "must be at least 1",
             ));
         }
         if s.max_connections == 0 {

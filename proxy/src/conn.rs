@@ -68,6 +68,11 @@ pub enum PlaneName {
     Kernel = 1,
     /// The instance's own socket in the splice.
     KernelZeroHop = 2,
+    /// The userspace relay, rustls encrypting and decrypting (`wss://` without kernel TLS).
+    UserspaceTls = 3,
+    /// The userspace relay reading and writing plaintext, the kernel encrypting and
+    /// decrypting the client's TLS records.
+    UserspaceKtls = 4,
 }
 
 impl PlaneName {
@@ -76,13 +81,30 @@ impl PlaneName {
             PlaneName::Userspace => "userspace",
             PlaneName::Kernel => "kernel",
             PlaneName::KernelZeroHop => "kernel-zero-hop",
+            PlaneName::UserspaceTls => "userspace-tls",
+            PlaneName::UserspaceKtls => "userspace-ktls",
         }
+    }
+
+    /// Whether the client connected with `wss://`.
+    pub fn tls(self) -> bool {
+        matches!(self, PlaneName::UserspaceTls | PlaneName::UserspaceKtls)
+    }
+
+    /// Whether the userspace relay carries every byte.
+    pub fn relayed(self) -> bool {
+        matches!(
+            self,
+            PlaneName::Userspace | PlaneName::UserspaceTls | PlaneName::UserspaceKtls
+        )
     }
 
     fn from_u8(v: u8) -> PlaneName {
         match v {
             1 => PlaneName::Kernel,
             2 => PlaneName::KernelZeroHop,
+            3 => PlaneName::UserspaceTls,
+            4 => PlaneName::UserspaceKtls,
             _ => PlaneName::Userspace,
         }
     }
@@ -125,6 +147,8 @@ pub struct ConnectionView {
     pub client: String,
     pub started_at: String,
     pub data_plane: String,
+    /// Whether the client connected with `wss://`.
+    pub tls: bool,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub messages_in: u64,
@@ -263,7 +287,7 @@ impl Connection {
     pub fn view(&self, live: Option<&dyn LiveCounters>) -> ConnectionView {
         let ([i, o], by_userspace) = self.totals(live);
         let plane = self.plane();
-        let relayed = if plane == PlaneName::Userspace {
+        let relayed = if plane.relayed() {
             i.bytes + o.bytes
         } else {
             by_userspace
@@ -275,6 +299,7 @@ impl Connection {
             client: self.client.to_string(),
             started_at: humantime::format_rfc3339_millis(self.started_at).to_string(),
             data_plane: plane.as_str().to_string(),
+            tls: plane.tls(),
             bytes_in: i.bytes,
             bytes_out: o.bytes,
             messages_in: i.messages,

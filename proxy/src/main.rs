@@ -77,8 +77,8 @@ async fn run(config: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP: read the config file again and apply its functions; a config that does not load
-/// or validate changes nothing.
+/// SIGHUP: read the certificates and the config file again and apply them; certificates or
+/// a config that do not load or validate change nothing.
 async fn reload_on_sighup(
     state: std::sync::Arc<wsedge::server::AppState>,
     path: std::path::PathBuf,
@@ -89,6 +89,7 @@ async fn reload_on_sighup(
         return;
     };
     while hangup.recv().await.is_some() {
+        state.reload_certificates();
         let result = Config::load(&path)
             .map_err(anyhow::Error::from)
             .and_then(|config| state.reload(&config).map_err(anyhow::Error::from));

@@ -20,6 +20,10 @@ const HELP: &[(&str, &str)] = &[
         "Upgraded WebSocket connections.",
     ),
     (
+        "wsedge_tls_handshakes_total",
+        "TLS handshakes on tls_listen by result (ok, failed, timeout, ktls_failed).",
+    ),
+    (
         "wsedge_connections_ended_total",
         "Ended connections by function status (\"error\": ended by a socket error).",
     ),
@@ -52,6 +56,13 @@ impl Metrics {
                 ("status", status.to_string()),
                 ("error_type", error_type.to_string()),
             ],
+        );
+    }
+
+    pub fn tls_handshake(&self, result: &'static str) {
+        self.add(
+            "wsedge_tls_handshakes_total",
+            vec![("result", result.to_string())],
         );
     }
 

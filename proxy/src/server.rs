@@ -14,12 +14,13 @@ use tracing::{error, info, warn};
 pub use crate::app::{AppState, StartError};
 use crate::{
     app::StartError as BindError, config::Config, data_plane::DataPlane, instances::cgroup,
-    services,
+    protocols::tls::TlsTerminator, services,
 };
 
 pub struct Server {
     state: Arc<AppState>,
     listener: TcpListener,
+    tls_listener: Option<TcpListener>,
     admin: TcpListener,
 }
 
@@ -32,13 +33,42 @@ impl Server {
                 .map_err(|source| BindError::Bind { what, addr, source })
         };
         let listener = bind("listen", config.server.listen).await?;
+        let tls_listener = match config.server.tls_listen {
+            Some(addr) => Some(bind("tls_listen", addr).await?),
+            None => None,
+        };
         let admin = bind("admin_listen", config.server.admin_listen).await?;
-        let state = Arc::new(AppState::build(config)?);
+        let tls = match &tls_listener {
+            Some(_) => Some(TlsTerminator::build(&config.server, &config.base_dir).await?),
+            None => None,
+        };
+        if let Some(tls) = &tls {
+            let path = match tls.kernel_tls() {
+                true => "kernel TLS (rustls handshake, then the kernel encrypts and decrypts)",
+                false => {
+                    "rustls in userspace (this kernel has no TLS: CONFIG_TLS unset or the tls module missing)"
+                }
+            };
+            info!(
+                tls_path = path,
+                certificates = tls.certificates().leaves().len(),
+                "wss:// ready"
+            );
+        }
+        let state = Arc::new(AppState::build(config, tls)?);
         Ok(Server {
             state,
             listener,
+            tls_listener,
             admin,
         })
+    }
+
+    /// The `wss://` address, when `tls_listen` is set.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -59,9 +89,14 @@ impl Server {
         let Server {
             state,
             listener,
+            tls_listener,
             admin,
         } = self;
-        info!(listen = %listener.local_addr().expect("bound"), admin = %admin.local_addr().expect("bound"), "wsedge serving");
+        let tls_addr = tls_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound").to_string());
+        info!(listen = %listener.local_addr().expect("bound"), tls_listen = tls_addr.as_deref(),
+              admin = %admin.local_addr().expect("bound"), "wsedge serving");
         let admin_task = tokio::spawn({
             let router = services::admin::router(state.clone());
             async move {
@@ -78,19 +113,22 @@ impl Server {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        connections.spawn(services::proxy::serve(state.clone(), stream, peer));
+                        connections.spawn(services::proxy::serve(state.clone(), stream, peer, false));
                     }
-                    // Out of descriptors and the like: keep serving open connections.
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err(e) => accept_failed(e).await,
+                },
+                accepted = accept_on(&tls_listener) => match accepted {
+                    Ok((stream, peer)) => {
+                        connections.spawn(services::proxy::serve(state.clone(), stream, peer, true));
                     }
+                    Err(e) => accept_failed(e).await,
                 },
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
         state.draining.store(true, Ordering::Relaxed);
         drop(listener);
+        drop(tls_listener);
         let drain = Duration::from_secs(state.config.server.drain_timeout_s);
         info!(
             open = state.registry.len(),
@@ -131,4 +169,20 @@ impl Server {
         admin_task.abort();
         info!("wsedge stopped");
     }
+}
+
+/// Accepts on `listener`, or waits forever when there is none.
+async fn accept_on(
+    listener: &Option<TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Out of descriptors and the like: keep serving open connections, retry shortly.
+async fn accept_failed(e: std::io::Error) {
+    warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }

@@ -439,3 +439,65 @@ fn sighup_reloads_functions_without_touching_open_connections() {
     assert_eq!(upgrade_status(&listen, "/c"), 101);
     drop(wsedge);
 }
+
+#[test]
+fn sighup_reloads_the_tls_certificate_and_logs_a_refused_one() {
+    let ca = common::tls::TestCa::new();
+    let leaf = ca.leaf("site", &["localhost"]);
+    let path = ca.dir.path().join("wsedge.toml");
+    let server = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}",
+        common::tls::tls_server_lines(&[&leaf], "")
+    );
+    std::fs::write(
+        &path,
+        format!(
+            "{server}[[function]]\nname = \"e\"\nroute = \"/e\"\nupstreams = [\"127.0.0.1:9\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = lines_of(child.stderr.take().unwrap());
+    let wsedge = Running(child);
+    let serving = wait_for_log(&mut lines, "wsedge serving");
+    let tls: std::net::SocketAddr = serving["fields"]["tls_listen"]
+        .as_str()
+        .expect("tls_listen logged")
+        .parse()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let served = || {
+        rt.block_on(async {
+            let tls = common::tls::tls_connect(&ca, tls, "localhost")
+                .await
+                .unwrap();
+            tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+        })
+    };
+    assert_eq!(served(), leaf.der);
+    let renewed = ca.leaf("site", &["localhost"]);
+    // SAFETY: plain syscall to the child this test started.
+    unsafe { libc::kill(wsedge.0.id() as i32, libc::SIGHUP) };
+    wait_for_log(&mut lines, "TLS certificates reloaded");
+    assert_eq!(served(), renewed.der, "the renewed certificate is served");
+    std::fs::write(&renewed.key, "not a key").unwrap();
+    unsafe { libc::kill(wsedge.0.id() as i32, libc::SIGHUP) };
+    let refused = wait_for_log(
+        &mut lines,
+        "TLS certificate reload refused; the certificates in use stay",
+    );
+    assert!(
+        refused["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("site.key"),
+        "{refused}"
+    );
+    assert_eq!(served(), renewed.der, "the certificate in use stays");
+    drop(wsedge);
+}

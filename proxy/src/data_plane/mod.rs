@@ -25,7 +25,7 @@ use relay::Relay;
 use crate::{
     config::DataPlaneMode,
     conn::{Connection, LiveCounters, PlaneName},
-    protocols::frames::FrameCursor,
+    protocols::{frames::FrameCursor, stream::ClientStream},
 };
 
 #[derive(Clone)]
@@ -68,10 +68,22 @@ impl DataPlane {
     }
 
     /// The path for one upgraded connection: zero-hop for an instance spawned on this host
-    /// whose socket the kernel recorded, else the two-socket splice, or the relay.
-    pub async fn path_for(&self, client: &TcpStream, instance: &TcpStream, spawned: bool) -> Path {
+    /// whose socket the kernel recorded, else the two-socket splice, or the relay. A `wss://`
+    /// client is relayed: its records are encrypted by rustls, or by the kernel's TLS, which
+    /// a sockmap redirect would bypass.
+    pub async fn path_for(
+        &self,
+        client: &ClientStream,
+        instance: &TcpStream,
+        spawned: bool,
+    ) -> Path {
+        let client = match client {
+            ClientStream::Plain(tcp) => tcp,
+            ClientStream::Tls(_) => return Path::Relay(RelayOver::RustlsTls),
+            ClientStream::Ktls(_) => return Path::Relay(RelayOver::KernelTls),
+        };
         match self {
-            DataPlane::Userspace => Path::Relay,
+            DataPlane::Userspace => Path::Relay(RelayOver::Tcp),
             DataPlane::Kernel(k) => {
                 let keys = match spawned {
                     true => k.zero_hop_keys(client, instance).await,
@@ -91,16 +103,26 @@ pub type Carrying = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Sen
 
 /// The path one connection takes after the upgrade.
 pub enum Path {
-    Relay,
+    Relay(RelayOver),
     TwoSocket(Arc<KernelDataPlane>),
     ZeroHop(Arc<KernelDataPlane>, ZeroHopKeys),
+}
+
+/// What the relay reads and writes on the client's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayOver {
+    Tcp,
+    /// rustls in this process encrypts and decrypts.
+    RustlsTls,
+    /// The kernel encrypts and decrypts; the relay sees plaintext.
+    KernelTls,
 }
 
 /// A connection at the hand-over: its sockets, what userspace wrote to each by hand, and
 /// the client's bytes past the handshake that the splice itself delivers (zero-hop only;
 /// every other path has already forwarded them).
 pub struct Handover {
-    pub client: TcpStream,
+    pub client: ClientStream,
     pub instance: TcpStream,
     pub written: WrittenByHand,
     pub pipelined: Vec<u8>,
@@ -109,7 +131,9 @@ pub struct Handover {
 impl Path {
     pub fn name(&self) -> PlaneName {
         match self {
-            Path::Relay => PlaneName::Userspace,
+            Path::Relay(RelayOver::Tcp) => PlaneName::Userspace,
+            Path::Relay(RelayOver::RustlsTls) => PlaneName::UserspaceTls,
+            Path::Relay(RelayOver::KernelTls) => PlaneName::UserspaceKtls,
             Path::TwoSocket(_) => PlaneName::Kernel,
             Path::ZeroHop(..) => PlaneName::KernelZeroHop,
         }
@@ -118,7 +142,7 @@ impl Path {
     /// Whether the kernel takes over the streams: its parser must then start on a frame
     /// header, so the hand-over completes any frame the handshake's leftovers ended inside.
     pub fn kernel(&self) -> bool {
-        !matches!(self, Path::Relay)
+        !matches!(self, Path::Relay(_))
     }
 
     /// Whether the client's bytes past the handshake stay for the splice to deliver.
@@ -138,15 +162,16 @@ impl Path {
         cursors: [FrameCursor; 2],
         on_end: impl FnOnce(io::Result<Ending>) + Send + 'static,
     ) -> Option<Carrying> {
-        let (kernel, zero_hop) = match self {
-            Path::Relay => {
+        let (kernel, zero_hop, client) = match (self, handover.client) {
+            (Path::TwoSocket(k), ClientStream::Plain(tcp)) => (k, None, tcp),
+            (Path::ZeroHop(k, keys), ClientStream::Plain(tcp)) => (k, Some(keys), tcp),
+            // `path_for` chose the relay for every TLS client.
+            (_, client) => {
                 // Built here, outside the future, which then only borrows it: the relay's
                 // state is held once per connection.
-                let mut relay = Relay::new(handover.client, handover.instance, conn, cursors);
+                let mut relay = Relay::new(client, handover.instance, conn, cursors);
                 return Some(Box::pin(async move { on_end(relay.run().await) }));
             }
-            Path::TwoSocket(k) => (k, None),
-            Path::ZeroHop(k, keys) => (k, Some(keys)),
         };
         let ended = conn.clone();
         let on_end: OnEnd = Box::new(move |end, inbound, outbound| {
@@ -154,10 +179,10 @@ impl Path {
             on_end(end)
         });
         let Handover {
-            client,
             instance,
             written,
             pipelined,
+            ..
         } = handover;
         let request = SpliceRequest {
             client,

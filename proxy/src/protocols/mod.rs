@@ -1,8 +1,10 @@
-//! Wire protocols: the HTTP/1.1 upgrade handshake, its authentication, error responses and
-//! WebSocket framing.
+//! Wire protocols: the client's stream (TCP or TLS), the HTTP/1.1 upgrade handshake, its
+//! authentication, error responses and WebSocket framing.
 
 pub mod auth;
 pub mod error_response;
 pub mod frames;
 pub mod handshake;
 pub mod head;
+pub mod stream;
+pub mod tls;

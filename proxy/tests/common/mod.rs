@@ -2,6 +2,8 @@
 //! port 0 of loopback.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::{net::SocketAddr, time::Duration};
 
 use futures_util::{SinkExt, Stream, StreamExt};
@@ -112,7 +114,10 @@ impl PendingUpgrade {
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The `wss://` address, when the config has `tls_listen`.
+    pub tls_addr: Option<SocketAddr>,
     pub admin: SocketAddr,
+    pub state: std::sync::Arc<wsedge::server::AppState>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -175,14 +180,17 @@ pub async fn start_proxy(config: Config) -> Proxy {
     let server = Server::bind(config)
         .await
         .expect("wsedge starts (as root, eBPF must load)");
-    let (addr, admin) = (server.local_addr(), server.admin_addr());
+    let (addr, admin, tls_addr) = (server.local_addr(), server.admin_addr(), server.tls_addr());
+    let state = server.state();
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
     Proxy {
         addr,
+        tls_addr,
         admin,
+        state,
         stop: Some(stop),
         task: Some(task),
     }
@@ -637,13 +645,21 @@ pub async fn open(p: &Proxy) -> Ws {
 }
 
 /// Sends `text` and asserts that it comes back.
-pub async fn echo_once(ws: &mut Ws, text: &str) {
+pub async fn echo_once<S>(ws: &mut S, text: &str)
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>>
+        + futures_util::Sink<Message, Error = tungstenite::Error>
+        + Unpin,
+{
     ws.send(Message::text(text)).await.unwrap();
     assert_eq!(recv(ws).await, Message::text(text));
 }
 
 /// Reads past other messages to the proxy's close frame, within `within`; returns its code.
-pub async fn proxy_close_code(ws: &mut Ws, within: Duration) -> Option<u16> {
+pub async fn proxy_close_code<S>(ws: &mut S, within: Duration) -> Option<u16>
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
     tokio::time::timeout(within, async {
         loop {
             match ws.next().await {

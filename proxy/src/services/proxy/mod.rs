@@ -1,6 +1,7 @@
 //! The WebSocket proxy service: one connection's whole life, in order.
 //!
-//! 1. **admit**: count it against `max_connections` and its IP's limit;
+//! 1. **admit**: count it against `max_connections` and its IP's limit; a `wss://` client's
+//!    TLS handshake (within `tls_handshake_timeout_s`) happens here, its IP already counted;
 //! 2. **upgrade** (`upgrade.rs`): read and check the request, route, admit, pick an
 //!    instance, relay its 101 (or answer with the error status);
 //! 3. **register**: choose the path ([`Path`]) and enter the registry under its name;
@@ -27,7 +28,7 @@ use tokio::{
     net::TcpStream,
     time::timeout,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     app::AppState,
@@ -36,15 +37,16 @@ use crate::{
     data_plane::{Carrying, Handover, Path},
     instances::Lease,
     metrics::Metrics,
-    protocols::frames::FrameCursor,
+    protocols::{frames::FrameCursor, stream::ClientStream},
     registry::{ClientSlot, Registered},
 };
 use upgrade::{Admission, Failure, Upgraded, refuse, upgrade};
 
-pub async fn serve(state: Arc<AppState>, client: TcpStream, peer: SocketAddr) {
+/// Serves one accepted TCP connection; `tls`: it came to `tls_listen`.
+pub async fn serve(state: Arc<AppState>, client: TcpStream, peer: SocketAddr, tls: bool) {
     // Steps 1-4 in their own allocation, freed before the connection's long life: what stays
     // for it is only the carrying future (for the relay; a kernel path keeps none).
-    if let Some(carrying) = Box::pin(prepare(state, client, peer)).await {
+    if let Some(carrying) = Box::pin(prepare(state, client, peer, tls)).await {
         carrying.await;
     }
 }
@@ -52,16 +54,31 @@ pub async fn serve(state: Arc<AppState>, client: TcpStream, peer: SocketAddr) {
 /// Steps 1-4; `None` when the connection ended before it was handed over.
 async fn prepare(
     state: Arc<AppState>,
-    mut client: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
+    tls: bool,
 ) -> Option<Carrying> {
-    let _ = client.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
     // 1. admit
     let server = &state.config.server;
     let client_slot = state
         .clients
         .admit(peer.ip(), server.max_connections_per_ip);
     let reservation = state.registry.reserve(server.max_connections as usize);
+    let mut client = match (tls, &state.tls) {
+        (true, Some(terminator)) => match terminator.accept(tcp).await {
+            Ok(stream) => {
+                state.metrics.tls_handshake("ok");
+                stream
+            }
+            Err(e) => {
+                state.metrics.tls_handshake(e.kind());
+                debug!(client = %peer, error = %e, "TLS handshake did not complete");
+                return None;
+            }
+        },
+        _ => ClientStream::Plain(tcp),
+    };
     let admission = Admission {
         over_ip_limit: client_slot.is_none(),
         at_capacity: reservation.is_none(),
@@ -173,7 +190,7 @@ fn end(conn: &Connection, result: std::io::Result<Ending>, metrics: &Metrics, he
 /// client's bytes stay in the hand-over: the splice sends them into the instance's socket.
 async fn hand_over(
     path: &Path,
-    mut client: TcpStream,
+    mut client: ClientStream,
     mut up: Upgraded,
     conn: &Connection,
     limit: Duration,
@@ -252,7 +269,7 @@ fn account(
 
 /// Accounts `rest` and, if it ends inside a frame, reads exactly up to that frame's end.
 async fn complete_frame(
-    stream: &mut TcpStream,
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
     rest: &mut Vec<u8>,
     cursor: &mut FrameCursor,
     conn: &Connection,

@@ -19,6 +19,7 @@ use crate::{
         error_response::HandshakeError,
         handshake::{UpgradeRequest, parse_upgrade, validate_response},
         head::{Head, HeadError, read_head},
+        stream::ClientStream,
     },
     registry::Limits,
     routing::{Assigned, Route},
@@ -69,7 +70,7 @@ impl From<HandshakeError> for Failure {
 /// Answers a refused handshake with its status and closes the connection.
 pub(super) async fn refuse(
     state: &AppState,
-    mut client: TcpStream,
+    mut client: ClientStream,
     peer: SocketAddr,
     function: Option<Arc<str>>,
     e: HandshakeError,
@@ -85,7 +86,7 @@ pub(super) async fn refuse(
 
 pub(super) async fn upgrade(
     state: &AppState,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     peer: SocketAddr,
     admission: Admission,
     function: &mut Option<Arc<str>>,
@@ -119,7 +120,7 @@ pub(super) async fn upgrade(
     }
     admit(route, &request, admission.over_ip_limit, peer)?;
     let assigned = route.assign().await?;
-    let forwarded = request.forwarded(peer.ip(), false, &admission.connection_id);
+    let forwarded = request.forwarded(peer.ip(), client.tls(), &admission.connection_id);
     let (instance, response) = connect_instance(state, &assigned, &request, &forwarded).await?;
     client
         .write_all(&response.head)
