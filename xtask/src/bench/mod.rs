@@ -197,6 +197,11 @@ pub fn run(opts: &Options) -> Result<()> {
         .iter()
         .map(|w| modes.iter().filter(|&&m| measured(opts, m, w)).count())
         .sum::<usize>();
+    if cells_per_round == 0 {
+        bail!(
+            "none of these modes runs these workloads (the TLS modes run edge, bulk and handshake)"
+        );
+    }
     let total = cells_per_round * opts.repeats;
     let mut cells = Vec::new();
     let mut step = 0;

@@ -1029,4 +1029,32 @@ mod tests {
             target(&r, "edge_added_cpu_vs_best", Target::AtMost(0.5)).ends_with("not measured")
         );
     }
+
+    #[test]
+    fn tls_targets_take_the_better_tls_proxy() {
+        let cell = |mode: &str, workload: &str, key: &str, v: f64| {
+            let mut e = json!({ "mode": mode, "workload": workload, "round": 1 });
+            e[key] = json!(v);
+            e
+        };
+        let runs = vec![
+            cell("wsedge-tls", "handshake", "handshakes_per_s", 3000.0),
+            cell("nginx-tls", "handshake", "handshakes_per_s", 1500.0),
+            cell("haproxy-tls", "handshake", "handshakes_per_s", 1000.0),
+            cell("wsedge-tls", "edge", "rtt_p99_us", 700.0),
+            cell("nginx-tls", "edge", "rtt_p99_us", 800.0),
+            cell("haproxy-tls", "edge", "rtt_p99_us", 500.0),
+            // The plain proxies are not what wsedge-tls is held against.
+            cell("nginx", "edge", "rtt_p99_us", 100.0),
+            cell("nginx", "handshake", "handshakes_per_s", 20000.0),
+        ];
+        let r = ratios_with_range(&summarise_all(&runs), &runs, 1);
+        // Handshakes: higher is better, so nginx-tls's; p99: lower is better, HAProxy's.
+        assert_eq!(f(&r["tls_handshakes_per_s_vs_best"]), Some(2.0));
+        assert_eq!(f(&r["tls_edge_p99_vs_best"]), Some(1.4));
+        assert!(
+            target(&r, "tls_handshakes_per_s_vs_best", Target::AtLeast(1.0)).ends_with(": met")
+        );
+        assert!(f(&r["tls_bulk_p99_vs_best"]).is_none());
+    }
 }
