@@ -406,13 +406,25 @@ fn measure_once(bench: &Bench, mode: Mode, load: Load, round: usize) -> Result<V
             "backend": seen(&backend_pids),
         });
         if mode.expected_data_plane().is_some() && is_ready {
-            if load.kind == "handshake" {
-                // Workers connect only now; catch some of their short-lived connections.
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            match proxy.data_planes() {
-                Ok(p) => planes = p,
-                Err(e) => println!("bench: WARNING: sampling /connections failed: {e:#}"),
+            // Handshake workers connect only now, and their connections are short-lived (over
+            // TLS most of a worker's time is the TLS handshake, before wsedge lists it): look
+            // again until one is caught, within the warm-up.
+            let tries = match load.kind {
+                "handshake" => 25,
+                _ => 1,
+            };
+            for _ in 0..tries {
+                match proxy.data_planes() {
+                    Ok(p) => planes = p,
+                    Err(e) => {
+                        println!("bench: WARNING: sampling /connections failed: {e:#}");
+                        break;
+                    }
+                }
+                if planes.as_ref().is_some_and(|p| !p.is_empty()) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(40));
             }
         }
         let out = child
