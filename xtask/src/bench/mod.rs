@@ -561,3 +561,42 @@ fn install_packages(packages: &[&str]) -> Result<()> {
 pub fn results_dir() -> PathBuf {
     cmd::root().join("bench/results")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cells_per_round(opts: &Options) -> usize {
+        let modes = select_modes(&opts.modes).unwrap();
+        select_workloads(opts)
+            .unwrap()
+            .iter()
+            .map(|w| modes.iter().filter(|&&m| measured(opts, m, w)).count())
+            .sum()
+    }
+
+    #[test]
+    fn tls_modes_run_edge_bulk_and_handshake() {
+        let mut opts = Options {
+            quick: true,
+            modes: Vec::new(),
+            workloads: Vec::new(),
+            repeats: 3,
+            placement: DEFAULT_PLACEMENT,
+        };
+        // Edge and bulk through all 9 modes, push through the 6 plain ones, handshake through
+        // the 3 TLS ones: what keeps the quick run near 11 minutes.
+        assert_eq!(cells_per_round(&opts), 9 + 9 + 6 + 3);
+        // Asked for by name, handshakes run through every mode.
+        opts.workloads = vec!["handshake".into()];
+        assert_eq!(cells_per_round(&opts), 9);
+        opts.quick = false;
+        opts.workloads.clear();
+        // Push and edge-max only through the plain modes.
+        assert_eq!(cells_per_round(&opts), 9 * 5 - 3 * 2);
+        opts.modes = vec!["nginx-tls".into(), "haproxy-tls".into()];
+        opts.workloads = vec!["push".into()];
+        assert_eq!(cells_per_round(&opts), 0);
+        assert!(select_modes(&["wsedge-tls".into()]).is_ok());
+    }
+}
