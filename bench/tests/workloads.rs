@@ -150,8 +150,9 @@ fn tls_config(front: &TlsFront, workload: Workload, connections: usize, size: us
 }
 
 /// Every connection the client upgraded negotiated the one suite and group in a full
-/// handshake, and the server saw the same of every connection it accepted, `upgraded` or more
-/// (a connection the window's end cut short is the server's and not the client's).
+/// handshake, and the server saw the same of every handshake it completed, `upgraded` or more.
+/// (A handshake the client dropped half-done, as the handshake workload's drain can when it
+/// times out, fails on the server's side: what it proves is on the client's.)
 fn assert_tls(r: &Report, front: &TlsFront, upgraded: u64) {
     assert_eq!(
         r.tls_sessions,
@@ -159,8 +160,9 @@ fn assert_tls(r: &Report, front: &TlsFront, upgraded: u64) {
         "{r:#?}"
     );
     let seen = front.handshakes();
-    assert!(seen.len() as u64 >= upgraded, "{seen:?}");
-    assert!(seen.iter().all(|h| h == SERVER_SAW), "{seen:?}");
+    let done: Vec<&String> = seen.iter().filter(|h| !h.starts_with("failed")).collect();
+    assert!(done.len() as u64 >= upgraded, "{seen:?}");
+    assert!(done.iter().all(|h| *h == SERVER_SAW), "{seen:?}");
 }
 
 #[test]
