@@ -71,6 +71,17 @@ async fn wss_echoes_small_64k_and_256k_messages_on_the_tls_path_of_this_kernel()
     assert_eq!(conns.len(), 1, "{conns:?}");
     assert_eq!(conns[0].data_plane, expected_tls_plane());
     assert!(conns[0].tls);
+    if expected_tls_plane() == "userspace-ktls" {
+        // The kernel's own count of sockets it encrypts and decrypts in software.
+        let stat = std::fs::read_to_string("/proc/net/tls_stat").unwrap();
+        for counter in ["TlsCurrTxSw", "TlsCurrRxSw"] {
+            let open: u64 = stat
+                .lines()
+                .find_map(|l| l.strip_prefix(counter)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{counter} in {stat}"));
+            assert!(open >= 1, "{counter} {open}: the kernel holds the session\n{stat}");
+        }
+    }
     assert_eq!(conns[0].messages_in, 3);
     ws.close(None).await.unwrap();
     read_to_end_of(&mut ws).await;
