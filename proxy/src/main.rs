@@ -45,6 +45,8 @@ fn main() -> anyhow::Result<()> {
     let config = Config::load(&cli.config)?;
     match cli.command {
         Command::Check => {
+            wsedge::protocols::tls::check_certificates(&config.server, &config.base_dir)
+                .context("tls_cert")?;
             print!(
                 "{}",
                 toml::to_string_pretty(&config).context("printing the config")?

@@ -501,3 +501,44 @@ fn sighup_reloads_the_tls_certificate_and_logs_a_refused_one() {
     assert_eq!(served(), renewed.der, "the certificate in use stays");
     drop(wsedge);
 }
+
+#[test]
+fn check_loads_the_tls_certificates_and_names_a_broken_one() {
+    let ca = common::tls::TestCa::new();
+    let leaf = ca.leaf("site", &["localhost"]);
+    let path = ca.dir.path().join("wsedge.toml");
+    let write = || {
+        let server = common::tls::tls_server_lines(&[&leaf], "");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n{server}[[function]]\nname = \"e\"\n\
+                 route = \"/e\"\nupstreams = [\"127.0.0.1:9\"]\n"
+            ),
+        )
+        .unwrap();
+    };
+    write();
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&leaf.key, "not a key").unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls_cert") && err.contains("site.key"),
+        "{err}"
+    );
+}

@@ -79,7 +79,10 @@ async fn wss_echoes_small_64k_and_256k_messages_on_the_tls_path_of_this_kernel()
                 .lines()
                 .find_map(|l| l.strip_prefix(counter)?.trim().parse().ok())
                 .unwrap_or_else(|| panic!("{counter} in {stat}"));
-            assert!(open >= 1, "{counter} {open}: the kernel holds the session\n{stat}");
+            assert!(
+                open >= 1,
+                "{counter} {open}: the kernel holds the session\n{stat}"
+            );
         }
     }
     assert_eq!(conns[0].messages_in, 3);

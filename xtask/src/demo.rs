@@ -21,16 +21,42 @@ use crate::{cmd, setup};
 
 const CONFIG: &str = "deploy/demo.toml";
 const URL: &str = "ws://127.0.0.1:8080/echo";
+const TLS_URL: &str = "wss://localhost:8443/echo";
+/// Where the demo's certificate goes (`deploy/demo.toml` names these files).
+const TLS_DIR: &str = "target/wsedge-demo-tls";
 const ADMIN_URL: &str = "http://127.0.0.1:9901/connections";
 const INSTANCES_URL: &str = "http://127.0.0.1:9901/instances";
 
 pub fn run() -> Result<()> {
     setup::run()?;
-    cmd::run(cmd::cargo().args(["build", "--release", "-p", "proxy", "-p", "echo-fn"]))?;
+    cmd::run(cmd::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "proxy",
+        "-p",
+        "echo-fn",
+        "-p",
+        "bench",
+    ]))?;
     if !cmd::root().join(CONFIG).is_file() {
         bail!("{CONFIG} is missing");
     }
     let release = cmd::root().join("target/release");
+    let tls_dir = cmd::root().join(TLS_DIR);
+    if !tls_dir.join("cert.pem").is_file() {
+        println!(
+            "xtask: writing a demo CA and a localhost certificate for wss:// to {}",
+            tls_dir.display()
+        );
+        cmd::run(
+            Command::new(release.join("bench"))
+                .arg("cert")
+                .arg("--dir")
+                .arg(&tls_dir),
+        )?;
+    }
+    let ca = tls_dir.join("ca.pem");
 
     // Both children get their own process group, so a Ctrl-C in the terminal reaches only us
     // and wsedge gets exactly one signal: the one we forward. Block the signals before any
@@ -53,6 +79,12 @@ pub fn run() -> Result<()> {
     println!(
         "          or: python3 -c 'from websockets.sync.client import connect; \
          c = connect(\"{URL}\"); c.send(\"hello\"); print(c.recv())'"
+    );
+    println!(
+        "  wss://:      python3 -c 'import ssl; from websockets.sync.client import connect; \
+         c = connect(\"{TLS_URL}\", ssl=ssl.create_default_context(cafile=\"{}\")); \
+         c.send(\"hello\"); print(c.recv())'",
+        ca.display()
     );
     println!("  connections: curl {ADMIN_URL}");
     println!("  instances:   curl {INSTANCES_URL}");

@@ -8,7 +8,10 @@ pub mod ktls;
 use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio::{net::TcpStream, time::timeout};
-use tokio_rustls::{TlsAcceptor, rustls};
+use tokio_rustls::{
+    TlsAcceptor,
+    rustls::{self, crypto::CryptoProvider},
+};
 
 use crate::{
     config::{DataPlaneMode, ServerConfig},
@@ -47,6 +50,32 @@ impl AcceptError {
     }
 }
 
+/// ring rather than aws-lc-rs: it builds with a C compiler alone. Its price is no
+/// post-quantum key exchange, which rustls marks by deprecating this provider.
+#[allow(deprecated)]
+fn provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// The configured certificate and key files, resolved against the config's directory.
+fn cert_files(server: &ServerConfig, base_dir: &Path) -> Vec<CertFiles> {
+    server
+        .tls_cert
+        .iter()
+        .zip(&server.tls_key)
+        .map(|(cert, key)| CertFiles {
+            cert: base_dir.join(cert),
+            key: base_dir.join(key),
+        })
+        .collect()
+}
+
+/// Loads the configured certificates as a start would (for `wsedge check`); returns how many.
+pub fn check_certificates(server: &ServerConfig, base_dir: &Path) -> Result<usize, CertError> {
+    let certificates = Certificates::load(cert_files(server, base_dir), Arc::new(provider()))?;
+    Ok(certificates.leaves().len())
+}
+
 /// The TLS side of the `tls_listen` listener.
 pub struct TlsTerminator {
     acceptor: TlsAcceptor,
@@ -63,25 +92,16 @@ impl TlsTerminator {
             DataPlaneMode::Userspace => None,
             DataPlaneMode::Auto | DataPlaneMode::Kernel => KernelTls::probe().await,
         };
-        // ring rather than aws-lc-rs: it builds with a C compiler alone. Its price is no
-        // post-quantum key exchange, which rustls marks by deprecating this provider.
-        #[allow(deprecated)]
-        let mut provider = rustls::crypto::ring::default_provider();
+        let mut provider = provider();
         if let Some(kernel) = &kernel {
             // Offer only what the kernel can carry, so every session can move into it.
             provider.cipher_suites.retain(|s| kernel.supports(*s));
         }
         let provider = Arc::new(provider);
-        let files = server
-            .tls_cert
-            .iter()
-            .zip(&server.tls_key)
-            .map(|(cert, key)| CertFiles {
-                cert: base_dir.join(cert),
-                key: base_dir.join(key),
-            })
-            .collect();
-        let certificates = Arc::new(Certificates::load(files, provider.clone())?);
+        let certificates = Arc::new(Certificates::load(
+            cert_files(server, base_dir),
+            provider.clone(),
+        )?);
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
