@@ -89,8 +89,9 @@ pub struct ServerConfig {
     /// On SIGTERM, how long open connections get to close before they are cut, in seconds.
     #[serde(default = "default_drain_timeout_s")]
     pub drain_timeout_s: u64,
-    /// Most open connections (handshakes included) from one client IP; beyond, 429.
-    /// Unset: no per-IP limit.
+    /// Most open connections (handshakes included) from one client: an IPv4 address, or an
+    /// IPv6 /64 (an IPv4-mapped IPv6 address counts as its IPv4 address); beyond, 429 at
+    /// once, before the request is read. At least 1; unset: no per-IP limit.
     #[serde(default)]
     pub max_connections_per_ip: Option<u32>,
     /// Most open WebSockets in all (upgrades under way included); beyond, 503 before the
@@ -337,6 +338,12 @@ impl Config {
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
+        if s.max_connections_per_ip == Some(0) {
+            return Err(invalid(
+                "server.max_connections_per_ip",
+                "must be at least 1 (leave it out for no per-IP limit)",
+            ));
+        }
         if s.kernel_map_connections == 0 || s.kernel_map_connections > 1 << 20 {
             return Err(invalid(
                 "server.kernel_map_connections",
@@ -464,5 +471,25 @@ mod tests {
         assert!(err.contains("idle_timeout_s"), "{err}");
         let err = parse(&MINIMAL.replace("127.0.0.1:9000", "nowhere")).unwrap_err();
         assert!(err.contains("upstreams"), "{err}");
+    }
+
+    #[test]
+    fn a_per_ip_limit_of_0_is_refused_and_1_accepted() {
+        let with = |n: u32| {
+            MINIMAL.replace(
+                "[server]\n",
+                &format!("[server]\nmax_connections_per_ip = {n}\n"),
+            )
+        };
+        let err = parse(&with(0)).unwrap_err();
+        assert!(
+            err.contains("server.max_connections_per_ip") && err.contains("at least 1"),
+            "{err}"
+        );
+        assert_eq!(
+            parse(&with(1)).unwrap().server.max_connections_per_ip,
+            Some(1)
+        );
+        assert_eq!(parse(MINIMAL).unwrap().server.max_connections_per_ip, None);
     }
 }

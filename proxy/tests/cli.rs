@@ -162,6 +162,39 @@ fn check_names_the_bad_field_and_fails() {
 }
 
 #[test]
+fn check_refuses_a_per_ip_limit_of_0() {
+    let dir = readable_dir();
+    let path = write_config(&dir, "auto", "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let with = |n: u32| {
+        text.replace(
+            "[server]\n",
+            &format!("[server]\nmax_connections_per_ip = {n}\n"),
+        )
+    };
+    std::fs::write(&path, with(0)).unwrap();
+    let out = check(&path);
+    assert!(
+        !out.status.success(),
+        "wsedge check accepted max_connections_per_ip = 0"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("server.max_connections_per_ip: must be at least 1"),
+        "{err}"
+    );
+    std::fs::write(&path, with(1)).unwrap();
+    let out = check(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("max_connections_per_ip = 1"), "{printed}");
+}
+
+#[test]
 fn kernel_data_plane_fails_at_start_when_ebpf_cannot_load() {
     let dir = readable_dir();
     let path = write_config(&dir, "kernel", "");

@@ -1,6 +1,7 @@
 //! The WebSocket proxy service: one connection's whole life, in order.
 //!
-//! 1. **admit**: count it against `max_connections` and its IP's limit;
+//! 1. **admit**: count it against its IP's limit (over it: 429 at once, nothing read) and
+//!    `max_connections`;
 //! 2. **upgrade** (`upgrade.rs`): read and check the request, route, admit, pick an
 //!    instance, relay its 101 (or answer with the error status);
 //! 3. **register**: choose the path ([`Path`]) and enter the registry under its name;
@@ -39,7 +40,7 @@ use crate::{
     protocols::frames::FrameCursor,
     registry::{ClientSlot, Registered},
 };
-use upgrade::{Admission, Failure, Upgraded, refuse, upgrade};
+use upgrade::{Admission, Failure, Upgraded, refuse, refuse_over_ip_limit, upgrade};
 
 pub async fn serve(state: Arc<AppState>, client: TcpStream, peer: SocketAddr) {
     // Steps 1-4 in their own allocation, freed before the connection's long life: what stays
@@ -58,12 +59,18 @@ async fn prepare(
     let _ = client.set_nodelay(true);
     // 1. admit
     let server = &state.config.server;
-    let client_slot = state
+    let client_slot = match state
         .clients
-        .admit(peer.ip(), server.max_connections_per_ip);
+        .admit(peer.ip(), server.max_connections_per_ip)
+    {
+        Ok(slot) => slot,
+        Err(key) => {
+            Box::pin(refuse_over_ip_limit(&state, client, peer, key)).await;
+            return None;
+        }
+    };
     let reservation = state.registry.reserve(server.max_connections as usize);
     let admission = Admission {
-        over_ip_limit: client_slot.is_none(),
         at_capacity: reservation.is_none(),
         connection_id: reservation
             .as_ref()
@@ -136,7 +143,7 @@ async fn prepare(
 struct Held {
     _registered: Registered,
     _lease: Option<Lease>,
-    _client_slot: Option<ClientSlot>,
+    _client_slot: ClientSlot,
 }
 
 /// Logs and counts how a connection ended, with its function status and final counters,
