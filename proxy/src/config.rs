@@ -70,6 +70,13 @@ pub struct ServerConfig {
     /// Admin API address (/metrics /live /ready /connections /billing).
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
+    /// Name of an environment variable holding the admin API's token, e.g.
+    /// "WSEDGE_ADMIN_TOKEN". When given, the variable must be set (non-empty, printable
+    /// ASCII) when wsedge starts, every admin API request needs `Authorization: Bearer
+    /// <token>` (401 otherwise), and `wsedge conns` sends the token from the same variable.
+    /// Unset: the admin API answers whoever reaches `admin_listen`.
+    #[serde(default)]
+    pub admin_token_env: Option<String>,
     /// Which data plane carries frames after the handshake.
     #[serde(default = "default_data_plane")]
     pub data_plane: DataPlaneMode,
@@ -338,6 +345,9 @@ impl Config {
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
+        if s.admin_token_env.as_deref() == Some("") {
+            return Err(invalid("server.admin_token_env", "must name a variable"));
+        }
         if s.max_connections_per_ip == Some(0) {
             return Err(invalid(
                 "server.max_connections_per_ip",
@@ -471,6 +481,24 @@ mod tests {
         assert!(err.contains("idle_timeout_s"), "{err}");
         let err = parse(&MINIMAL.replace("127.0.0.1:9000", "nowhere")).unwrap_err();
         assert!(err.contains("upstreams"), "{err}");
+    }
+
+    #[test]
+    fn admin_token_env_is_optional_and_must_name_a_variable() {
+        let with = |v: &str| {
+            MINIMAL.replace(
+                "[server]\n",
+                &format!("[server]\nadmin_token_env = \"{v}\"\n"),
+            )
+        };
+        assert_eq!(parse(MINIMAL).unwrap().server.admin_token_env, None);
+        let c = parse(&with("WSEDGE_ADMIN_TOKEN")).unwrap();
+        assert_eq!(
+            c.server.admin_token_env.as_deref(),
+            Some("WSEDGE_ADMIN_TOKEN")
+        );
+        let err = parse(&with("")).unwrap_err();
+        assert!(err.contains("server.admin_token_env"), "{err}");
     }
 
     #[test]
