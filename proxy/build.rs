@@ -3,6 +3,9 @@
 //! Without bpf-linker the userspace crates must still check, build and run (with the userspace
 //! data plane), so the eBPF build is skipped with a warning and the loader reports why at
 //! run time. `cargo xtask demo` / `cargo xtask test` install bpf-linker first.
+//!
+//! `WSEDGE_SKIP_EBPF=1` skips it on purpose: the fuzz crate (`proxy/fuzz`) links the library
+//! with sanitizer flags and never loads the programs, so building them there only costs time.
 
 use std::{env, fs, path::PathBuf};
 
@@ -10,6 +13,11 @@ fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let object = out_dir.join("proxy-ebpf");
     println!("cargo:rerun-if-env-changed=PATH");
+    println!("cargo:rerun-if-env-changed=WSEDGE_SKIP_EBPF");
+    if env::var_os("WSEDGE_SKIP_EBPF").is_some_and(|v| v == "1") {
+        fs::write(&object, [])?;
+        return Ok(());
+    }
     let have_linker = which::which("bpf-linker").is_ok();
     if !have_linker {
         println!(

@@ -15,6 +15,7 @@ use crate::{
     data_plane::{DataPlane, LoadError},
     instances::{Pool, SpawnSpec, cgroup},
     metrics::Metrics,
+    protocols::bearer::{BearerToken, TokenError},
     protocols::tls::{TlsError, TlsTerminator},
     registry::{ClientCounts, Registry},
     routing::{Backend, Route, Routes},
@@ -39,6 +40,8 @@ pub struct AppState {
     pub tls: Option<TlsTerminator>,
     /// This server's directory for instance cgroups (root with cgroup2 only).
     pub(crate) instance_cgroups: Option<PathBuf>,
+    /// The token every admin API request must bear (`admin_token_env`), read at start.
+    pub admin_token: Option<BearerToken>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +58,18 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("function {function}: {reason}")]
     Function { function: String, reason: String },
+    #[error("server.admin_token_env: {0}")]
+    AdminToken(#[from] TokenError),
 }
 
 impl AppState {
     /// Loads the data plane and builds the functions of `config`; `tls` serves `tls_listen`.
     pub fn build(config: Config, tls: Option<TlsTerminator>) -> Result<AppState, StartError> {
+        // Before anything starts: a missing token must not leave the admin API open.
+        let admin_token = match &config.server.admin_token_env {
+            Some(var) => Some(BearerToken::from_env(var)?),
+            None => None,
+        };
         let data_plane = DataPlane::select(
             config.server.data_plane,
             config.server.kernel_map_connections,
@@ -83,6 +93,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             tls,
             instance_cgroups: cgroups,
+            admin_token,
         })
     }
 

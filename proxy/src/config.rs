@@ -75,6 +75,13 @@ pub struct ServerConfig {
     /// Admin API address (/metrics /live /ready /connections /billing).
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
+    /// Name of an environment variable holding the admin API's token, e.g.
+    /// "WSEDGE_ADMIN_TOKEN". When given, the variable must be set (non-empty, printable
+    /// ASCII) when wsedge starts, every admin API request needs `Authorization: Bearer
+    /// <token>` (401 otherwise), and `wsedge conns` sends the token from the same variable.
+    /// Unset: the admin API answers whoever reaches `admin_listen`.
+    #[serde(default)]
+    pub admin_token_env: Option<String>,
     /// Which data plane carries frames after the handshake.
     #[serde(default = "default_data_plane")]
     pub data_plane: DataPlaneMode,
@@ -94,8 +101,9 @@ pub struct ServerConfig {
     /// On SIGTERM, how long open connections get to close before they are cut, in seconds.
     #[serde(default = "default_drain_timeout_s")]
     pub drain_timeout_s: u64,
-    /// Most open connections (handshakes included) from one client IP; beyond, 429.
-    /// Unset: no per-IP limit.
+    /// Most open connections (handshakes included) from one client: an IPv4 address, or an
+    /// IPv6 /64 (an IPv4-mapped IPv6 address counts as its IPv4 address); beyond, 429 at
+    /// once, before the request is read. At least 1; unset: no per-IP limit.
     #[serde(default)]
     pub max_connections_per_ip: Option<u32>,
     /// Most open WebSockets in all (upgrades under way included); beyond, 503 before the
@@ -389,6 +397,15 @@ impl Config {
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
+        if s.admin_token_env.as_deref() == Some("") {
+            return Err(invalid("server.admin_token_env", "must name a variable"));
+        }
+        if s.max_connections_per_ip == Some(0) {
+            return Err(invalid(
+                "server.max_connections_per_ip",
+                "must be at least 1 (leave it out for no per-IP limit)",
+            ));
+        }
         if s.kernel_map_connections == 0 || s.kernel_map_connections > 1 << 20 {
             return Err(invalid(
                 "server.kernel_map_connections",
@@ -516,5 +533,43 @@ mod tests {
         assert!(err.contains("idle_timeout_s"), "{err}");
         let err = parse(&MINIMAL.replace("127.0.0.1:9000", "nowhere")).unwrap_err();
         assert!(err.contains("upstreams"), "{err}");
+    }
+
+    #[test]
+    fn admin_token_env_is_optional_and_must_name_a_variable() {
+        let with = |v: &str| {
+            MINIMAL.replace(
+                "[server]\n",
+                &format!("[server]\nadmin_token_env = \"{v}\"\n"),
+            )
+        };
+        assert_eq!(parse(MINIMAL).unwrap().server.admin_token_env, None);
+        let c = parse(&with("WSEDGE_ADMIN_TOKEN")).unwrap();
+        assert_eq!(
+            c.server.admin_token_env.as_deref(),
+            Some("WSEDGE_ADMIN_TOKEN")
+        );
+        let err = parse(&with("")).unwrap_err();
+        assert!(err.contains("server.admin_token_env"), "{err}");
+    }
+
+    #[test]
+    fn a_per_ip_limit_of_0_is_refused_and_1_accepted() {
+        let with = |n: u32| {
+            MINIMAL.replace(
+                "[server]\n",
+                &format!("[server]\nmax_connections_per_ip = {n}\n"),
+            )
+        };
+        let err = parse(&with(0)).unwrap_err();
+        assert!(
+            err.contains("server.max_connections_per_ip") && err.contains("at least 1"),
+            "{err}"
+        );
+        assert_eq!(
+            parse(&with(1)).unwrap().server.max_connections_per_ip,
+            Some(1)
+        );
+        assert_eq!(parse(MINIMAL).unwrap().server.max_connections_per_ip, None);
     }
 }

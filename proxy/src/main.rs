@@ -35,8 +35,13 @@ enum Command {
     Run,
     /// Validate the configuration and print the effective configuration.
     Check,
-    /// List live connections (from the admin API).
-    Conns,
+    /// List live connections (from the admin API; with `admin_token_env`, sends the token
+    /// from that variable).
+    Conns {
+        /// Admin API address, instead of the config's `admin_listen`.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,7 +59,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => run(config, cli.config),
-        Command::Conns => conns(&config),
+        Command::Conns { admin } => conns(&config, admin),
     }
 }
 
@@ -131,24 +136,51 @@ async fn shutdown_signal() {
     }
 }
 
-/// Prints `/connections` as a table.
-#[tokio::main(flavor = "current_thread")]
-async fn conns(config: &Config) -> anyhow::Result<()> {
+/// `GET path` on the admin API at `addr` (with the token from `admin_token_env` when the
+/// config names one); the body of a 200 answer.
+async fn admin_get(
+    config: &Config,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = config.server.admin_listen;
+    let authorization = match &config.server.admin_token_env {
+        Some(var) => {
+            let token = std::env::var(var).with_context(|| {
+                format!("server.admin_token_env: ${var} must hold the admin API's token")
+            })?;
+            format!("Authorization: Bearer {token}\r\n")
+        }
+        None => String::new(),
+    };
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("admin API at {addr}"))?;
-    s.write_all(b"GET /connections HTTP/1.1\r\nHost: wsedge\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut body = Vec::new();
-    s.read_to_end(&mut body).await?;
-    let text = String::from_utf8_lossy(&body);
-    let json = text
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: wsedge\r\n{authorization}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
         .context("malformed admin response")?;
-    let rows: Vec<wsedge::registry::ConnectionView> = serde_json::from_str(json)?;
+    let status = head.split(' ').nth(1).unwrap_or_default();
+    anyhow::ensure!(
+        status == "200",
+        "admin API at {addr}: GET {path} answered {status}: {body}"
+    );
+    Ok(body.to_string())
+}
+
+/// Prints `/connections` as a table.
+#[tokio::main(flavor = "current_thread")]
+async fn conns(config: &Config, admin: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let addr = admin.unwrap_or(config.server.admin_listen);
+    let json = admin_get(config, addr, "/connections").await?;
+    let rows: Vec<wsedge::registry::ConnectionView> = serde_json::from_str(&json)?;
     println!(
         "{:<18} {:<10} {:<22} {:<22} {:<10} {:>10} {:>10} {:>7} {:>7}",
         "ID",

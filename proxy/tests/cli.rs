@@ -162,6 +162,39 @@ fn check_names_the_bad_field_and_fails() {
 }
 
 #[test]
+fn check_refuses_a_per_ip_limit_of_0() {
+    let dir = readable_dir();
+    let path = write_config(&dir, "auto", "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let with = |n: u32| {
+        text.replace(
+            "[server]\n",
+            &format!("[server]\nmax_connections_per_ip = {n}\n"),
+        )
+    };
+    std::fs::write(&path, with(0)).unwrap();
+    let out = check(&path);
+    assert!(
+        !out.status.success(),
+        "wsedge check accepted max_connections_per_ip = 0"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("server.max_connections_per_ip: must be at least 1"),
+        "{err}"
+    );
+    std::fs::write(&path, with(1)).unwrap();
+    let out = check(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("max_connections_per_ip = 1"), "{printed}");
+}
+
+#[test]
 fn kernel_data_plane_fails_at_start_when_ebpf_cannot_load() {
     let dir = readable_dir();
     let path = write_config(&dir, "kernel", "");
@@ -437,6 +470,88 @@ fn sighup_reloads_functions_without_touching_open_connections() {
         "reload refused; the running functions are unchanged",
     );
     assert_eq!(upgrade_status(&listen, "/c"), 101);
+    drop(wsedge);
+}
+
+/// The admin API's token for the `conns` test, in the variable its config names.
+const CLI_TOKEN_ENV: &str = "WSEDGE_CLI_TEST_ADMIN_TOKEN";
+const CLI_TOKEN: &str = "cli-test-token-8c1f";
+
+#[test]
+fn conns_sends_the_admin_token_from_admin_token_env_and_run_refuses_to_start_without_it() {
+    let dir = readable_dir();
+    let path = dir.path().join("wsedge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             data_plane = \"userspace\"\nadmin_token_env = \"{CLI_TOKEN_ENV}\"\n\
+             [[function]]\nname = \"echo\"\nroute = \"/echo\"\ncommand = [{:?}]\n\
+             isolation = \"none\"\n",
+            common::echo_fn().display().to_string()
+        ),
+    )
+    .unwrap();
+
+    // Without the variable wsedge does not start (the admin API would be open).
+    let mut run = Command::new(BIN);
+    run.args(["run", "-c"]).arg(&path).env_remove(CLI_TOKEN_ENV);
+    let out = output_within(run);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "server.admin_token_env: ${CLI_TOKEN_ENV} is not set"
+        )),
+        "{err}"
+    );
+
+    let mut child = Command::new(BIN)
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(&path)
+        .env(CLI_TOKEN_ENV, CLI_TOKEN)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = lines_of(child.stderr.take().unwrap());
+    let wsedge = Running(child);
+    let serving = wait_for_log(&mut lines, "wsedge serving");
+    let listen = serving["fields"]["listen"].as_str().unwrap().to_string();
+    let admin = serving["fields"]["admin"].as_str().unwrap().to_string();
+    let mut ws = ws_connect(&format!("ws://{listen}/echo"));
+    ws.send("hi".into()).unwrap();
+    assert_eq!(ws.read().unwrap(), "hi".into());
+
+    let conns = |token: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["conns", "--admin", &admin, "-c"]).arg(&path);
+        match token {
+            Some(token) => cmd.env(CLI_TOKEN_ENV, token),
+            None => cmd.env_remove(CLI_TOKEN_ENV),
+        };
+        output_within(cmd)
+    };
+    let out = conns(Some(CLI_TOKEN));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 2, "a header and one connection: {table}");
+    assert!(rows[0].starts_with("ID "), "{table}");
+    assert!(rows[1].contains(" echo "), "{table}");
+
+    let out = conns(Some("not-the-token"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("answered 401"), "{err}");
+    let out = conns(None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(CLI_TOKEN_ENV), "{err}");
+    drop(ws);
     drop(wsedge);
 }
 

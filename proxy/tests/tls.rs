@@ -545,3 +545,19 @@ async fn every_byte_on_the_clients_wire_is_a_tls_record_both_ways() {
     }
     let _ = expected_tls_plane();
 }
+
+#[tokio::test]
+async fn a_wss_client_over_the_per_ip_limit_gets_429_over_tls() {
+    let t = tls_proxy(DataPlaneMode::Auto, "max_connections_per_ip = 1\n").await;
+    let mut first = wss_open(&t.ca, t.addr, "/echo").await;
+    echo_once(&mut first, "the one this IP may have").await;
+    let mut tls = tls_connect(&t.ca, t.addr, "localhost").await.unwrap();
+    // The 429 comes without a request: the proxy answers as soon as TLS is up.
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, tls.read_to_end(&mut out))
+        .await
+        .expect("answered and closed")
+        .ok();
+    let (status, error_type, _) = parse_error_response(&out);
+    assert_eq!((status, error_type.as_str()), (429, "too_many_connections"));
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use proxy_common::policy::{self, Ending, proxy_close_code, proxy_close_reason};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::warn;
 
 use crate::{
     clock::monotonic_ns,
@@ -36,13 +37,25 @@ impl ProxyClose {
     pub fn for_ending(ending: Ending) -> Option<ProxyClose> {
         let code = proxy_close_code(ending)?;
         let reason = proxy_close_reason(ending);
-        // Any mask will do (the proxy is no browser under attack); it need only vary.
-        let mask = (monotonic_ns() as u32).to_ne_bytes();
         Some(ProxyClose {
             to_client: close_frame(code, reason),
-            to_instance: masked_close_frame(code, reason, mask),
+            to_instance: masked_close_frame(code, reason, close_mask()),
         })
     }
+}
+
+/// A masking key for a frame the proxy sends as a client. RFC 6455 (5.3, 10.3) wants it
+/// unpredictable, from a strong source of entropy: a key an observer could guess lets chosen
+/// bytes reach the wire unmasked. The clock is guessable, so the OS's CSPRNG.
+fn close_mask() -> [u8; 4] {
+    let mut mask = [0u8; 4];
+    if let Err(e) = getrandom::fill(&mut mask) {
+        // Only an OS without a random source gets here; the close must still go out, and
+        // a varying key is what the instance's parser needs.
+        warn!(error = %e, "no random masking key for the instance's close frame; using the clock");
+        mask = (monotonic_ns() as u32).to_ne_bytes();
+    }
+    mask
 }
 
 /// The close frame the client gets when the instance's side ended without one.
@@ -117,6 +130,48 @@ mod tests {
         assert_eq!(&close.to_client[..4], &[0x88, 2 + 12, 0x03, 0xE9]);
         assert_eq!(close.to_instance[1], 0x80 | (2 + 12), "mask bit and length");
         assert!(ProxyClose::for_ending(Ending::ExecutionTimeout).is_none());
+    }
+
+    /// The instance's close frame: its masking key and its unmasked payload.
+    fn unmasked(frame: &[u8]) -> ([u8; 4], Vec<u8>) {
+        assert_eq!(frame[0], 0x88, "FIN and opcode close");
+        let len = usize::from(frame[1] & 0x7f);
+        assert_eq!(frame.len(), 2 + 4 + len, "one short frame");
+        let mask: [u8; 4] = frame[2..6].try_into().unwrap();
+        let payload = frame[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect();
+        (mask, payload)
+    }
+
+    #[test]
+    fn each_close_toward_the_instance_has_its_own_random_mask_and_unmasks_to_its_code() {
+        let closes: Vec<_> = (0..4)
+            .map(|_| ProxyClose::for_ending(Ending::IdleTimeout).expect("1001"))
+            .collect();
+        let masks: std::collections::HashSet<[u8; 4]> = closes
+            .iter()
+            .map(|c| {
+                let (mask, payload) = unmasked(&c.to_instance);
+                assert_eq!(&payload[..2], &1001u16.to_be_bytes(), "the code, unmasked");
+                assert_eq!(
+                    payload[2..],
+                    c.to_client[4..],
+                    "the same reason as the client's"
+                );
+                mask
+            })
+            .collect();
+        // Four 32-bit keys from a CSPRNG collide with odds of about 1 in 700 million.
+        assert_eq!(masks.len(), 4, "{masks:02x?}");
+        // The proxy's own parser reads the code back too.
+        let mut side = proxy_common::SideState::default();
+        crate::protocols::frames::FrameCursor::default()
+            .feed(&closes[0].to_instance, &mut side, 1)
+            .unwrap();
+        assert_eq!(side.close_code, 1001);
     }
 
     #[test]

@@ -8,7 +8,9 @@ use sha1::{Digest, Sha1};
 
 use super::error_response::HandshakeError;
 
-const MAX_HEADERS: usize = 128;
+/// Most headers a request (or an instance's response) may have; more gets 431 (502 from an
+/// instance).
+pub const MAX_HEADERS: usize = 128;
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// Client headers the instance never gets: the credentials wsedge checked, and those wsedge

@@ -1,6 +1,7 @@
 //! The WebSocket proxy service: one connection's whole life, in order.
 //!
-//! 1. **admit**: count it against `max_connections` and its IP's limit; a `wss://` client's
+//! 1. **admit**: count it against its IP's limit (over it: 429 at once, nothing read; on
+//!    `tls_listen` once the TLS handshake is done) and `max_connections`; a `wss://` client's
 //!    TLS handshake (within `tls_handshake_timeout_s`) happens here, its IP already counted;
 //! 2. **upgrade** (`upgrade.rs`): read and check the request, route, admit, pick an
 //!    instance, relay its 101 (or answer with the error status);
@@ -40,7 +41,7 @@ use crate::{
     protocols::{frames::FrameCursor, stream::ClientStream},
     registry::{ClientSlot, Registered},
 };
-use upgrade::{Admission, Failure, Upgraded, refuse, upgrade};
+use upgrade::{Admission, Failure, Upgraded, refuse, refuse_over_ip_limit, upgrade};
 
 /// Serves one accepted TCP connection; `tls`: it came to `tls_listen`.
 pub async fn serve(state: Arc<AppState>, client: TcpStream, peer: SocketAddr, tls: bool) {
@@ -61,10 +62,10 @@ async fn prepare(
     let _ = tcp.set_nodelay(true);
     // 1. admit
     let server = &state.config.server;
-    let client_slot = state
+    // Taken before a TLS handshake: half-done handshakes count against their IP too.
+    let admitted = state
         .clients
         .admit(peer.ip(), server.max_connections_per_ip);
-    let reservation = state.registry.reserve(server.max_connections as usize);
     let mut client = match (tls, &state.tls) {
         (true, Some(terminator)) => match terminator.accept(tcp).await {
             Ok(stream) => {
@@ -79,8 +80,16 @@ async fn prepare(
         },
         _ => ClientStream::Plain(tcp),
     };
+    let client_slot = match admitted {
+        Ok(slot) => slot,
+        Err(key) => {
+            // Over TLS the 429 can only be said once the handshake is done.
+            Box::pin(refuse_over_ip_limit(&state, client, peer, key)).await;
+            return None;
+        }
+    };
+    let reservation = state.registry.reserve(server.max_connections as usize);
     let admission = Admission {
-        over_ip_limit: client_slot.is_none(),
         at_capacity: reservation.is_none(),
         connection_id: reservation
             .as_ref()
@@ -153,7 +162,7 @@ async fn prepare(
 struct Held {
     _registered: Registered,
     _lease: Option<Lease>,
-    _client_slot: Option<ClientSlot>,
+    _client_slot: ClientSlot,
 }
 
 /// Logs and counts how a connection ended, with its function status and final counters,

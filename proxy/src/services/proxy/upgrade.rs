@@ -1,5 +1,6 @@
-//! The handshake phase of a connection: reading and checking the upgrade, admission (per-IP
-//! limit, Origin, signature), choosing an instance, and its 101; or the error response.
+//! The handshake phase of a connection: reading and checking the upgrade, admission (Origin,
+//! signature), choosing an instance, and its 101; or the error response. A client over its
+//! per-IP limit is refused before any of it ([`refuse_over_ip_limit`]).
 
 use std::{
     net::SocketAddr,
@@ -7,7 +8,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::{io::AsyncWriteExt, net::TcpStream, time::timeout};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::timeout,
+};
 use tracing::info;
 
 use crate::{
@@ -21,12 +26,16 @@ use crate::{
         head::{Head, HeadError, read_head},
         stream::ClientStream,
     },
-    registry::Limits,
+    registry::{ClientKey, Limits},
     routing::{Assigned, Route},
 };
 
 /// Largest response head accepted from an instance.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// How long a client refused before its request was read is read from (and its bytes
+/// dropped) before its socket is closed.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// A completed upgrade: the instance socket, and what was read past each head.
 pub(super) struct Upgraded {
@@ -46,8 +55,6 @@ pub(super) struct Upgraded {
 /// What was decided about a connection before its request was read.
 #[derive(Debug, Clone)]
 pub(super) struct Admission {
-    /// Its IP has `max_connections_per_ip` open already (429).
-    pub(super) over_ip_limit: bool,
     /// `max_connections` are open already (503).
     pub(super) at_capacity: bool,
     /// The id the connection will have, for `X-Wsedge-Connection-Id`.
@@ -75,7 +82,44 @@ pub(super) async fn refuse(
     function: Option<Arc<str>>,
     e: HandshakeError,
 ) {
-    let function = function.as_deref().unwrap_or_default();
+    respond(state, &mut client, peer, function.as_deref(), &e).await;
+}
+
+/// Answers a client over `max_connections_per_ip` with 429 as soon as it is accepted: waiting
+/// for its request would let it hold a socket and a task per attempt for up to
+/// `handshake_timeout_ms`, past the limit meant to bound exactly that. The function is not
+/// known yet: the error is counted without one, as a 404 is.
+pub(super) async fn refuse_over_ip_limit(
+    state: &AppState,
+    mut client: ClientStream,
+    peer: SocketAddr,
+    key: ClientKey,
+) {
+    let e = HandshakeError::new(
+        429,
+        "too_many_connections",
+        format!("too many open connections from {key}"),
+    );
+    respond(state, &mut client, peer, None, &e).await;
+    // Its request arrives unread (now or soon): closing a socket with unread bytes sends a
+    // reset, which can destroy the 429 before the client has read it. Read and drop what it
+    // sends until it closes, briefly.
+    let mut sink = [0u8; 1024];
+    let _ = timeout(LINGER, async {
+        while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// Counts and logs a refusal, writes its response and the FIN.
+async fn respond(
+    state: &AppState,
+    client: &mut ClientStream,
+    peer: SocketAddr,
+    function: Option<&str>,
+    e: &HandshakeError,
+) {
+    let function = function.unwrap_or_default();
     state
         .metrics
         .handshake_error(function, e.status, e.error_type);
@@ -118,7 +162,7 @@ pub(super) async fn upgrade(
     if admission.at_capacity {
         return Err(HandshakeError::at_capacity(state.config.server.max_connections).into());
     }
-    admit(route, &request, admission.over_ip_limit, peer)?;
+    admit(route, &request)?;
     let assigned = route.assign().await?;
     let forwarded = request.forwarded(peer.ip(), client.tls(), &admission.connection_id);
     let (instance, response) = connect_instance(state, &assigned, &request, &forwarded).await?;
@@ -145,20 +189,8 @@ pub(super) async fn upgrade(
     })
 }
 
-/// The checks between routing and starting an instance: per-IP limit, Origin, signature.
-fn admit(
-    route: &Route,
-    request: &UpgradeRequest,
-    over_ip_limit: bool,
-    peer: SocketAddr,
-) -> Result<(), HandshakeError> {
-    if over_ip_limit {
-        return Err(HandshakeError::new(
-            429,
-            "too_many_connections",
-            format!("too many open connections from {}", peer.ip()),
-        ));
-    }
+/// The checks between routing and starting an instance: Origin, signature.
+fn admit(route: &Route, request: &UpgradeRequest) -> Result<(), HandshakeError> {
     let allowed = &route.function.allowed_origins;
     if let Some(origin) = request.header("origin")
         && !allowed.is_empty()
