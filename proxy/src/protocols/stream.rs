@@ -12,12 +12,12 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::protocols::tls::ktls::KtlsStream;
+use crate::protocols::tls::{ktls::KtlsStream, read_ahead::ReadAhead};
 
 pub enum ClientStream {
     Plain(TcpStream),
     /// rustls encrypts and decrypts in this process.
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>>),
     /// The kernel encrypts and decrypts; reads and writes are plaintext.
     Ktls(KtlsStream),
 }
@@ -31,7 +31,7 @@ impl ClientStream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             ClientStream::Plain(s) => s,
-            ClientStream::Tls(s) => s.get_ref().0,
+            ClientStream::Tls(s) => s.get_ref().0.get_ref(),
             ClientStream::Ktls(s) => s.tcp(),
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod ktls;
+pub mod read_ahead;
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -19,6 +20,7 @@ use crate::{
 };
 use certs::{CertError, CertFiles, Certificates};
 use ktls::{KernelTls, KtlsStream};
+use read_ahead::ReadAhead;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -143,7 +145,7 @@ impl TlsTerminator {
             } else {
                 let tls = self
                     .acceptor
-                    .accept(tcp)
+                    .accept(ReadAhead::new(tcp))
                     .await
                     .map_err(AcceptError::Handshake)?;
                 Ok(ClientStream::Tls(Box::new(tls)))
