@@ -43,7 +43,8 @@ enum Task {
         /// linux-image-6.1.0-53-cloud-amd64-unsigned.
         #[arg(long, requires = "kernel")]
         kernel_package: Option<String>,
-        /// Passed to the test binaries, e.g. `cargo xtask test -- --test-threads=1`.
+        /// Passed to the test binaries, e.g. `cargo xtask test -- --test-threads=1` (with
+        /// --kernel, `--test-threads=1` when none are given).
         #[arg(last = true)]
         harness_args: Vec<String>,
     },

@@ -107,6 +107,14 @@ pub fn run_on_kernel(harness_args: &[String], kernel: &str, package: Option<&str
         "NODE_PATH".into(),
         node_modules.to_string_lossy().into_owned(),
     );
+    // One test at a time unless told otherwise: the guest's two emulated CPUs run each
+    // test's proxy, instances and clients, and with two tests at once the Python instances'
+    // cold starts ran past the tests' 5-10 s deadlines (each of those tests passed alone).
+    let harness_args = if harness_args.is_empty() {
+        vec!["--test-threads=1".to_owned()]
+    } else {
+        harness_args.to_vec()
+    };
     let mut commands = Vec::new();
     let mut missing = Vec::new();
     for target in KERNEL_TESTS {
@@ -125,7 +133,7 @@ pub fn run_on_kernel(harness_args: &[String], kernel: &str, package: Option<&str
         commands.push(vm::GuestCommand {
             name: binary.name.clone(),
             program: binary.executable.clone(),
-            args: harness_args.to_vec(),
+            args: harness_args.clone(),
             cwd: binary.package_dir.clone(),
             env,
             timeout,

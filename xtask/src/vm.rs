@@ -404,6 +404,11 @@ pub fn run(kernel: &Kernel, commands: &[GuestCommand]) -> Result<Reports> {
             break;
         }
     }
+    // The console closes as qemu shuts down; let it finish on its own before the kill.
+    let exiting = Instant::now();
+    while child.0.try_wait()?.is_none() && exiting.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = child.0.kill();
     let status = child.0.wait()?;
     println!(
