@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cmd, setup};
+use crate::{cmd, setup, vm};
 
 /// The eBPF crate only builds for bpfel-unknown-none (proxy/build.rs builds it), so the host
 /// build and test of the whole workspace leave it out.
@@ -65,13 +65,139 @@ pub fn run(harness_args: &[String]) -> Result<()> {
     }
     doc.env("NODE_PATH", &node_modules);
     tally.add("doc-tests", run_one("doc-tests", doc, timeout)?);
-    tally.finish(binaries.len())
+    tally.finish(&format!(
+        "{} test binaries and the doc-tests",
+        binaries.len()
+    ))
+}
+
+/// The test binaries `cargo xtask test --kernel` runs in the guest: the ones that exercise the
+/// kernel data plane, and TLS (kernel TLS where the guest's kernel has it), by target name.
+const KERNEL_TESTS: [&str; 6] = [
+    "data_plane",
+    "zero_hop",
+    "engine",
+    "slow_readers",
+    "timers",
+    "tls",
+];
+
+/// A test binary's time limit in the guest: TCG runs everything many times slower
+/// (`XTASK_TEST_TIMEOUT_S` overrides it too).
+const VM_BINARY_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// `cargo xtask test --kernel NAME`: builds here, then runs [`KERNEL_TESTS`] in a guest booted
+/// with that kernel (see `vm`), and tallies what the guest reported.
+pub fn run_on_kernel(harness_args: &[String], kernel: &str, package: Option<&str>) -> Result<()> {
+    let started = Instant::now();
+    setup::run()?;
+    let node_modules = install_test_peers()?;
+    vm::tools()?;
+    let kernel = vm::prepare_kernel(kernel, package)?;
+    println!("xtask: kernel {} ({})", kernel.release, kernel.package);
+    cmd::run(
+        cmd::cargo()
+            .args(["build", "--workspace", "--all-targets"])
+            .args(HOST_EXCLUDE),
+    )?;
+    let binaries = test_binaries()?;
+    let timeout = match std::env::var("XTASK_TEST_TIMEOUT_S") {
+        Ok(_) => binary_timeout()?,
+        Err(_) => VM_BINARY_TIMEOUT,
+    };
+    let mut env = vm::host_env();
+    env.insert(
+        "CARGO".into(),
+        std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+    );
+    env.insert(
+        "NODE_PATH".into(),
+        node_modules.to_string_lossy().into_owned(),
+    );
+    // One test at a time unless told otherwise: the guest's two emulated CPUs run each
+    // test's proxy, instances and clients, and with two tests at once the Python instances'
+    // cold starts ran past the tests' 5-10 s deadlines (each of those tests passed alone).
+    let harness_args = if harness_args.is_empty() {
+        vec!["--test-threads=1".to_owned()]
+    } else {
+        harness_args.to_vec()
+    };
+    let mut commands = Vec::new();
+    let mut missing = Vec::new();
+    for target in KERNEL_TESTS {
+        let Some(binary) = binaries
+            .iter()
+            .find(|b| b.target == target && b.name.ends_with("(test)"))
+        else {
+            missing.push(target);
+            continue;
+        };
+        let mut env = env.clone();
+        env.insert(
+            "CARGO_MANIFEST_DIR".into(),
+            binary.package_dir.to_string_lossy().into_owned(),
+        );
+        commands.push(vm::GuestCommand {
+            name: binary.name.clone(),
+            program: binary.executable.clone(),
+            args: harness_args.clone(),
+            cwd: binary.package_dir.clone(),
+            env,
+            timeout,
+            libtest: true,
+        });
+    }
+    let reports = vm::run(&kernel, &commands)?;
+    let mut tally = Tally::default();
+    println!();
+    for target in &missing {
+        let outcome = Outcome {
+            broken: Some("no such test binary was built".into()),
+            ..Outcome::default()
+        };
+        println!("xtask: {target}: FAILED: no such test binary was built");
+        tally.add(target, outcome);
+    }
+    for command in &commands {
+        let outcome = match reports.get(&command.name) {
+            Some(report) => Outcome::from_report(report),
+            None => Outcome {
+                broken: Some("the VM never reported a result".into()),
+                ..Outcome::default()
+            },
+        };
+        let took = reports
+            .get(&command.name)
+            .and_then(|r| r["seconds"].as_f64())
+            .map(|s| format!(" in {s:.0}s"))
+            .unwrap_or_default();
+        match &outcome.broken {
+            Some(why) => println!("xtask: {}: FAILED{took}: {why}", command.name),
+            None => println!(
+                "xtask: {}: ok{took} ({} passed, {} ignored)",
+                command.name, outcome.passed, outcome.ignored
+            ),
+        }
+        tally.add(&command.name, outcome);
+    }
+    println!(
+        "xtask: kernel {}: the whole run took {:.0}s",
+        kernel.release,
+        started.elapsed().as_secs_f64()
+    );
+    tally.finish(&format!(
+        "{} test binaries on kernel {}",
+        KERNEL_TESTS.len(),
+        kernel.release
+    ))
 }
 
 /// One test executable, as cargo reported it.
 struct TestBinary {
     /// `<package>::<target>` with the kind, e.g. `proxy::zero_hop (test)`.
     name: String,
+    /// The target's name, e.g. `zero_hop`.
+    target: String,
     executable: PathBuf,
     package_dir: PathBuf,
 }
@@ -120,6 +246,7 @@ fn parse_test_binaries(json_lines: &str) -> Vec<TestBinary> {
             let target = m["target"]["name"].as_str().unwrap_or("?");
             Some(TestBinary {
                 name: format!("{package}::{target} ({kind})"),
+                target: target.to_owned(),
                 executable,
                 package_dir,
             })
@@ -138,19 +265,37 @@ fn binary_timeout() -> Result<Duration> {
 
 /// What one test binary (or the doc-test run) did.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Outcome {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+pub struct Outcome {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
     /// `test result:` lines seen (the doc-test run prints one per crate).
-    summaries: u64,
+    pub summaries: u64,
     /// Tests libtest reported as FAILED, by name.
-    failed_tests: Vec<String>,
+    pub failed_tests: Vec<String>,
     /// Why the binary itself counts as failed (exit status, no summary, timeout), if it does.
-    broken: Option<String>,
+    pub broken: Option<String>,
 }
 
 impl Outcome {
+    /// An outcome as the guest reported it (`vm::guest`).
+    fn from_report(r: &serde_json::Value) -> Outcome {
+        let n = |k: &str| r[k].as_u64().unwrap_or(0);
+        Outcome {
+            passed: n("passed"),
+            failed: n("failed"),
+            ignored: n("ignored"),
+            summaries: n("summaries"),
+            failed_tests: r["failed_tests"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect(),
+            broken: r["broken"].as_str().map(str::to_owned),
+        }
+    }
+
     /// Reads one line of libtest output.
     fn line(&mut self, line: &str) {
         if let Some(summary) = line.strip_prefix("test result: ") {
@@ -180,7 +325,7 @@ impl Outcome {
 
 /// Runs `command` (stdout echoed and read for libtest lines, stderr passed through) in its own
 /// process group; after `timeout` the whole group is killed.
-fn run_one(name: &str, mut command: Command, timeout: Duration) -> Result<Outcome> {
+pub fn run_one(name: &str, mut command: Command, timeout: Duration) -> Result<Outcome> {
     println!("xtask: running {name}: `{}`", cmd::display(&command));
     let mut child = command
         .stdin(Stdio::null())
@@ -281,9 +426,10 @@ impl Tally {
     }
 
     /// Prints the closing tally and the failures; an error if anything failed or nothing ran.
-    fn finish(&self, binaries: usize) -> Result<()> {
+    /// `ran` says what ran, e.g. "12 test binaries and the doc-tests".
+    fn finish(&self, ran: &str) -> Result<()> {
         println!();
-        println!("xtask: {binaries} test binaries and the doc-tests ran");
+        println!("xtask: {ran} ran");
         if !self.failures.is_empty() {
             println!("xtask: failed:");
             for failure in &self.failures {
@@ -456,7 +602,7 @@ mod tests {
         tally.add("b", crashed);
         tally.add("c", hung);
         assert_eq!((tally.passed, tally.failed), (3, 3));
-        assert!(tally.finish(3).is_err());
+        assert!(tally.finish("3 binaries").is_err());
     }
 
     #[test]
@@ -468,7 +614,7 @@ mod tests {
         let mut tally = Tally::default();
         tally.add("a", o);
         assert_eq!((tally.passed, tally.failed, tally.ignored), (2, 0, 1));
-        assert!(tally.finish(1).is_ok());
+        assert!(tally.finish("1 binary").is_ok());
     }
 
     #[test]
