@@ -137,10 +137,15 @@ pub fn run_on_kernel(harness_args: &[String], kernel: &str, package: Option<&str
             "CARGO_MANIFEST_DIR".into(),
             binary.package_dir.to_string_lossy().into_owned(),
         );
+        let mut args = harness_args.clone();
+        if target == "tls" {
+            // Its tests print the TLS path they ran on (kernel TLS or rustls): show it.
+            args.push("--show-output".into());
+        }
         commands.push(vm::GuestCommand {
             name: binary.name.clone(),
             program: binary.executable.clone(),
-            args: harness_args.clone(),
+            args,
             cwd: binary.package_dir.clone(),
             env,
             timeout,
