@@ -561,3 +561,26 @@ async fn a_wss_client_over_the_per_ip_limit_gets_429_over_tls() {
     let (status, error_type, _) = parse_error_response(&out);
     assert_eq!((status, error_type.as_str()), (429, "too_many_connections"));
 }
+
+#[tokio::test]
+async fn tls_1_2_and_1_3_clients_are_both_served() {
+    use tokio_rustls::rustls::{ProtocolVersion, version};
+    let t = tls_proxy(DataPlaneMode::Auto, "").await;
+    for (version, expected) in [
+        (&version::TLS12, ProtocolVersion::TLSv1_2),
+        (&version::TLS13, ProtocolVersion::TLSv1_3),
+    ] {
+        let tcp = TcpStream::connect(t.addr).await.unwrap();
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio::time::timeout(WAIT, t.ca.client_with(&[version]).connect(name, tcp))
+            .await
+            .expect("handshake in time")
+            .expect("handshake succeeds");
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(expected));
+        let url = format!("wss://localhost:{}/echo", t.addr.port());
+        let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), tls)
+            .await
+            .unwrap();
+        echo_once(&mut ws, &format!("over {expected:?}")).await;
+    }
+}

@@ -80,12 +80,20 @@ impl TestCa {
 
     /// A client that verifies certificates against this CA only, offering `http/1.1`.
     pub fn client(&self) -> TlsConnector {
+        self.client_with(rustls::DEFAULT_VERSIONS)
+    }
+
+    /// [`TestCa::client`] speaking only `versions`.
+    pub fn client_with(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> TlsConnector {
         let mut roots = RootCertStore::empty();
         roots.add(self.issuer.der().clone()).unwrap();
         #[allow(deprecated)]
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
