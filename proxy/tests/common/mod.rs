@@ -280,14 +280,16 @@ pub async fn upgraded_raw(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
     (s, pending)
 }
 
-/// Reads an HTTP response head from a raw stream; returns it and any bytes after it.
+/// Reads an HTTP response head from a raw stream; returns it and any bytes after it. 20 s, as
+/// [`open`]: a 101 may include the function's cold start (a Python instance takes seconds to
+/// start under the kernel matrix's emulated CPU).
 pub async fn read_response_head(s: &mut TcpStream) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk))
             .await
-            .unwrap()
+            .expect("a response head within 20 s (cold start included)")
             .unwrap();
         assert!(
             n > 0,
