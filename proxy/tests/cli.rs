@@ -559,18 +559,7 @@ fn conns_sends_the_admin_token_from_admin_token_env_and_run_refuses_to_start_wit
 fn sighup_reloads_the_tls_certificate_and_logs_a_refused_one() {
     let ca = common::tls::TestCa::new();
     let leaf = ca.leaf("site", &["localhost"]);
-    let path = ca.dir.path().join("wsedge.toml");
-    let server = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}",
-        common::tls::tls_server_lines(&[&leaf], "")
-    );
-    std::fs::write(
-        &path,
-        format!(
-            "{server}[[function]]\nname = \"e\"\nroute = \"/e\"\nupstreams = [\"127.0.0.1:9\"]\n"
-        ),
-    )
-    .unwrap();
+    let path = tls_config_file(&ca, &leaf);
     let mut child = Command::new(BIN)
         .args(["run", "--log-format", "json", "-c"])
         .arg(&path)
@@ -621,39 +610,41 @@ fn sighup_reloads_the_tls_certificate_and_logs_a_refused_one() {
 fn check_loads_the_tls_certificates_and_names_a_broken_one() {
     let ca = common::tls::TestCa::new();
     let leaf = ca.leaf("site", &["localhost"]);
-    let path = ca.dir.path().join("wsedge.toml");
-    let write = || {
-        let server = common::tls::tls_server_lines(&[&leaf], "");
-        std::fs::write(
-            &path,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n{server}[[function]]\nname = \"e\"\n\
-                 route = \"/e\"\nupstreams = [\"127.0.0.1:9\"]\n"
-            ),
-        )
-        .unwrap();
+    let path = tls_config_file(&ca, &leaf);
+    let check = || {
+        Command::new(BIN)
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap()
     };
-    write();
-    let out = Command::new(BIN)
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::write(&leaf.key, "not a key").unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("tls_cert") && err.contains("site.key"),
         "{err}"
     );
+}
+
+/// A config in the CA's directory: `tls_listen` with `leaf`, and one function.
+fn tls_config_file(ca: &common::tls::TestCa, leaf: &common::tls::Leaf) -> std::path::PathBuf {
+    let path = ca.dir.path().join("wsedge.toml");
+    let server = common::tls::tls_server_lines(&[leaf], "");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server}\
+             [[function]]\nname = \"e\"\nroute = \"/e\"\nupstreams = [\"127.0.0.1:9\"]\n"
+        ),
+    )
+    .unwrap();
+    path
 }
