@@ -1,7 +1,8 @@
 //! A read-ahead buffer under rustls. rustls reads at most 4 KiB at a time, which makes a
 //! 64 KiB message sixteen `recv` calls; this reads what the socket has, up to 64 KiB, in one
-//! and hands it out in rustls' pieces. The buffer exists only while it holds bytes, so an
-//! idle connection keeps none.
+//! and hands it out in rustls' pieces. It reads ahead only after a read filled rustls' whole
+//! request (more is likely waiting), so small messages cost no buffer; the buffer exists only
+//! while it holds bytes, so an idle connection keeps none.
 
 use std::{
     io,
@@ -17,6 +18,8 @@ pub struct ReadAhead<S> {
     inner: S,
     buf: Vec<u8>,
     at: usize,
+    /// The last read filled what it was given: read ahead next time.
+    busy: bool,
 }
 
 impl<S> ReadAhead<S> {
@@ -25,6 +28,7 @@ impl<S> ReadAhead<S> {
             inner,
             buf: Vec::new(),
             at: 0,
+            busy: false,
         }
     }
 
@@ -41,8 +45,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.at == this.buf.len() {
-            if out.remaining() >= READ_AHEAD {
-                return Pin::new(&mut this.inner).poll_read(cx, out);
+            if !this.busy || out.remaining() >= READ_AHEAD {
+                let wanted = out.remaining();
+                let before = out.filled().len();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+                this.busy = wanted > 0 && out.filled().len() - before == wanted;
+                return Poll::Ready(Ok(()));
             }
             // Uninitialised: zeroing 64 KiB for a 500-byte message would cost more than the
             // calls it saves.
@@ -50,6 +58,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             let mut read = ReadBuf::uninit(buf.spare_capacity_mut());
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
             let n = read.filled().len();
+            this.busy = n == READ_AHEAD;
             // SAFETY: the reader initialised the first `n` bytes of the spare capacity.
             unsafe { buf.set_len(n) };
             this.buf = buf;
