@@ -7,10 +7,6 @@ mod common;
 use std::net::SocketAddr;
 
 use common::*;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 use wsedge::{Server, config::DataPlaneMode, server::StartError};
 
 const TOKEN_ENV: &str = "WSEDGE_TEST_ADMIN_TOKEN";
@@ -30,25 +26,10 @@ fn set_env() {
 
 /// `GET path` with an optional `Authorization` value: (status, head, body).
 async fn get(addr: SocketAddr, path: &str, authorization: Option<&str>) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
     let authorization = authorization
         .map(|a| format!("Authorization: {a}\r\n"))
         .unwrap_or_default();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: t\r\n{authorization}Connection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
-        .await
-        .unwrap_or_else(|_| panic!("GET {path} answered within {WAIT:?}"))
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, head.to_string(), body.to_string())
+    http_get_with(addr, path, &authorization).await
 }
 
 /// Asserts a 401 with the Bearer challenge and the JSON error body.

@@ -203,26 +203,31 @@ pub async fn start(plane: DataPlaneMode) -> Proxy {
 
 /// A minimal HTTP/1.1 GET: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = http_get_with(addr, path, "").await;
+    (status, dechunk(&body))
+}
+
+/// A GET with `headers` (whole lines, each ending in CRLF) added: (status, head, raw body).
+pub async fn http_get_with(addr: SocketAddr, path: &str, headers: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut out))
         .await
         .unwrap_or_else(|_| panic!("GET {path} answered within {WAIT:?}"))
         .unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, dechunk(&body))
+    (status, head.to_string(), body.to_string())
 }
 
 /// Undoes chunked transfer-encoding if the body looks chunked.
