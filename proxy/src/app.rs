@@ -114,7 +114,10 @@ impl AppState {
     pub fn reload_certificates(&self) {
         let Some(tls) = &self.tls else { return };
         match tls.certificates().reload() {
-            Ok(count) => info!(certificates = count, "TLS certificates reloaded"),
+            Ok(()) => info!(
+                certificates = tls.certificates().count(),
+                "TLS certificates reloaded"
+            ),
             Err(e) => {
                 warn!(error = %e, "TLS certificate reload refused; the certificates in use stay")
             }

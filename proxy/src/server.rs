@@ -51,7 +51,7 @@ impl Server {
             };
             info!(
                 tls_path = path,
-                certificates = tls.certificates().leaves().len(),
+                certificates = tls.certificates().count(),
                 "wss:// ready"
             );
         }

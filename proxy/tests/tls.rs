@@ -570,17 +570,11 @@ async fn tls_1_2_and_1_3_clients_are_both_served() {
         (&version::TLS12, ProtocolVersion::TLSv1_2),
         (&version::TLS13, ProtocolVersion::TLSv1_3),
     ] {
-        let tcp = TcpStream::connect(t.addr).await.unwrap();
-        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = tokio::time::timeout(WAIT, t.ca.client_with(&[version]).connect(name, tcp))
+        let tls = tls_connect_with(t.ca.client_with(&[version]), t.addr, "localhost")
             .await
-            .expect("handshake in time")
             .expect("handshake succeeds");
         assert_eq!(tls.get_ref().1.protocol_version(), Some(expected));
-        let url = format!("wss://localhost:{}/echo", t.addr.port());
-        let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), tls)
-            .await
-            .unwrap();
+        let mut ws = wss_over(tls, t.addr, "/echo").await;
         echo_once(&mut ws, &format!("over {expected:?}")).await;
     }
 }

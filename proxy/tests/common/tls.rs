@@ -124,9 +124,18 @@ pub async fn tls_connect(
     addr: SocketAddr,
     name: &str,
 ) -> std::io::Result<TlsStream<TcpStream>> {
+    tls_connect_with(ca.client(), addr, name).await
+}
+
+/// [`tls_connect`] with the client `connector`.
+pub async fn tls_connect_with(
+    connector: TlsConnector,
+    addr: SocketAddr,
+    name: &str,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from(name.to_string()).unwrap();
-    tokio::time::timeout(super::WAIT, ca.client().connect(name, tcp))
+    tokio::time::timeout(super::WAIT, connector.connect(name, tcp))
         .await
         .expect("TLS handshake finished in time")
 }
@@ -140,6 +149,15 @@ pub async fn wss_open(
     let tls = tls_connect(ca, addr, "localhost")
         .await
         .expect("TLS handshake succeeds");
+    wss_over(tls, addr, path).await
+}
+
+/// The WebSocket upgrade to `path` over an open TLS stream to `addr`.
+pub async fn wss_over(
+    tls: TlsStream<TcpStream>,
+    addr: SocketAddr,
+    path: &str,
+) -> WebSocketStream<TlsStream<TcpStream>> {
     let url = format!("wss://localhost:{}{path}", addr.port());
     let (ws, response) = tokio::time::timeout(
         super::WAIT,

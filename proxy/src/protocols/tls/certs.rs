@@ -64,17 +64,15 @@ impl Certificates {
     }
 
     /// Reads the same files again; on an error the certificates in use stay.
-    pub fn reload(&self) -> Result<usize, CertError> {
+    pub fn reload(&self) -> Result<(), CertError> {
         let loaded = read_all(&self.files, &self.provider)?;
-        let count = loaded.len();
         *self.loaded.write().expect("certificates lock") = loaded;
-        Ok(count)
+        Ok(())
     }
 
-    /// The leaf certificates in use, default first (for tests and the start-up log).
-    pub fn leaves(&self) -> Vec<CertificateDer<'static>> {
-        let loaded = self.loaded.read().expect("certificates lock").clone();
-        loaded.iter().map(|c| c.cert[0].clone()).collect()
+    /// How many certificates are configured (a set loads whole or not at all).
+    pub fn count(&self) -> usize {
+        self.files.len()
     }
 }
 

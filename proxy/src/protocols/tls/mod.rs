@@ -75,7 +75,7 @@ fn cert_files(server: &ServerConfig, base_dir: &Path) -> Vec<CertFiles> {
 /// Loads the configured certificates as a start would (for `wsedge check`); returns how many.
 pub fn check_certificates(server: &ServerConfig, base_dir: &Path) -> Result<usize, CertError> {
     let certificates = Certificates::load(cert_files(server, base_dir), Arc::new(provider()))?;
-    Ok(certificates.leaves().len())
+    Ok(certificates.count())
 }
 
 /// The TLS side of the `tls_listen` listener.

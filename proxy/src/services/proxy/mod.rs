@@ -103,7 +103,7 @@ async fn prepare(
     let (mut upgraded, reservation) = match (upgraded, reservation) {
         (Ok(upgraded), Some(reservation)) => (upgraded, reservation),
         (Err(Failure::Respond(e)), _) => {
-            Box::pin(refuse(&state, client, peer, function, e)).await;
+            Box::pin(refuse(&state, &mut client, peer, function.as_deref(), &e)).await;
             return None;
         }
         // The upgrade checks capacity before it connects to an instance.

@@ -74,17 +74,6 @@ impl From<HandshakeError> for Failure {
     }
 }
 
-/// Answers a refused handshake with its status and closes the connection.
-pub(super) async fn refuse(
-    state: &AppState,
-    mut client: ClientStream,
-    peer: SocketAddr,
-    function: Option<Arc<str>>,
-    e: HandshakeError,
-) {
-    respond(state, &mut client, peer, function.as_deref(), &e).await;
-}
-
 /// Answers a client over `max_connections_per_ip` with 429 as soon as it is accepted: waiting
 /// for its request would let it hold a socket and a task per attempt for up to
 /// `handshake_timeout_ms`, past the limit meant to bound exactly that. The function is not
@@ -100,7 +89,7 @@ pub(super) async fn refuse_over_ip_limit(
         "too_many_connections",
         format!("too many open connections from {key}"),
     );
-    respond(state, &mut client, peer, None, &e).await;
+    refuse(state, &mut client, peer, None, &e).await;
     // Its request arrives unread (now or soon): closing a socket with unread bytes sends a
     // reset, which can destroy the 429 before the client has read it. Read and drop what it
     // sends until it closes, briefly.
@@ -111,8 +100,8 @@ pub(super) async fn refuse_over_ip_limit(
     .await;
 }
 
-/// Counts and logs a refusal, writes its response and the FIN.
-async fn respond(
+/// Answers a refused handshake: counts and logs it, writes its response and the FIN.
+pub(super) async fn refuse(
     state: &AppState,
     client: &mut ClientStream,
     peer: SocketAddr,
