@@ -193,6 +193,8 @@ fn build_routes(
     cgroup_root: Option<PathBuf>,
 ) -> Result<Routes, StartError> {
     let root = is_root();
+    // wsedge's secrets: every function's HMAC key and the admin API's token. A function is
+    // untrusted code; none of them may reach its environment.
     let key_vars: Vec<String> = config
         .functions
         .iter()
@@ -200,6 +202,7 @@ fn build_routes(
             Auth::Hmac(h) => Some(h.hmac_key_env.clone()),
             Auth::Named(_) => None,
         })
+        .chain(config.server.admin_token_env.clone())
         .collect();
     let mut routes = Vec::new();
     for f in &config.functions {
