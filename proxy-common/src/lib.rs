@@ -11,6 +11,7 @@ pub mod maps;
 pub mod message;
 pub mod offsets;
 pub mod policy;
+pub mod rate;
 
 pub use frame::{FrameHeader, HeaderParse, MAX_HEADER_LEN, parse_header};
 pub use maps::SideState;

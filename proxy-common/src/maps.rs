@@ -31,6 +31,12 @@ pub const FLAG_HELD: u32 = 64;
 /// The stream parser's last answer was "need more bytes" (an incomplete header or control
 /// frame): the kernel holds those bytes in the parser, so it cannot stop there.
 pub const FLAG_PARSER_PENDING: u32 = 128;
+/// Set when a client frame went over the rate with `on_exceed = "close"` (closed with 1008).
+pub const FLAG_RATE_EXCEEDED: u32 = 256;
+/// Two-socket client side: a frame went over the rate with `on_exceed = "throttle"` while the
+/// parser could not stop at once; it stops (`FLAG_HELD`) at the next frame boundary and
+/// userspace paces the client's frames from there.
+pub const FLAG_THROTTLE_NEXT: u32 = 512;
 
 /// One direction of a spliced connection, keyed by the cookie of the socket the bytes
 /// arrive on. Userspace creates it before the socket enters the sockhash and reads the
@@ -67,6 +73,8 @@ pub struct SideState {
     pub frame_remaining: u64,
     /// Zero-hop instance side only: how the instance's writes to the client stand.
     pub sends: SendState,
+    /// Client side only: the rate quotas and their meters.
+    pub rate: crate::rate::RateState,
 }
 
 #[cfg(feature = "user")]
@@ -86,10 +94,18 @@ pub const BACKLOG_CHECK_EVERY: u64 = 256 * 1024;
 /// Connections the kernel maps are sized for (two sockets, two sides each).
 pub const MAX_CONNECTIONS: u32 = 16384;
 
-/// Largest frame (header included) either plane accepts: a 256 KiB message in one frame with a
-/// 14-byte header, rounded up. Bigger frames are refused (`policy::check_frame`). The kernel
-/// hands data frames on in pieces, so it never holds one whole.
-pub const MAX_FRAME_WIRE_LEN: u64 = 256 * 1024 + 1024;
+/// Largest `max_message_bytes` a function may set: 16 MiB.
+pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 16 * 1024 * 1024;
+
+/// Largest frame (header included) either plane accepts: a message of the largest allowed
+/// `max_message_bytes` in one frame with a 14-byte header. Bigger frames are refused
+/// (`policy::check_frame`). The kernel hands data frames on in pieces, so it never holds one
+/// whole, and the size costs no memory.
+pub const MAX_FRAME_WIRE_LEN: u64 = MAX_MESSAGE_BYTES_LIMIT + 14;
+
+/// The receive buffer of a spliced socket: what the kernel holds of one side's frames before
+/// TCP flow control holds its sender back.
+pub const SPLICED_RECEIVE_BUFFER: u64 = 256 * 1024 + 1024;
 
 impl SideState {
     /// Accounts one frame of this direction. Both data planes call exactly this, so their

@@ -5,7 +5,10 @@
 use crate::{
     FrameHeader, MessageTracker, SideState,
     frame::OPCODE_CONTINUATION,
-    maps::{FLAG_CLOSE_SEEN, FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, MAX_FRAME_WIRE_LEN},
+    maps::{
+        FLAG_CLOSE_SEEN, FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, FLAG_RATE_EXCEEDED,
+        MAX_FRAME_WIRE_LEN,
+    },
 };
 
 /// Close code the proxy sends the client when the instance's side ended (TCP FIN or reset)
@@ -46,6 +49,9 @@ pub enum Ending {
     ExecutionTimeout,
     /// The proxy closed it with 1009: a message over `max_message_bytes`.
     MessageTooBig,
+    /// The proxy closed it with 1008: the client went over `messages_per_s` or `bytes_per_s`
+    /// with `on_exceed = "close"`.
+    RateExceeded,
     /// The proxy closed it because it is shutting down (SIGTERM).
     Shutdown,
     /// The client sent a frame RFC 6455 forbids (a reserved opcode, a fragmented or oversized
@@ -73,15 +79,18 @@ pub fn proxy_close_reason(ending: Ending) -> &'static str {
         Ending::IdleTimeout => "idle timeout",
         Ending::Shutdown => "proxy shutting down",
         Ending::MessageTooBig => "message too big",
+        Ending::RateExceeded => "rate limit exceeded",
         Ending::ClientProtocolError | Ending::FunctionProtocolError => "protocol error",
         _ => "closed by the proxy",
     }
 }
 
-/// The close code the proxy sends both sides when it ends a connection itself, or `None`
+/// The close code the proxy sends the client when it ends a connection itself, or `None`
 /// when it closes TCP without one (the client then sees 1006).
 pub fn proxy_close_code(ending: Ending) -> Option<u16> {
     match ending {
+        // 1008 "policy violation" to the client that broke the rate.
+        Ending::RateExceeded => Some(1008),
         // 1001 "going away": the endpoint is leaving (idle for too long, or shutting down).
         Ending::IdleTimeout | Ending::Shutdown => Some(1001),
         Ending::ExecutionTimeout => None,
@@ -93,11 +102,20 @@ pub fn proxy_close_code(ending: Ending) -> Option<u16> {
     }
 }
 
+/// The close code the function gets for the same ending: the client's, except for a rate
+/// close, where the function did nothing wrong and is told its client is going away (1001).
+pub fn proxy_close_code_to_function(ending: Ending) -> Option<u16> {
+    match ending {
+        Ending::RateExceeded => Some(1001),
+        _ => proxy_close_code(ending),
+    }
+}
+
 /// The function status of an ended connection (README, "How a connection ends"), from how it ended
 /// and the first close frame of each direction (`client_side` counts client -> instance).
 pub fn function_status(ending: Ending, client_side: &SideState, function_side: &SideState) -> u16 {
     match ending {
-        Ending::MessageTooBig => return 429,
+        Ending::MessageTooBig | Ending::RateExceeded => return 429,
         Ending::ExecutionTimeout => return 433,
         Ending::IdleTimeout => return 455,
         Ending::InstanceFailed => return 439,
@@ -141,6 +159,8 @@ pub enum FrameViolation {
     /// Its message (all fragments so far and this one) is over `max_message_bytes`: the
     /// connection is closed with 1009.
     MessageTooBig,
+    /// A client frame over the rate with `on_exceed = "close"`: closed with 1008.
+    RateExceeded,
 }
 
 impl FrameViolation {
@@ -151,17 +171,21 @@ impl FrameViolation {
     pub fn flag(self) -> u32 {
         match self {
             FrameViolation::MessageTooBig | FrameViolation::TooLarge => FLAG_MESSAGE_TOO_BIG,
+            FrameViolation::RateExceeded => FLAG_RATE_EXCEEDED,
         }
     }
 }
 
 /// How the proxy ends a connection over a frame its sender's side state says was refused
 /// (`flags` of the side that sent it; `from_client`: which side that is), or `None` when
-/// nothing was refused: 1009 for a message over the limit, 1002 for a frame RFC 6455 forbids.
+/// nothing was refused: 1009 for a message over the limit, 1008 for a client over its rate,
+/// 1002 for a frame RFC 6455 forbids.
 #[inline(always)]
 pub fn refusal_ending(flags: u32, from_client: bool) -> Option<Ending> {
     if flags & FLAG_MESSAGE_TOO_BIG != 0 {
         Some(Ending::MessageTooBig)
+    } else if flags & FLAG_RATE_EXCEEDED != 0 {
+        Some(Ending::RateExceeded)
     } else if flags & FLAG_PROTOCOL_ERROR != 0 {
         Some(Ending::protocol_error(from_client))
     } else {
@@ -231,6 +255,7 @@ mod tests {
         assert_eq!(f(Ending::IdleTimeout), 455);
         assert_eq!(f(Ending::ExecutionTimeout), 433);
         assert_eq!(f(Ending::MessageTooBig), 429);
+        assert_eq!(f(Ending::RateExceeded), 429);
         assert_eq!(f(Ending::Shutdown), 200);
         assert_eq!(f(Ending::ClientProtocolError), 456);
         assert_eq!(f(Ending::FunctionProtocolError), 439);
@@ -254,6 +279,17 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_close_tells_the_client_1008_and_the_function_1001() {
+        assert_eq!(proxy_close_code(Ending::RateExceeded), Some(1008));
+        assert_eq!(proxy_close_code_to_function(Ending::RateExceeded), Some(1001));
+        assert_eq!(proxy_close_code_to_function(Ending::MessageTooBig), Some(1009));
+        assert_eq!(
+            refusal_ending(FrameViolation::RateExceeded.flag(), true),
+            Some(Ending::RateExceeded)
+        );
+    }
+
+    #[test]
     fn idle_and_shutdown_close_with_1001_and_the_execution_limit_cuts_tcp() {
         assert_eq!(proxy_close_code(Ending::IdleTimeout), Some(1001));
         assert_eq!(proxy_close_code(Ending::Shutdown), Some(1001));
@@ -271,7 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn a_256_kib_message_in_one_frame_is_accepted_and_a_larger_frame_is_not() {
+    fn a_message_up_to_the_limit_in_one_frame_is_accepted_and_a_larger_frame_is_not() {
         let mut h = FrameHeader {
             fin: true,
             rsv: 0,
@@ -288,6 +324,8 @@ mod tests {
         );
         h.payload_len = MAX_FRAME_WIRE_LEN;
         assert_eq!(check_frame(&h, &fresh, 0), Err(FrameViolation::TooLarge));
+        h.payload_len = 16 * 1024 * 1024;
+        assert_eq!(check_frame(&h, &fresh, 16 * 1024 * 1024), Ok(()), "16 MiB is allowed");
         assert_eq!(
             check_frame(&h, &fresh, 262144),
             Err(FrameViolation::MessageTooBig),

@@ -228,17 +228,31 @@ pub enum OnExceed {
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Largest reassembled message, in bytes, both directions; larger closes with 1009.
+    /// At most 16 MiB.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: u64,
-    /// Client-to-function data messages per second.
+    /// Client-to-function data messages per second (0: no quota). Control frames are not
+    /// messages. A frame may come up to 100 ms ahead of an evenly paced schedule.
     #[serde(default = "default_messages_per_s")]
     pub messages_per_s: u32,
-    /// Client-to-function bytes per second.
+    /// Client-to-function data-frame bytes per second, as on the wire (0: no quota).
     #[serde(default = "default_bytes_per_s")]
     pub bytes_per_s: u64,
-    /// What happens above the rates.
+    /// What happens above the rates: `throttle` delays frames in order (the client is held
+    /// back by TCP), `close` closes with 1008 (the function gets 1001; status 429).
     #[serde(default = "default_on_exceed")]
     pub on_exceed: OnExceed,
+}
+
+impl Limits {
+    /// The rate quotas as both data planes meter them.
+    pub fn rate(&self) -> proxy_common::rate::RateState {
+        proxy_common::rate::RateState::new(
+            u64::from(self.messages_per_s),
+            self.bytes_per_s,
+            self.on_exceed == OnExceed::Close,
+        )
+    }
 }
 
 impl Default for Limits {
@@ -477,7 +491,7 @@ impl Config {
             if f.instance_concurrency == 0 || f.max_instances == 0 {
                 return Err(invalid(at("instance_concurrency"), "must be at least 1"));
             }
-            let max = proxy_common::maps::MAX_FRAME_WIRE_LEN - 14;
+            let max = proxy_common::maps::MAX_MESSAGE_BYTES_LIMIT;
             if f.limits.max_message_bytes == 0 || f.limits.max_message_bytes > max {
                 return Err(invalid(
                     at("limits.max_message_bytes"),

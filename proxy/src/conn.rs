@@ -11,7 +11,7 @@ use std::{
     time::SystemTime,
 };
 
-use proxy_common::{SideState, maps::FLAG_CLOSE_SEEN, policy::Ending};
+use proxy_common::{SideState, maps::FLAG_CLOSE_SEEN, policy::Ending, rate::RateState};
 use serde::{Deserialize, Serialize};
 
 /// Which way bytes flow, and which of a connection's two sides they are accounted to.
@@ -35,12 +35,15 @@ impl std::fmt::Display for ConnectionId {
     }
 }
 
-/// A function's per-connection timers (seconds) and message limit (bytes, both directions).
+/// A function's per-connection timers (seconds), message limit (bytes, both directions) and
+/// client -> function rate quotas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub idle_timeout_s: u64,
     pub execution_timeout_s: u64,
     pub max_message_bytes: u64,
+    /// The quotas, with meters that have seen nothing yet.
+    pub rate: RateState,
 }
 
 /// The kernel's names for a spliced connection: the cookies of the sockets whose received
@@ -158,6 +161,8 @@ pub struct ConnectionView {
     /// Payload bytes userspace read and wrote itself (zero once the kernel carries frames,
     /// apart from bytes pipelined with the handshake).
     pub bytes_relayed_by_userspace: u64,
+    /// Time the client's frames waited for the rate quotas (`on_exceed = "throttle"`).
+    pub throttled_ms: u64,
 }
 
 /// Everything a connection is made from at registration.
@@ -185,12 +190,18 @@ impl Connection {
             client,
             started_at,
             plane: AtomicU8::new(plane as u8),
-            sides: Mutex::new(
-                [SideState {
+            sides: Mutex::new({
+                let side = SideState {
                     max_message_bytes: limits.max_message_bytes,
                     ..SideState::default()
-                }; 2],
-            ),
+                };
+                // Rates apply to what the client sends only.
+                let client = SideState {
+                    rate: limits.rate,
+                    ..side
+                };
+                [client, side]
+            }),
             kernel: Mutex::new(None),
             started_ns: crate::clock::monotonic_ns(),
             limits,
@@ -307,13 +318,26 @@ impl Connection {
             frames_in: i.frames,
             frames_out: o.frames,
             bytes_relayed_by_userspace: relayed,
+            throttled_ms: throttled_ms(&i),
         }
     }
 }
 
+/// Time a direction's frames waited for its rate, including a wait still going on.
+pub fn throttled_ms(side: &SideState) -> u64 {
+    let waiting = match side.rate.waiting_since_ns {
+        0 => 0,
+        since => crate::clock::monotonic_ns().saturating_sub(since),
+    };
+    (side.rate.throttled_ns + waiting) / 1_000_000
+}
+
 /// Adds one set of a direction's counters to another: sums, the later activity, the first
-/// close frame.
+/// close frame. The rate meters are not summed: each plane hands its meters to the next, so
+/// only the throttled time each plane kept adds up.
 pub fn add(total: &mut SideState, more: SideState) {
+    total.rate.throttled_ns += more.rate.throttled_ns;
+    total.rate.throttles += more.rate.throttles;
     total.bytes += more.bytes;
     total.frames += more.frames;
     total.messages += more.messages;
@@ -353,6 +377,7 @@ mod tests {
                     idle_timeout_s: 10,
                     execution_timeout_s: 20,
                     max_message_bytes: 30,
+                    rate: RateState::default(),
                 },
             },
         )

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use proxy_common::policy::{self, Ending, proxy_close_code, proxy_close_reason};
+use proxy_common::policy::{
+    self, Ending, proxy_close_code, proxy_close_code_to_function, proxy_close_reason,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::warn;
 
@@ -36,10 +38,11 @@ pub struct ProxyClose {
 impl ProxyClose {
     pub fn for_ending(ending: Ending) -> Option<ProxyClose> {
         let code = proxy_close_code(ending)?;
+        let to_function = proxy_close_code_to_function(ending).unwrap_or(code);
         let reason = proxy_close_reason(ending);
         Some(ProxyClose {
             to_client: close_frame(code, reason),
-            to_instance: masked_close_frame(code, reason, close_mask()),
+            to_instance: masked_close_frame(to_function, reason, close_mask()),
         })
     }
 }

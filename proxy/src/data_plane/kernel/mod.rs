@@ -32,7 +32,7 @@ use aya::{
 };
 use proxy_common::{
     SideState,
-    maps::{DataPlaneEvent, FLAG_ZERO_HOP, MAX_FRAME_WIRE_LEN},
+    maps::{DataPlaneEvent, FLAG_ZERO_HOP, SPLICED_RECEIVE_BUFFER},
     offsets::KERNEL_OFFSETS_SYMBOL,
     policy::Ending,
 };
@@ -258,11 +258,11 @@ impl KernelDataPlane {
                 // instance -> client counters.
                 instance: socket::cookie(&instance)?,
             };
-            socket::set_receive_buffer(&client, MAX_FRAME_WIRE_LEN as usize)?;
+            socket::set_receive_buffer(&client, SPLICED_RECEIVE_BUFFER as usize)?;
             // Zero-hop: a fixed size (no autotuning up to `tcp_rmem`'s 6 MiB) for what the
             // instance's writes park here while the client does not read: with the client
             // socket's send buffer, that is all the proxy path holds for such a client.
-            socket::set_receive_buffer(&instance, MAX_FRAME_WIRE_LEN as usize)?;
+            socket::set_receive_buffer(&instance, SPLICED_RECEIVE_BUFFER as usize)?;
             on_keys(Some(pair));
             let flags = if zero_hop.is_some() { FLAG_ZERO_HOP } else { 0 };
             // Each step takes the maps lock itself (a guard kept across the chain would

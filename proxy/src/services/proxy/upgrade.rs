@@ -168,6 +168,7 @@ pub(super) async fn upgrade(
             idle_timeout_s: route.function.idle_timeout_s,
             execution_timeout_s: route.function.execution_timeout_s,
             max_message_bytes: route.function.limits.max_message_bytes,
+            rate: route.function.limits.rate(),
         },
         client_rest: head.rest,
         instance_rest: response.rest,
