@@ -68,6 +68,17 @@ impl RateState {
         }
     }
 
+    /// The quotas and schedule for the plane that carries the connection next, without the
+    /// throttled time this plane already reported (each plane's own adds up at the end).
+    pub fn handed_on(&self) -> RateState {
+        RateState {
+            waiting_since_ns: 0,
+            throttled_ns: 0,
+            throttles: 0,
+            ..*self
+        }
+    }
+
     #[inline(always)]
     pub fn closes(&self) -> bool {
         self.on_exceed == ON_EXCEED_CLOSE
@@ -103,18 +114,28 @@ impl RateState {
             }
             return Err(OverRate { until_ns: until });
         }
+        self.charge(h, now_ns);
+        Ok(())
+    }
+
+    /// Charges a data frame that passes at `now_ns`, over the rate or not (the kernel lets
+    /// one through when it cannot stop the stream at that point), ending any wait.
+    #[inline(always)]
+    pub fn charge(&mut self, h: &FrameHeader, now_ns: u64) {
+        if h.is_control() {
+            return;
+        }
         if self.waiting_since_ns != 0 {
             self.throttled_ns += now_ns.saturating_sub(self.waiting_since_ns);
             self.waiting_since_ns = 0;
         }
-        if starts_message && self.messages_per_s != 0 {
+        if h.opcode != OPCODE_CONTINUATION && self.messages_per_s != 0 {
             self.message_tat_ns = self.message_tat_ns.max(now_ns) + NS_PER_S / self.messages_per_s;
         }
         if self.bytes_per_s != 0 {
             let cost = h.wire_len().saturating_mul(NS_PER_S) / self.bytes_per_s;
             self.byte_tat_ns = self.byte_tat_ns.max(now_ns).saturating_add(cost);
         }
-        Ok(())
     }
 }
 
@@ -164,7 +185,10 @@ mod tests {
         let mut rate = RateState::new(10, 0, false);
         let at = paced(&mut rate, 30, 10);
         let span = at[29] - at[0];
-        assert_eq!(at[1], at[0], "the tolerance lets a second one through at once");
+        assert_eq!(
+            at[1], at[0],
+            "the tolerance lets a second one through at once"
+        );
         assert_eq!(span, 2_800_000_000);
         for pair in at[1..30].windows(2) {
             assert_eq!(pair[1] - pair[0], 100_000_000);
@@ -191,10 +215,19 @@ mod tests {
         let mut rate = RateState::new(0, 128 * 1024, false);
         let big = data(2, true, 256 * 1024 - 6);
         let t0 = 1_000_000_000;
-        assert_eq!(rate.admit(&big, t0), Ok(()), "one frame over a second's worth passes");
+        assert_eq!(
+            rate.admit(&big, t0),
+            Ok(()),
+            "one frame over a second's worth passes"
+        );
         let next = rate.admit(&data(2, true, 10), t0 + 1_000_000_000);
         // 256 KiB of wire bytes at 128 KiB/s: due two seconds later, less the tolerance.
-        assert_eq!(next, Err(OverRate { until_ns: t0 + 1_900_000_000 }));
+        assert_eq!(
+            next,
+            Err(OverRate {
+                until_ns: t0 + 1_900_000_000
+            })
+        );
     }
 
     #[test]
@@ -204,7 +237,10 @@ mod tests {
         assert_eq!(rate.admit(&data(1, false, 100), t), Ok(()));
         assert_eq!(rate.admit(&data(0, true, 100), t), Ok(()), "same message");
         assert_eq!(rate.admit(&data(9, true, 125), t), Ok(()), "ping");
-        assert!(rate.admit(&data(1, true, 1), t).is_err(), "a second message within 1 s");
+        assert!(
+            rate.admit(&data(1, true, 1), t).is_err(),
+            "a second message within 1 s"
+        );
     }
 
     #[test]
