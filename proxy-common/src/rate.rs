@@ -132,8 +132,11 @@ impl RateState {
         if h.opcode != OPCODE_CONTINUATION && self.messages_per_s != 0 {
             self.message_tat_ns = self.message_tat_ns.max(now_ns) + NS_PER_S / self.messages_per_s;
         }
-        if self.bytes_per_s != 0 {
-            let cost = h.wire_len().saturating_mul(NS_PER_S) / self.bytes_per_s;
+        if let Some(cost) = h
+            .wire_len()
+            .saturating_mul(NS_PER_S)
+            .checked_div(self.bytes_per_s)
+        {
             self.byte_tat_ns = self.byte_tat_ns.max(now_ns).saturating_add(cost);
         }
     }
