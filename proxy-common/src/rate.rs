@@ -9,7 +9,10 @@
 //! frame larger than a second's worth of bytes (a 256 KB message at 128 KB/s) is allowed and
 //! the frames after it wait until its cost has elapsed: the average holds over any window.
 
-use crate::{FrameHeader, frame::OPCODE_CONTINUATION};
+use crate::{
+    FrameHeader,
+    frame::{OPCODE_CLOSE, OPCODE_CONTINUATION},
+};
 
 /// How far ahead of an evenly paced schedule a frame may arrive and still pass: the burst a
 /// quota tolerates. At 10 messages/s a client may send two at once, then one per 100 ms.
@@ -92,14 +95,15 @@ impl RateState {
 
     /// Decides one frame of this direction at `now_ns`: `Ok` charges it to the meters (it
     /// passes now), `Err` leaves the meters as they were (apart from noting that a frame
-    /// waits) and says when it may pass. Control frames are activity, not messages: they
-    /// always pass and cost nothing. The caller keeps order: nothing overtakes a waiting frame.
+    /// waits) and says when it may pass. Pings and pongs are not messages but cost their
+    /// bytes; a close frame always passes. The caller keeps order: nothing overtakes a
+    /// waiting frame.
     #[inline(always)]
     pub fn admit(&mut self, h: &FrameHeader, now_ns: u64) -> Result<(), OverRate> {
-        if h.is_control() {
+        if h.opcode == OPCODE_CLOSE {
             return Ok(());
         }
-        let starts_message = h.opcode != OPCODE_CONTINUATION;
+        let starts_message = starts_message(h);
         let mut until = 0;
         if starts_message && self.messages_per_s != 0 {
             until = due(self.message_tat_ns, now_ns);
@@ -122,14 +126,14 @@ impl RateState {
     /// one through when it cannot stop the stream at that point), ending any wait.
     #[inline(always)]
     pub fn charge(&mut self, h: &FrameHeader, now_ns: u64) {
-        if h.is_control() {
+        if h.opcode == OPCODE_CLOSE {
             return;
         }
         if self.waiting_since_ns != 0 {
             self.throttled_ns += now_ns.saturating_sub(self.waiting_since_ns);
             self.waiting_since_ns = 0;
         }
-        if h.opcode != OPCODE_CONTINUATION && self.messages_per_s != 0 {
+        if starts_message(h) && self.messages_per_s != 0 {
             self.message_tat_ns = self.message_tat_ns.max(now_ns) + NS_PER_S / self.messages_per_s;
         }
         if let Some(cost) = h
@@ -140,6 +144,14 @@ impl RateState {
             self.byte_tat_ns = self.byte_tat_ns.max(now_ns).saturating_add(cost);
         }
     }
+}
+
+/// Whether a frame opens a data message (what the message quota counts). Pings and pongs
+/// are not messages, but their bytes count: otherwise a client could push its function any
+/// number of bytes a second as pings. A close frame ends the connection and is never held.
+#[inline(always)]
+fn starts_message(h: &FrameHeader) -> bool {
+    !h.is_control() && h.opcode != OPCODE_CONTINUATION
 }
 
 /// When a unit whose schedule says `tat_ns` may pass: up to the tolerance early.

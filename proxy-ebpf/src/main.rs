@@ -264,7 +264,8 @@ fn frame_len(
                 Ok(()) => {
                     let len = frame_message_len(&h, avail as u64);
                     match side {
-                        Some(side) if side.rate.limited() && !h.is_control() => {
+                        // A control frame not yet whole (len 0) is decided once it is.
+                        Some(side) if side.rate.limited() && len != 0 => {
                             // SAFETY: plain helper call.
                             let now = unsafe { bpf_ktime_get_ns() };
                             match side.rate.admit(&h, now) {

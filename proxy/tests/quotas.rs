@@ -289,6 +289,43 @@ async fn a_four_mib_message_passes_when_the_limit_allows_it_and_one_byte_more_is
     s.proxy.stop().await;
 }
 
+async fn pings_are_no_messages_but_a_ping_flood_meets_the_byte_quota(plane: Plane) {
+    let s = setup(plane, |l| {
+        l.on_exceed = OnExceed::Close;
+        l.bytes_per_s = 4096;
+    })
+    .await;
+    let mut ws = s.open().await;
+    // Pings at about 2 KB/s pass (each 106 wire bytes, 60 ms apart), and none is a message.
+    for _ in 0..5 {
+        ws.send(Message::Ping(vec![1u8; 100].into())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    ws.send(Message::text("still here")).await.unwrap();
+    loop {
+        match recv(&mut ws).await {
+            Message::Pong(_) => continue,
+            other => break assert_eq!(other, Message::text("still here")),
+        }
+    }
+    let c = s.only_connection().await;
+    assert_eq!(c.messages_in, 1, "pings are not messages: {c:?}");
+    for _ in 0..200 {
+        if ws.send(Message::Ping(vec![2u8; 125].into())).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(
+        proxy_close_code(&mut ws, Duration::from_secs(10)).await,
+        Some(1008)
+    );
+    drop(ws);
+    s.proxy
+        .assert_one_ended_with(429, "a ping flood over the byte rate")
+        .await;
+    s.proxy.stop().await;
+}
+
 macro_rules! on_every_plane {
     ($($name:ident),* $(,)?) => {
         $(
@@ -330,4 +367,5 @@ on_every_plane!(
     a_client_over_its_rate_with_close_gets_1008_and_the_function_1001,
     a_byte_rate_holds_large_messages_back_and_loses_none,
     a_four_mib_message_passes_when_the_limit_allows_it_and_one_byte_more_is_1009,
+    pings_are_no_messages_but_a_ping_flood_meets_the_byte_quota,
 );

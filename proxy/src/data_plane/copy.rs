@@ -422,7 +422,11 @@ mod tests {
         let feeding = async {
             let mut got = [0u8; 2];
             receiver.read_exact(&mut got).await.unwrap();
-            assert_eq!(got, [1, 2], "what came before the throttled frame goes at once");
+            assert_eq!(
+                got,
+                [1, 2],
+                "what came before the throttled frame goes at once"
+            );
             // Sent while the copy waits: it must come after the held bytes.
             sender.write_all(&[4]).await.unwrap();
             drop(sender);
