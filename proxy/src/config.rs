@@ -534,6 +534,21 @@ mod tests {
     }
 
     #[test]
+    fn messages_up_to_16_mib_and_rates_of_zero_are_accepted() {
+        let limits = |lines: &str| parse(&format!("{MINIMAL}[function.limits]\n{lines}"));
+        let c =
+            limits("max_message_bytes = 16777216\nmessages_per_s = 0\nbytes_per_s = 0\n").unwrap();
+        let l = &c.functions[0].limits;
+        assert_eq!(l.max_message_bytes, 16 << 20);
+        assert!(!l.rate().limited(), "0 turns the quotas off");
+        let err = limits("max_message_bytes = 16777217\n").unwrap_err();
+        assert!(err.contains("max_message_bytes"), "{err}");
+        let c = limits("on_exceed = \"close\"\n").unwrap();
+        assert!(c.functions[0].limits.rate().closes());
+        assert!(limits("on_exceed = \"drop\"\n").is_err());
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let err = parse(&format!("{MINIMAL}colour = \"red\"\n")).unwrap_err();
         assert!(err.contains("colour"), "{err}");
