@@ -281,8 +281,14 @@ mod tests {
     #[test]
     fn a_rate_close_tells_the_client_1008_and_the_function_1001() {
         assert_eq!(proxy_close_code(Ending::RateExceeded), Some(1008));
-        assert_eq!(proxy_close_code_to_function(Ending::RateExceeded), Some(1001));
-        assert_eq!(proxy_close_code_to_function(Ending::MessageTooBig), Some(1009));
+        assert_eq!(
+            proxy_close_code_to_function(Ending::RateExceeded),
+            Some(1001)
+        );
+        assert_eq!(
+            proxy_close_code_to_function(Ending::MessageTooBig),
+            Some(1009)
+        );
         assert_eq!(
             refusal_ending(FrameViolation::RateExceeded.flag(), true),
             Some(Ending::RateExceeded)
@@ -325,7 +331,11 @@ mod tests {
         h.payload_len = MAX_FRAME_WIRE_LEN;
         assert_eq!(check_frame(&h, &fresh, 0), Err(FrameViolation::TooLarge));
         h.payload_len = 16 * 1024 * 1024;
-        assert_eq!(check_frame(&h, &fresh, 16 * 1024 * 1024), Ok(()), "16 MiB is allowed");
+        assert_eq!(
+            check_frame(&h, &fresh, 16 * 1024 * 1024),
+            Ok(()),
+            "16 MiB is allowed"
+        );
         assert_eq!(
             check_frame(&h, &fresh, 262144),
             Err(FrameViolation::MessageTooBig),

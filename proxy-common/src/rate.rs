@@ -164,7 +164,10 @@ mod tests {
         let mut rate = RateState::new(10, 0, false);
         let at = paced(&mut rate, 30, 10);
         let span = at[29] - at[0];
-        assert_eq!(at[1], at[0], "the tolerance lets a second one through at once");
+        assert_eq!(
+            at[1], at[0],
+            "the tolerance lets a second one through at once"
+        );
         assert_eq!(span, 2_800_000_000);
         for pair in at[1..30].windows(2) {
             assert_eq!(pair[1] - pair[0], 100_000_000);
@@ -191,10 +194,19 @@ mod tests {
         let mut rate = RateState::new(0, 128 * 1024, false);
         let big = data(2, true, 256 * 1024 - 6);
         let t0 = 1_000_000_000;
-        assert_eq!(rate.admit(&big, t0), Ok(()), "one frame over a second's worth passes");
+        assert_eq!(
+            rate.admit(&big, t0),
+            Ok(()),
+            "one frame over a second's worth passes"
+        );
         let next = rate.admit(&data(2, true, 10), t0 + 1_000_000_000);
         // 256 KiB of wire bytes at 128 KiB/s: due two seconds later, less the tolerance.
-        assert_eq!(next, Err(OverRate { until_ns: t0 + 1_900_000_000 }));
+        assert_eq!(
+            next,
+            Err(OverRate {
+                until_ns: t0 + 1_900_000_000
+            })
+        );
     }
 
     #[test]
@@ -204,7 +216,10 @@ mod tests {
         assert_eq!(rate.admit(&data(1, false, 100), t), Ok(()));
         assert_eq!(rate.admit(&data(0, true, 100), t), Ok(()), "same message");
         assert_eq!(rate.admit(&data(9, true, 125), t), Ok(()), "ping");
-        assert!(rate.admit(&data(1, true, 1), t).is_err(), "a second message within 1 s");
+        assert!(
+            rate.admit(&data(1, true, 1), t).is_err(),
+            "a second message within 1 s"
+        );
     }
 
     #[test]

@@ -170,13 +170,29 @@ pub fn config(plane: DataPlaneMode, upstream: SocketAddr, extra_server: &str) ->
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_plane = \"{plane}\"\n\
          drain_timeout_s = 1\n{extra_server}\n[[function]]\nname = \"echo\"\nroute = \"/echo\"\nupstreams = [\"{upstream}\"]\n"
     );
-    let config: Config = toml::from_str(&text).unwrap();
+    let mut config: Config = toml::from_str(&text).unwrap();
+    config.server.state_dir = state_dir();
     config.validate().unwrap();
     config
 }
 
+/// A new, empty directory for one wsedge's `state_dir` (its billing ledger), under the
+/// target directory: tests never write the host's `/var/lib/wsedge`.
+pub fn state_dir() -> std::path::PathBuf {
+    tempfile::Builder::new()
+        .prefix("state-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+        .keep()
+}
+
 /// Starts wsedge; with `DataPlaneMode::Kernel` this fails the test if eBPF cannot load.
 pub async fn start_proxy(config: Config) -> Proxy {
+    assert!(
+        config.state_dir().starts_with(env!("CARGO_TARGET_TMPDIR")),
+        "a test's state_dir is its own (common::state_dir()), not {}",
+        config.state_dir().display()
+    );
     let server = Server::bind(config)
         .await
         .expect("wsedge starts (as root, eBPF must load)");
@@ -391,6 +407,7 @@ pub fn function_config(plane: &str, extra_server: &str, function: &str) -> Confi
     );
     let mut config: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     config.base_dir = env!("CARGO_MANIFEST_DIR").into();
+    config.server.state_dir = state_dir();
     config.validate().unwrap();
     config
 }
