@@ -68,6 +68,17 @@ impl RateState {
         }
     }
 
+    /// The quotas and schedule for the plane that carries the connection next, without the
+    /// throttled time this plane already reported (each plane's own adds up at the end).
+    pub fn handed_on(&self) -> RateState {
+        RateState {
+            waiting_since_ns: 0,
+            throttled_ns: 0,
+            throttles: 0,
+            ..*self
+        }
+    }
+
     #[inline(always)]
     pub fn closes(&self) -> bool {
         self.on_exceed == ON_EXCEED_CLOSE
@@ -103,18 +114,31 @@ impl RateState {
             }
             return Err(OverRate { until_ns: until });
         }
+        self.charge(h, now_ns);
+        Ok(())
+    }
+
+    /// Charges a data frame that passes at `now_ns`, over the rate or not (the kernel lets
+    /// one through when it cannot stop the stream at that point), ending any wait.
+    #[inline(always)]
+    pub fn charge(&mut self, h: &FrameHeader, now_ns: u64) {
+        if h.is_control() {
+            return;
+        }
         if self.waiting_since_ns != 0 {
             self.throttled_ns += now_ns.saturating_sub(self.waiting_since_ns);
             self.waiting_since_ns = 0;
         }
-        if starts_message && self.messages_per_s != 0 {
+        if h.opcode != OPCODE_CONTINUATION && self.messages_per_s != 0 {
             self.message_tat_ns = self.message_tat_ns.max(now_ns) + NS_PER_S / self.messages_per_s;
         }
-        if self.bytes_per_s != 0 {
-            let cost = h.wire_len().saturating_mul(NS_PER_S) / self.bytes_per_s;
+        if let Some(cost) = h
+            .wire_len()
+            .saturating_mul(NS_PER_S)
+            .checked_div(self.bytes_per_s)
+        {
             self.byte_tat_ns = self.byte_tat_ns.max(now_ns).saturating_add(cost);
         }
-        Ok(())
     }
 }
 

@@ -34,8 +34,8 @@ use proxy_common::{
     frame::{close_code_end, close_code_in, header_len},
     maps::{
         BACKLOG_CHECK_EVERY, EVENT_CLIENT_HELD, FLAG_CLOSE_SEEN, FLAG_DIVERTED, FLAG_HELD,
-        FLAG_PARSER_PENDING, FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR, FLAG_ZERO_HOP,
-        MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
+        FLAG_PARSER_PENDING, FLAG_PEER_BACKLOG, FLAG_PROTOCOL_ERROR, FLAG_RATE_EXCEEDED,
+        FLAG_THROTTLE_NEXT, FLAG_ZERO_HOP, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
     },
     parse_header,
     policy::check_frame,
@@ -144,23 +144,17 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
     // socket do not run concurrently.
     let mut side = SIDES.get_ptr_mut(cookie).map(|side| unsafe { &mut *side });
     if let Some(side) = side.as_deref_mut()
-        && side.flags & FLAG_DIVERTED != 0
+        && side.flags & (FLAG_DIVERTED | FLAG_THROTTLE_NEXT) != 0
         && side.flags & FLAG_PARSER_PENDING == 0
+        && may_hold(cookie, side)
     {
-        // A zero-hop client leaving the kernel path: stop here, at a boundary, before the
-        // kernel consumes a byte of this message. An error is the only way a stream parser
-        // stops without taking the bytes; the kernel then reads nothing more from the socket
-        // and calls this again only for the rest of an skb it was in (same answer).
-        if side.flags & FLAG_HELD != 0 || zero_hop::instance_writes_landed(cookie, side.peer_cookie)
-        {
-            if side.flags & FLAG_HELD == 0 {
-                side.flags |= FLAG_HELD;
-                zero_hop::notify(cookie, EVENT_CLIENT_HELD);
-            }
-            return Err(EAGAIN);
-        }
+        // A client leaving the kernel path: stop here, at a frame boundary or between two
+        // pieces of a data frame, before the kernel consumes a byte of this message. An error is the only way a stream parser stops
+        // without taking the bytes; the kernel then reads nothing more from the socket and
+        // calls this again only for the rest of an skb it was in (same answer).
+        return Err(hold(cookie, side));
     }
-    let len = frame_len(ctx, side.as_deref_mut())?;
+    let len = frame_len(ctx, cookie, side.as_deref_mut())?;
     if let Some(side) = side {
         // The kernel keeps what it has of a message it was told to wait for. (Written only
         // when it changes: this runs for every frame.)
@@ -174,8 +168,67 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
     Ok(len)
 }
 
+/// Whether the client's parser may stop now: a zero-hop client only once the instance's
+/// writes to its socket have landed (see `zero_hop::instance_writes_landed`).
 #[inline(always)]
-fn frame_len(ctx: &SkBuffContext, mut side: Option<&mut SideState>) -> Result<u32, i64> {
+fn may_hold(cookie: u64, side: &SideState) -> bool {
+    side.flags & FLAG_HELD != 0
+        || side.flags & FLAG_ZERO_HOP == 0
+        || zero_hop::instance_writes_landed(cookie, side.peer_cookie)
+}
+
+/// Stops the client's parser for good (`FLAG_HELD`); userspace relays from here. Userspace
+/// learns it from an event: the socket error the stop raises is not enough, since a write
+/// to the socket (a frame the kernel sends the client) can clear it before anyone polls.
+#[inline(always)]
+fn hold(cookie: u64, side: &mut SideState) -> i64 {
+    if side.flags & FLAG_HELD == 0 {
+        side.flags |= FLAG_HELD;
+        zero_hop::notify(cookie, EVENT_CLIENT_HELD);
+    }
+    EAGAIN
+}
+
+/// A client data frame over its rate (`policy` decided in `RateState::admit`). With
+/// `on_exceed = "close"` the frame goes nowhere and the parser stops for good; userspace
+/// closes the connection (1008). With "throttle"
+/// the parser stops before it, so TCP holds the client back and userspace releases its frames
+/// at the rate; where the parser cannot stop at once (the kernel holds part of this header,
+/// or a zero-hop instance write is still on its way to the client) the frame passes, charged
+/// to the meters, and the parser stops at the next boundary.
+#[inline(always)]
+fn over_rate(
+    cookie: u64,
+    side: &mut SideState,
+    h: &proxy_common::FrameHeader,
+    now: u64,
+    len: u32,
+) -> Result<u32, i64> {
+    if side.flags & FLAG_ZERO_HOP != 0 {
+        zero_hop::divert(side);
+    }
+    if side.rate.closes() {
+        // Refused with the hold's EAGAIN, not a hard error: the stop's error lands on the
+        // client socket, where a frame the function is sending at that moment meets it. A
+        // hard error would make the kernel give up on every later redirect to the client,
+        // the proxy's close frame could then never follow them; EAGAIN is retried.
+        side.flags |= FLAG_RATE_EXCEEDED;
+        return Err(hold(cookie, side));
+    }
+    if side.flags & FLAG_PARSER_PENDING == 0 && may_hold(cookie, side) {
+        return Err(hold(cookie, side));
+    }
+    side.flags |= FLAG_THROTTLE_NEXT;
+    side.rate.charge(h, now);
+    Ok(len)
+}
+
+#[inline(always)]
+fn frame_len(
+    ctx: &SkBuffContext,
+    cookie: u64,
+    mut side: Option<&mut SideState>,
+) -> Result<u32, i64> {
     if let Some(side) = side.as_deref()
         && side.frame_remaining > 0
     {
@@ -208,7 +261,20 @@ fn frame_len(ctx: &SkBuffContext, mut side: Option<&mut SideState>) -> Result<u3
                 None => (MessageTracker::default(), 0),
             };
             match check_frame(&h, &tracker, limit) {
-                Ok(()) => Ok(frame_message_len(&h, avail as u64)),
+                Ok(()) => {
+                    let len = frame_message_len(&h, avail as u64);
+                    match side {
+                        Some(side) if side.rate.limited() && !h.is_control() => {
+                            // SAFETY: plain helper call.
+                            let now = unsafe { bpf_ktime_get_ns() };
+                            match side.rate.admit(&h, now) {
+                                Ok(()) => Ok(len),
+                                Err(_) => over_rate(cookie, side, &h, now, len),
+                            }
+                        }
+                        _ => Ok(len),
+                    }
+                }
                 Err(violation) => {
                     if let Some(side) = side {
                         side.flags |= violation.flag();

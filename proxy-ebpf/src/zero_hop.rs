@@ -219,22 +219,31 @@ pub fn client_frame(
                 || q.pending_skbs >= MAX_PENDING_FRAMES;
         }
         if divert {
-            side.flags |= FLAG_DIVERTED;
-            // The instance's writes stop going to this socket before its parser stops with
-            // the socket error that would fail them (see `instance_writes_landed`).
-            if let Some(instance_side) = SIDES.get_ptr_mut(&side.peer_cookie) {
-                // SAFETY: map value pointer from a successful lookup; an atomic add is also
-                // the full barrier the other side's `pushes` pairs with.
-                unsafe {
-                    let sends = &raw mut (*instance_side).sends;
-                    (*sends).diverted_at_ns = bpf_ktime_get_ns();
-                    full_barrier_add(&raw mut (*sends).diverted);
-                }
-            }
+            self::divert(side);
         }
     }
     // This frame (or piece) still goes to the instance: the parser stops before the next.
     INSTANCE_SOCKETS.redirect_skb(ctx, link.instance, BPF_F_INGRESS as u64) as u32
+}
+
+/// Takes a zero-hop client off the kernel path: its parser stops at the next boundary where
+/// it may, and the instance's writes stop going to its socket before that, since the stop's
+/// socket error would fail them (see `instance_writes_landed`). Once per connection.
+#[inline(always)]
+pub fn divert(side: &mut SideState) {
+    if side.flags & FLAG_DIVERTED != 0 {
+        return;
+    }
+    side.flags |= FLAG_DIVERTED;
+    if let Some(instance_side) = SIDES.get_ptr_mut(&side.peer_cookie) {
+        // SAFETY: map value pointer from a successful lookup; an atomic add is also the full
+        // barrier the other side's `pushes` pairs with.
+        unsafe {
+            let sends = &raw mut (*instance_side).sends;
+            (*sends).diverted_at_ns = bpf_ktime_get_ns();
+            full_barrier_add(&raw mut (*sends).diverted);
+        }
+    }
 }
 
 /// For the client socket's parser, after a divert: whether every instance write sent to the

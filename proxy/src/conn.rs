@@ -338,6 +338,7 @@ pub fn throttled_ms(side: &SideState) -> u64 {
 pub fn add(total: &mut SideState, more: SideState) {
     total.rate.throttled_ns += more.rate.throttled_ns;
     total.rate.throttles += more.rate.throttles;
+    total.rate.waiting_since_ns = total.rate.waiting_since_ns.max(more.rate.waiting_since_ns);
     total.bytes += more.bytes;
     total.frames += more.frames;
     total.messages += more.messages;

@@ -116,7 +116,12 @@ pub async fn after_instance_failed(
         client.shutdown().await
     })
     .await;
-    let mut sink = [0u8; 512];
+    drain_for_grace(client).await;
+}
+
+/// Reads and drops what `client` sends until its EOF, for at most [`CLOSE_GRACE`].
+pub async fn drain_for_grace(client: &mut (impl AsyncRead + Unpin)) {
+    let mut sink = [0u8; 4096];
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
     })

@@ -10,14 +10,16 @@
 
 use std::{
     cell::RefCell,
+    future::Future,
     io,
     pin::Pin,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::protocols::frames::FrameError;
+use crate::{clock::monotonic_ns, protocols::frames::FrameError};
 
 /// Bytes taken from the sender per read: a 64 KiB message moves in one. Per runtime thread,
 /// not per connection.
@@ -82,6 +84,12 @@ pub struct Half<L> {
     refused: Option<(FrameError, bool)>,
     /// Writes in a row that took nothing (see `poll_drain`).
     zero_writes: u32,
+    /// Bytes read but not yet accounted because a frame among them is over the sender's
+    /// rate: nothing more is read until they have gone on (TCP then holds the sender back).
+    /// Empty, and unallocated, unless the sender is being throttled.
+    held: Vec<u8>,
+    /// When the first frame of `held` may go on.
+    held_until: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// How many writes in a row may take nothing before the receiver counts as gone.
@@ -95,7 +103,14 @@ impl<L: Leg> Half<L> {
             written: 0,
             refused: None,
             zero_writes: 0,
+            held: Vec::new(),
+            held_until: None,
         }
+    }
+
+    /// Whether bytes wait for the sender's rate.
+    pub fn throttled(&self) -> bool {
+        !self.held.is_empty()
     }
 
     /// Whether the receiver is waiting for bytes this direction holds: it may be inside a
@@ -120,6 +135,15 @@ impl<L: Leg> Half<L> {
             ready!(self.poll_drain(cx, to))?;
             if let Some((error, whole)) = self.refused {
                 return Poll::Ready(Ok(HalfEnd::Refused { error, whole }));
+            }
+            if !self.held.is_empty() {
+                if let Some(until) = &mut self.held_until {
+                    ready!(until.as_mut().poll(cx));
+                    self.held_until = None;
+                }
+                let held = std::mem::take(&mut self.held);
+                ready!(self.take(cx, to, &held))?;
+                continue;
             }
             let read = SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
@@ -158,6 +182,16 @@ impl<L: Leg> Half<L> {
     {
         let bytes = match self.leg.account(bytes) {
             Ok(()) => &bytes[..self.leg.forwardable(bytes.len())],
+            Err(Refusal {
+                error: FrameError::Throttled { until_ns },
+                before,
+            }) => {
+                let at = before.unwrap_or(0);
+                self.held.extend_from_slice(&bytes[at..]);
+                let wait = Duration::from_nanos(until_ns.saturating_sub(monotonic_ns()));
+                self.held_until = Some(Box::pin(tokio::time::sleep(wait)));
+                &bytes[..self.leg.forwardable(at)]
+            }
             Err(refusal) => {
                 self.refused = Some((refusal.error, refusal.before.is_some()));
                 let before = refusal.before.unwrap_or(0);

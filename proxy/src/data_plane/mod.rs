@@ -24,7 +24,7 @@ use relay::Relay;
 
 use crate::{
     config::DataPlaneMode,
-    conn::{Connection, LiveCounters, PlaneName},
+    conn::{Connection, Direction, LiveCounters, PlaneName},
     protocols::{frames::FrameCursor, stream::ClientStream},
 };
 
@@ -189,6 +189,7 @@ impl Path {
             instance,
             written,
             max_message_bytes: conn.limits.max_message_bytes,
+            rate: conn.account(Direction::ClientToInstance, |side| side.rate.handed_on()),
             on_keys: &|keys| conn.set_kernel_keys(keys),
             on_end,
         };

@@ -144,6 +144,10 @@ where
                     instance_ok,
                 ))
                 .await;
+                // The client gets its grace to answer, as on the kernel path; what it still
+                // sends is read and dropped, so closing the socket does not reset the
+                // connection under the close frame it has not read yet.
+                Box::pin(closing::drain_for_grace(&mut self.client)).await;
             }
             return Ok(ending);
         }

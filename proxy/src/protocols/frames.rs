@@ -15,6 +15,11 @@ pub enum FrameError {
     Header(HeaderError),
     #[error("frame refused: {0:?}")]
     Policy(FrameViolation),
+    /// Not a refusal: the frame is over the client's rate (`on_exceed = "throttle"`) and may
+    /// go on at `until_ns` (monotonic). The cursor is left as it was before the frame, so
+    /// its bytes are fed again then.
+    #[error("frame over the rate until {until_ns}")]
+    Throttled { until_ns: u64 },
 }
 
 impl FrameError {
@@ -24,6 +29,7 @@ impl FrameError {
         match self {
             FrameError::Header(_) => proxy_common::maps::FLAG_PROTOCOL_ERROR,
             FrameError::Policy(violation) => violation.flag(),
+            FrameError::Throttled { .. } => 0,
         }
     }
 }
@@ -38,6 +44,8 @@ pub struct FrameCursor {
     close: Option<CloseCode>,
     /// After a refused or invalid frame: where in the last chunk its header began, when it
     /// began in that chunk (everything before it was whole frames and may still be forwarded).
+    /// After a throttled frame: where the rest of its header starts in the chunk (what came
+    /// before may go on; from there on waits).
     refused_at: Option<usize>,
 }
 
@@ -119,6 +127,18 @@ impl FrameCursor {
                         self.refused_at = (self.header_have == 0).then_some(at);
                         return Err(FrameError::Policy(violation));
                     }
+                    if let Err(over) = side.rate.admit(&h, now_ns) {
+                        let at = whole - chunk.len();
+                        if side.rate.closes() {
+                            self.refused_at = (self.header_have == 0).then_some(at);
+                            return Err(FrameError::Policy(FrameViolation::RateExceeded));
+                        }
+                        // `header_have` is left as it was: the same bytes come again.
+                        self.refused_at = Some(at);
+                        return Err(FrameError::Throttled {
+                            until_ns: over.until_ns,
+                        });
+                    }
                     let consumed = h.header_len as usize - self.header_have;
                     chunk = &chunk[consumed..];
                     self.header_have = 0;
@@ -158,6 +178,44 @@ impl FrameCursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttled_frame_leaves_the_cursor_where_it_was_so_its_bytes_can_come_again() {
+        let mut side = SideState {
+            rate: proxy_common::rate::RateState::new(1, 0, false),
+            ..SideState::default()
+        };
+        let mut cursor = FrameCursor::default();
+        // Two one-byte binary messages; the second splits its header across chunks.
+        cursor.feed(&[0x82, 1, 7, 0x82], &mut side, 1_000).unwrap();
+        assert_eq!(side.messages, 1);
+        let err = cursor.feed(&[1, 8], &mut side, 2_000).unwrap_err();
+        assert!(matches!(err, FrameError::Throttled { until_ns } if until_ns == 900_001_000));
+        assert_eq!(cursor.refused_at(), Some(0));
+        assert_eq!(
+            cursor.needed_for_boundary(),
+            1,
+            "still one header byte short"
+        );
+        cursor.feed(&[1, 8], &mut side, 900_001_000).unwrap();
+        assert!(cursor.at_boundary());
+        assert_eq!((side.messages, side.bytes), (2, 6));
+        assert_eq!(side.rate.throttled_ns, 900_001_000 - 2_000);
+        let mut closing = SideState {
+            rate: proxy_common::rate::RateState::new(1, 0, true),
+            ..SideState::default()
+        };
+        let mut cursor = FrameCursor::default();
+        let err = cursor
+            .feed(&[0x82, 1, 7, 0x82, 1, 8], &mut closing, 1)
+            .unwrap_err();
+        assert_eq!(err, FrameError::Policy(FrameViolation::RateExceeded));
+        assert_eq!(
+            cursor.refused_at(),
+            Some(3),
+            "the first message still goes on"
+        );
+    }
 
     #[test]
     fn counts_frames_split_at_every_byte() {

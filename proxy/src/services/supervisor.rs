@@ -30,11 +30,19 @@ pub async fn run(state: Arc<AppState>) {
 /// Ends `conn` if a timer ran out, otherwise schedules its next look.
 fn check(state: &AppState, conn: &Connection, now: u64) {
     let ([inbound, outbound], _) = conn.totals(state.data_plane.live());
-    // Any frame either way, control frames included, is activity.
+    // Any frame either way, control frames included, is activity; so is a frame the client
+    // sent that waits for its rate (it counts once it goes on, which may be long for a large
+    // message at the byte rate).
+    let waiting = if inbound.rate.waiting_since_ns != 0 {
+        now
+    } else {
+        0
+    };
     let last = conn
         .started_ns
         .max(inbound.last_activity_ns)
-        .max(outbound.last_activity_ns);
+        .max(outbound.last_activity_ns)
+        .max(waiting);
     let secs = |s: u64| s.saturating_mul(1_000_000_000);
     let idle_at = last.saturating_add(secs(conn.limits.idle_timeout_s));
     let execution_at = conn

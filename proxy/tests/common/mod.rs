@@ -172,6 +172,7 @@ pub fn config(plane: DataPlaneMode, upstream: SocketAddr, extra_server: &str) ->
     );
     let mut config: Config = toml::from_str(&text).unwrap();
     config.server.state_dir = state_dir();
+    unlimited_rates(&mut config);
     config.validate().unwrap();
     config
 }
@@ -184,6 +185,15 @@ pub fn state_dir() -> std::path::PathBuf {
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap()
         .keep()
+}
+
+/// Turns the rate quotas off: suites about other behaviour send faster than 10 messages/s
+/// and would measure throttling instead. `tests/quotas.rs` sets its own.
+pub fn unlimited_rates(config: &mut Config) {
+    for f in &mut config.functions {
+        f.limits.messages_per_s = 0;
+        f.limits.bytes_per_s = 0;
+    }
 }
 
 /// Starts wsedge; with `DataPlaneMode::Kernel` this fails the test if eBPF cannot load.
@@ -399,13 +409,17 @@ pub fn echo_fn() -> std::path::PathBuf {
     .clone()
 }
 
-/// A config with one function given as TOML lines (name, route and the rest).
+/// A config with one function given as TOML lines (name, route and the rest); without a
+/// `[function.limits]` table of its own, its rates are off (see [`unlimited_rates`]).
 pub fn function_config(plane: &str, extra_server: &str, function: &str) -> Config {
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_plane = \"{plane}\"\n\
          drain_timeout_s = 1\n{extra_server}\n[[function]]\n{function}\n"
     );
     let mut config: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    if !function.contains("[function.limits]") {
+        unlimited_rates(&mut config);
+    }
     config.base_dir = env!("CARGO_MANIFEST_DIR").into();
     config.server.state_dir = state_dir();
     config.validate().unwrap();

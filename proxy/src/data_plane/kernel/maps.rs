@@ -123,6 +123,7 @@ impl Maps {
         pair: KernelKeys,
         written: WrittenByHand,
         max_message_bytes: u64,
+        rate: proxy_common::rate::RateState,
         client_flags: u32,
     ) -> io::Result<()> {
         let side = |peer, peer_written_by_hand, flags| SideState {
@@ -132,7 +133,10 @@ impl Maps {
             flags,
             ..SideState::default()
         };
-        let client = side(pair.instance, written.to_instance, client_flags);
+        let client = SideState {
+            rate,
+            ..side(pair.instance, written.to_instance, client_flags)
+        };
         let instance = side(pair.client, written.to_client, 0);
         for (cookie, state) in [(pair.client, client), (pair.instance, instance)] {
             self.sides.insert(cookie, state, 0).map_err(to_io)?;

@@ -91,8 +91,11 @@ pub struct KernelDataPlane {
     ebpf: Mutex<Ebpf>,
     /// Set once the zero-hop programs are attached to the instances' cgroup.
     zero_hop: OnceLock<()>,
-    /// Zero-hop connections by client cookie, for the kernel's events.
-    zero_hop_conns: Mutex<StdHashMap<u64, Weak<Spliced>>>,
+    /// Spliced connections by client cookie, for the kernel's events.
+    conns: Mutex<StdHashMap<u64, Weak<Spliced>>>,
+    /// The kernel's event ring until its reader starts (at the first splice: the reader
+    /// needs the plane's `Arc`).
+    events: Mutex<Option<RingBuf<MapData>>>,
 }
 
 /// How a spliced connection ended, as the relay reports it too: `Closed` (both sides
@@ -121,6 +124,8 @@ pub struct SpliceRequest<'a> {
     pub instance: tokio::net::TcpStream,
     pub written: WrittenByHand,
     pub max_message_bytes: u64,
+    /// The client's rate quotas, with the meters as the hand-over left them.
+    pub rate: proxy_common::rate::RateState,
     /// Told the kernel keys before the sockets enter the maps, and `None` if they never did.
     pub on_keys: &'a dyn Fn(Option<KernelKeys>),
     pub on_end: OnEnd,
@@ -149,6 +154,11 @@ impl KernelDataPlane {
         }
         let mut ebpf = loader.load(OBJECT)?;
         let maps = Maps::take(&mut ebpf)?;
+        let events = ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| LoadError::Map("EVENTS", "missing from object".into()))?;
+        let events =
+            RingBuf::try_from(events).map_err(|e| LoadError::Map("EVENTS", e.to_string()))?;
         for name in ["ws_frame_len", "ws_forward"] {
             let program: &mut SkSkb = ebpf
                 .program_mut(name)
@@ -175,21 +185,17 @@ impl KernelDataPlane {
             hangups: Arc::new(hangups),
             ebpf: Mutex::new(ebpf),
             zero_hop: OnceLock::new(),
-            zero_hop_conns: Mutex::default(),
+            conns: Mutex::default(),
+            events: Mutex::new(Some(events)),
         })
     }
 
-    /// Attaches the zero-hop programs to `cgroup_dir`, the parent of every instance's cgroup,
-    /// and starts reading the kernel's events.
+    /// Attaches the zero-hop programs to `cgroup_dir`, the parent of every instance's cgroup.
     pub fn enable_zero_hop(self: &Arc<Self>, cgroup_dir: &Path) -> Result<(), ZeroHopUnavailable> {
-        let events = {
+        {
             let mut ebpf = self.ebpf.lock().expect("ebpf lock");
-            zero_hop::attach(&mut ebpf, &self.maps, cgroup_dir)?
-        };
-        // SAFETY: the ring buffer owns its descriptor, open as long as the AsyncFd holds it.
-        let reader = unsafe { AsyncFd::register(events) }
-            .map_err(|e| ZeroHopUnavailable::Program("EVENTS", e.to_string()))?;
-        tokio::spawn(read_events(reader, Arc::downgrade(self)));
+            zero_hop::attach(&mut ebpf, &self.maps, cgroup_dir)?;
+        }
         let _ = self.zero_hop.set(());
         Ok(())
     }
@@ -239,6 +245,7 @@ impl KernelDataPlane {
             instance,
             written,
             max_message_bytes,
+            rate,
             on_keys,
             on_end,
         } = request;
@@ -251,6 +258,7 @@ impl KernelDataPlane {
                 return Ok(());
             }
         };
+        self.start_events();
         let entered = (|| {
             let pair = KernelKeys {
                 client: socket::cookie(&client)?,
@@ -271,6 +279,7 @@ impl KernelDataPlane {
                 pair,
                 written,
                 max_message_bytes,
+                rate,
                 flags,
             );
             let inserted = sides.and_then(|()| match zero_hop {
@@ -314,18 +323,14 @@ impl KernelDataPlane {
                 };
             }
         };
-        let on_end: OnEnd = if zero_hop.is_some() {
-            // The kernel's events no longer concern the connection once it ended.
-            let plane = Arc::downgrade(self);
-            Box::new(move |end, inbound, outbound| {
-                if let Some(plane) = plane.upgrade() {
-                    plane.forget_zero_hop(pair.client);
-                }
-                on_end(end, inbound, outbound)
-            })
-        } else {
-            on_end
-        };
+        // The kernel's events no longer concern the connection once it ended.
+        let plane = Arc::downgrade(self);
+        let on_end: OnEnd = Box::new(move |end, inbound, outbound| {
+            if let Some(plane) = plane.upgrade() {
+                plane.forget(pair.client);
+            }
+            on_end(end, inbound, outbound)
+        });
         let entered = Entered {
             client,
             instance,
@@ -339,12 +344,10 @@ impl KernelDataPlane {
             self.hangups.clone(),
             on_end,
         ));
-        if conn.zero_hop.is_some() {
-            self.zero_hop_conns
-                .lock()
-                .expect("zero-hop conns lock")
-                .insert(pair.client, Arc::downgrade(&conn));
-        }
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .insert(pair.client, Arc::downgrade(&conn));
         self.watch(conn);
         Ok(())
     }
@@ -371,11 +374,23 @@ impl KernelDataPlane {
         }
     }
 
-    fn forget_zero_hop(&self, client: u64) {
-        self.zero_hop_conns
-            .lock()
-            .expect("zero-hop conns lock")
-            .remove(&client);
+    fn forget(&self, client: u64) {
+        self.conns.lock().expect("conns lock").remove(&client);
+    }
+
+    /// Starts reading the kernel's events, once.
+    fn start_events(self: &Arc<Self>) {
+        let Some(events) = self.events.lock().expect("events lock").take() else {
+            return;
+        };
+        // SAFETY: the ring buffer owns its descriptor, open as long as the AsyncFd holds it.
+        match unsafe { AsyncFd::register(events) } {
+            Ok(reader) => {
+                tokio::spawn(read_events(reader, Arc::downgrade(self)));
+            }
+            // Held clients are then found through their socket error alone.
+            Err(e) => tracing::warn!(error = %e, "cannot read the kernel's data-plane events"),
+        }
     }
 
     /// Ends a spliced connection from the proxy's side (see `teardown::stop_by_proxy`).
@@ -421,9 +436,9 @@ async fn read_events(mut reader: AsyncFd<RingBuf<MapData>>, plane: Weak<KernelDa
         };
         for event in events {
             let conn = plane
-                .zero_hop_conns
+                .conns
                 .lock()
-                .expect("zero-hop conns lock")
+                .expect("conns lock")
                 .get(&event.client_cookie)
                 .and_then(Weak::upgrade);
             if let Some(conn) = conn {

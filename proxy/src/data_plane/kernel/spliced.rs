@@ -27,6 +27,9 @@ pub struct Spliced {
     pub(super) hangups: Arc<HangupWatcher<Spliced>>,
     /// Boxed: two-socket connections, the many on an edge, pay one pointer for it.
     pub(super) zero_hop: Option<Box<ZeroHopConn>>,
+    /// Userspace relays client -> instance: the kernel stopped parsing the client's frames
+    /// (a zero-hop instance not keeping up, or a client over its rate).
+    pub(super) client_relay: AtomicBool,
     progress: Mutex<Progress>,
     /// Woken when the end is reported: userspace legs still running then stop.
     reported: tokio::sync::Notify,
@@ -43,8 +46,6 @@ pub(super) struct Entered {
 
 pub(super) struct ZeroHopConn {
     pub(super) keys: ZeroHopKeys,
-    /// Userspace relays client -> instance (the kernel stopped parsing the client's frames).
-    pub(super) client_relay: AtomicBool,
 }
 
 /// How a spliced connection stands, apart from its sockets.
@@ -137,12 +138,8 @@ impl Spliced {
             written,
             maps,
             hangups,
-            zero_hop: zero_hop.map(|keys| {
-                Box::new(ZeroHopConn {
-                    keys,
-                    client_relay: AtomicBool::new(false),
-                })
-            }),
+            zero_hop: zero_hop.map(|keys| Box::new(ZeroHopConn { keys })),
+            client_relay: AtomicBool::new(false),
             progress: Mutex::new(Progress::new(on_end)),
             reported: tokio::sync::Notify::new(),
         }

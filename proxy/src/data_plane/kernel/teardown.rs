@@ -12,7 +12,7 @@ use std::{
 };
 
 use proxy_common::{
-    maps::{DataPlaneEvent, EVENT_CLIENT_HELD, EVENT_INSTANCE_FRAME_REFUSED},
+    maps::{DataPlaneEvent, EVENT_CLIENT_HELD, EVENT_INSTANCE_FRAME_REFUSED, FLAG_THROTTLE_NEXT},
     policy::{Ending, close_for_instance_end, closing_handshake_done, refusal_ending},
 };
 use tracing::{debug, info};
@@ -45,9 +45,7 @@ impl Spliced {
             None => flush(self, from, to, written, limit).await,
         };
         // A userspace relay of this direction could be inside a frame: only the FIN then.
-        let relayed = self.zero_hop.as_ref().is_some_and(|z| {
-            !to_client && z.client_relay.load(std::sync::atomic::Ordering::Acquire)
-        });
+        let relayed = !to_client && self.client_relay.load(std::sync::atomic::Ordering::Acquire);
         let sent = match flushed {
             Ok(()) if relayed => Ok(()),
             Ok(()) => write_all_nonblocking(to, frame, limit).await,
@@ -106,8 +104,7 @@ async fn half_close(conn: Arc<Spliced>, from_client: bool) {
         // The client answered the close the proxy sent for the failed instance.
         return conn.finish(Ok(Ending::InstanceFailed));
     }
-    if from_client && conn.zero_hop.is_some() && zero_hop::client_held(&conn.maps, conn.pair.client)
-    {
+    if from_client && zero_hop::client_held(&conn.maps, conn.pair.client) {
         // The kernel stopped parsing the client's frames (its stop is the socket error seen
         // here): the relay takes over and finishes this direction after the relayed bytes.
         return take_over_client(conn.clone());
@@ -174,10 +171,13 @@ pub(super) async fn stop_by_proxy(conn: Arc<Spliced>, ending: Ending) {
     let Some(frames) = ProxyClose::for_ending(ending) else {
         return conn.finish(Ok(ending));
     };
-    let _ = tokio::join!(
-        conn.close_side(true, &frames.to_client, STOP_FLUSH),
-        conn.close_side(false, &frames.to_instance, STOP_FLUSH),
-    );
+    // The client's first: on two sockets the kernel still carries what the instance sends,
+    // and the instance's answer to its own close frame must not reach the client before
+    // the proxy's (the codes differ for a rate close: 1008 and 1001).
+    let _ = conn.close_side(true, &frames.to_client, STOP_FLUSH).await;
+    let _ = conn
+        .close_side(false, &frames.to_instance, STOP_FLUSH)
+        .await;
     tokio::time::sleep(CLOSE_GRACE).await;
     conn.finish(Ok(ending));
 }
@@ -209,18 +209,31 @@ pub(super) fn on_event(conn: Arc<Spliced>, event: &DataPlaneEvent) {
 /// target), clear the socket error the stop left, and relay from where the kernel stopped.
 /// Once per connection; called for the kernel's event and for the socket error it raised.
 fn take_over_client(conn: Arc<Spliced>) {
-    let Some(z) = &conn.zero_hop else {
+    let flags = conn.side(conn.pair.client).map_or(0, |s| s.flags);
+    if let Some(ending) = refusal_ending(flags, true) {
+        // The parser stopped over a refused frame (a rate close): nothing is relayed.
+        let _ = socket::take_error(&conn.client);
+        tokio::spawn(stop_by_proxy(conn, ending));
         return;
-    };
-    if z.client_relay
+    }
+    if conn
+        .client_relay
         .swap(true, std::sync::atomic::Ordering::AcqRel)
     {
         return;
     }
+    let throttled = conn
+        .side(conn.pair.client)
+        .is_some_and(|s| s.flags & FLAG_THROTTLE_NEXT != 0 || s.rate.waiting_since_ns != 0);
     if conn.ended_by_proxy() {
         debug!(
             client = conn.pair.client,
             "proxy closing: the client's last frames are relayed by userspace"
+        );
+    } else if throttled {
+        info!(
+            client = conn.pair.client,
+            "client over its rate: its frames are now paced by userspace"
         );
     } else {
         info!(
@@ -259,18 +272,27 @@ fn take_over_client(conn: Arc<Spliced>) {
 
 /// Client -> instance once the kernel stopped: the client's bytes from the frame boundary
 /// where its parser stopped wait in the socket's own TCP receive queue (TCP holds the client
-/// back while they do) and go out through the proxy socket, once the instance has taken
-/// everything the kernel queued for it earlier. Ends at the client's EOF, a refused frame,
-/// or when the connection's end is reported (a client that never sends FIN holds nothing).
+/// back while they do) and go out through the proxy socket, once everything the kernel sent
+/// the instance earlier is out (zero-hop: taken by the instance; two sockets: in the proxy
+/// socket's TCP). Ends at the client's EOF, a refused frame, or when the connection's end is
+/// reported (a client that never sends FIN holds nothing).
 async fn relay_client(conn: &Spliced) -> io::Result<HalfEnd> {
-    let keys = conn.zero_hop.as_ref().expect("zero-hop connection").keys;
     let mut from = zero_hop::leg_stream(&conn.client)?;
     let mut to = zero_hop::leg_stream(&conn.instance)?;
     let mut half = Half::new(ClientLeg::new(conn));
+    // However long the kernel's bytes take (an instance that does not read): the relay
+    // ends with the connection.
+    let unbounded = Duration::from_secs(24 * 3600);
     tokio::select! {
         copied = async {
-            // The first relayed byte must not overtake what the kernel queued.
-            zero_hop::wait_instance_drained(conn, &keys, Duration::from_secs(24 * 3600)).await?;
+            // The first relayed byte must not overtake what the kernel sent.
+            match &conn.zero_hop {
+                Some(z) => zero_hop::wait_instance_drained(conn, &z.keys, unbounded).await?,
+                None => {
+                    let to_written = conn.written.to_instance;
+                    flush(conn, conn.pair.client, &conn.instance, to_written, unbounded).await?
+                }
+            }
             copy::copy(&mut half, &mut from, &mut to).await.map_err(io::Error::from)
         } => copied,
         () = conn.reported() => Err(io::Error::other("the connection ended")),
@@ -321,7 +343,10 @@ async fn flush(
     limit: Duration,
 ) -> io::Result<()> {
     poll_until(limit, "redirected bytes not flushed", || {
-        let redirected = conn.side(from).map_or(0, |s| s.bytes);
+        // A frame is accounted whole at its header and redirected piece by piece.
+        let redirected = conn
+            .side(from)
+            .map_or(0, |s| s.bytes.saturating_sub(s.frame_remaining));
         if socket::bytes_queued_to_tcp(to)? >= to_written + redirected {
             return Ok(true);
         }

@@ -21,7 +21,6 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{MapData, RingBuf},
     programs::{SkMsg, SockOps, links::CgroupAttachMode},
 };
 use proxy_common::maps::{
@@ -62,22 +61,17 @@ pub enum ZeroHopUnavailable {
 
 /// Attaches the zero-hop programs: the sk_msg verdict to the instance-socket map, then the
 /// sock_ops program to `cgroup_dir`, the parent of every instance's cgroup, so each socket an
-/// instance accepts is recorded. Returns the kernel's event ring for the caller to read.
+/// instance accepts is recorded.
 pub(super) fn attach(
     ebpf: &mut Ebpf,
     maps: &Mutex<Maps>,
     cgroup_dir: &Path,
-) -> Result<RingBuf<MapData>, ZeroHopUnavailable> {
+) -> Result<(), ZeroHopUnavailable> {
     let program_error = |name| {
         move |e: aya::programs::ProgramError| {
             ZeroHopUnavailable::Program(name, super::verifier_summary(&e))
         }
     };
-    let events = ebpf
-        .take_map("EVENTS")
-        .ok_or_else(|| ZeroHopUnavailable::Program("EVENTS", "missing map".into()))?;
-    let events = RingBuf::try_from(events)
-        .map_err(|e| ZeroHopUnavailable::Program("EVENTS", e.to_string()))?;
     let sk_msg: &mut SkMsg = ebpf
         .program_mut("ws_instance_send")
         .ok_or_else(|| ZeroHopUnavailable::Program("ws_instance_send", "missing".into()))?
@@ -110,7 +104,7 @@ pub(super) fn attach(
         .map_err(program_error("record_instance_socket"))?;
     start_queue_probe(&mut maps.lock().expect("maps lock").zero_hop)
         .map_err(|e| ZeroHopUnavailable::Program("ws_instance_send", e.to_string()))?;
-    Ok(events)
+    Ok(())
 }
 
 fn start_queue_probe(z: &mut ZeroHopMaps) -> io::Result<()> {
