@@ -125,6 +125,38 @@ pub(crate) enum Write {
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
+/// How long a start waits for a database another process holds locked.
+const START_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens the writer's connection and finishes the previous run's open rows, waiting (with
+/// warnings) while another process holds the database locked.
+fn open_and_recover(path: &Path) -> rusqlite::Result<(rusqlite::Connection, usize)> {
+    let deadline = std::time::Instant::now() + START_WAIT;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let attempt = schema::open_writer(path).and_then(|conn| {
+            let recovered = schema::recover(&conn)?;
+            Ok((conn, recovered))
+        });
+        match attempt {
+            Err(e) if locked(&e) && std::time::Instant::now() < deadline => {
+                warn!(ledger = %path.display(), error = %e, retry_in = ?wait,
+                      "ledger locked at start; retrying");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn locked(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 /// The handle services write through; cheap to share.
 pub struct Ledger {
     path: PathBuf,
@@ -144,8 +176,7 @@ impl Ledger {
             path: path.clone(),
             source,
         };
-        let conn = schema::open_writer(&path).map_err(sqlite)?;
-        let recovered = schema::recover(&conn).map_err(sqlite)?;
+        let (conn, recovered) = open_and_recover(&path).map_err(sqlite)?;
         if recovered > 0 {
             warn!(
                 connections = recovered,
@@ -190,5 +221,45 @@ impl Ledger {
             Ok(Ok(())) => Ok(()),
             _ => Err(LedgerError::FlushTimeout(within)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_waits_for_a_database_held_locked_and_recovers_its_open_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let setup = schema::open_writer(&path).unwrap();
+        setup
+            .execute(
+                "INSERT INTO connections (id, function, instance, kind, memory_mb,
+                     started_at_ms, last_seen_ms, data_plane)
+                 VALUES ('a-1', 'echo', 'echo-1', 'websocket', 128, 1000, 3000, 'kernel')",
+                [],
+            )
+            .unwrap();
+        setup.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            setup.execute_batch("COMMIT").unwrap();
+        });
+        let started = std::time::Instant::now();
+        Ledger::open(dir.path()).expect("opened once the lock is released");
+        assert!(started.elapsed() >= Duration::from_millis(600));
+        release.join().unwrap();
+        let rows = Reader::open(dir.path())
+            .unwrap()
+            .rows(&Filter::default())
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(
+            (r.status, r.closed_by.as_deref(), r.duration_ms),
+            (Some(500), Some("interrupted"), 2000),
+            "ended at its last checkpoint: {r:?}"
+        );
     }
 }
