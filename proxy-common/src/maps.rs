@@ -83,9 +83,11 @@ unsafe impl aya::Pod for SideState {}
 /// Most bytes redirected to a peer that its TCP has not taken yet. The kernel queues redirected
 /// frames for a peer whose send buffer is full without limit, and the stream parser keeps
 /// consuming the sender's socket whatever the peer does, so it cannot apply back-pressure: a
-/// connection over this bound fails instead (the parser reports ENOBUFS). Sixteen of the
-/// largest frames: far above what a peer that reads ever leaves queued.
-pub const MAX_BACKLOG_BYTES: u64 = 16 * MAX_FRAME_WIRE_LEN;
+/// connection over this bound fails instead (the parser reports ENOBUFS). Sixteen 256 KiB
+/// frames: far above what a peer that reads ever leaves queued. (Not tied to the largest
+/// frame: frames are redirected in pieces as they arrive, so a 16 MiB message does not need
+/// 16 MiB of room.)
+pub const MAX_BACKLOG_BYTES: u64 = 16 * (256 * 1024 + 1024);
 
 /// How many redirected bytes pass between two checks of the peer's backlog: the bound is
 /// exceeded by at most this much plus one frame.

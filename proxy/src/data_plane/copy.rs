@@ -382,6 +382,61 @@ mod tests {
         assert!(matches!(err, HalfError::Write(e) if e.kind() == io::ErrorKind::WriteZero));
     }
 
+    /// Throttles the first time it sees the byte 0xEE, for `wait`.
+    struct Throttling {
+        wait: std::time::Duration,
+        throttled: bool,
+    }
+
+    impl Leg for Throttling {
+        fn account(&mut self, bytes: &[u8]) -> Result<(), Refusal> {
+            match bytes.iter().position(|&b| b == 0xEE) {
+                Some(at) if !self.throttled => {
+                    self.throttled = true;
+                    let until_ns = monotonic_ns() + self.wait.as_nanos() as u64;
+                    Err(Refusal {
+                        error: FrameError::Throttled { until_ns },
+                        before: Some(at),
+                    })
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_throttled_chunk_waits_whole_and_in_order_and_nothing_more_is_read_meanwhile() {
+        let (mut sender, mut from) = tokio::io::duplex(1024);
+        let (mut to, mut receiver) = tokio::io::duplex(1024);
+        sender.write_all(&[1, 2, 0xEE, 3]).await.unwrap();
+        let mut half = Half::new(Throttling {
+            wait: std::time::Duration::from_millis(300),
+            throttled: false,
+        });
+        let started = std::time::Instant::now();
+        let copying = async {
+            let end = copy(&mut half, &mut from, &mut to).await.unwrap();
+            to.shutdown().await.unwrap();
+            end
+        };
+        let feeding = async {
+            let mut got = [0u8; 2];
+            receiver.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, [1, 2], "what came before the throttled frame goes at once");
+            // Sent while the copy waits: it must come after the held bytes.
+            sender.write_all(&[4]).await.unwrap();
+            drop(sender);
+            let mut rest = Vec::new();
+            receiver.read_to_end(&mut rest).await.unwrap();
+            (rest, started.elapsed())
+        };
+        let (end, (rest, took)) = tokio::join!(copying, feeding);
+        assert_eq!(end, HalfEnd::Eof);
+        assert_eq!(rest, [0xEE, 3, 4]);
+        assert!(took >= std::time::Duration::from_millis(300), "{took:?}");
+        assert!(!half.throttled(), "the held bytes are gone");
+    }
+
     #[tokio::test]
     async fn a_refused_frame_delivers_what_came_before_it_and_nothing_after() {
         let (mut sender, mut from) = tokio::io::duplex(1024);

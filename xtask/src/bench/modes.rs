@@ -24,6 +24,10 @@ pub enum Mode {
     Direct,
     /// wsedge in front of the bench's backend as an upstream: the two-socket splice.
     WsedgeKernel,
+    /// `wsedge-kernel` with the platform's default rate quotas on (10 messages/s and
+    /// 128 KB/s per connection, throttled): what enforcing them costs on the edge workload,
+    /// which sends exactly 10 messages/s per connection.
+    WsedgeQuotas,
     /// wsedge with the backend as a function instance it spawns (one instance takes every
     /// connection): the zero-hop data plane once it exists, the two-socket splice before.
     WsedgeZeroHop,
@@ -61,9 +65,10 @@ impl Pki {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 9] = [
+    pub const ALL: [Mode; 10] = [
         Mode::Direct,
         Mode::WsedgeKernel,
+        Mode::WsedgeQuotas,
         Mode::WsedgeZeroHop,
         Mode::WsedgeUserspace,
         Mode::Nginx,
@@ -77,6 +82,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::WsedgeKernel => "wsedge-kernel",
+            Mode::WsedgeQuotas => "wsedge-kernel-quotas",
             Mode::WsedgeZeroHop => "wsedge-zero-hop",
             Mode::WsedgeUserspace => "wsedge-userspace",
             Mode::Nginx => "nginx",
@@ -96,13 +102,18 @@ impl Mode {
     /// on messages (edge, bulk) and on handshakes; push would measure the same relay as edge,
     /// and edge-max's steps would double a full run's length.
     pub fn runs(self, workload: &str) -> bool {
-        !self.tls() || matches!(workload, "edge" | "bulk" | "handshake")
+        match self {
+            // The quotas shape every other workload (bulk is far above 128 KB/s): only edge
+            // compares like with like.
+            Mode::WsedgeQuotas => workload == "edge",
+            _ => !self.tls() || matches!(workload, "edge" | "bulk" | "handshake"),
+        }
     }
 
     /// The `data_plane` wsedge's `/connections` should report for this mode's connections.
     pub fn expected_data_plane(self) -> Option<&'static str> {
         match self {
-            Mode::WsedgeKernel => Some("kernel"),
+            Mode::WsedgeKernel | Mode::WsedgeQuotas => Some("kernel"),
             Mode::WsedgeZeroHop => Some("kernel-zero-hop"),
             Mode::WsedgeUserspace => Some("userspace"),
             // No kTLS on this machine's kernel: "auto" relays the decrypted stream in user
@@ -291,7 +302,10 @@ pub fn start(
     let tls = mode.tls().then_some(pki);
     let threads = placement.proxy_threads();
     let mut cmd = match (mode, backend) {
-        (Mode::WsedgeKernel | Mode::WsedgeUserspace | Mode::WsedgeTls, Some(b)) => {
+        (
+            Mode::WsedgeKernel | Mode::WsedgeQuotas | Mode::WsedgeUserspace | Mode::WsedgeTls,
+            Some(b),
+        ) => {
             let upstream = format!("upstreams = [\"{b}\"]");
             wsedge(mode, listen, tls, &upstream, dir, release, &mut admin)?
         }
@@ -397,7 +411,8 @@ fn zero_hop_function(release: &Path, placement: Placement) -> String {
     )
 }
 
-/// wsedge with quotas raised far above the load, so they do not shape it; `instances` is the
+/// wsedge with the rate quotas off (but for `wsedge-kernel-quotas`, which keeps the
+/// defaults), so they do not shape the load; `instances` is the
 /// function's `upstreams` or `command` lines. With `tls`, `listen` is its `tls_listen` and
 /// plain `ws://` goes to a port nobody uses.
 fn wsedge(
@@ -426,6 +441,10 @@ fn wsedge(
     };
     let admin = free_port()?;
     *admin_addr = Some(SocketAddr::from(([127, 0, 0, 1], admin)));
+    let rates = match mode {
+        Mode::WsedgeQuotas => "",
+        _ => "messages_per_s = 0\nbytes_per_s = 0\n",
+    };
     let config = write(
         dir.join(format!("{}.toml", mode.name())),
         format!(
@@ -433,8 +452,7 @@ fn wsedge(
              data_plane = \"{plane}\"\nstate_dir = \"{state}\"\ndrain_timeout_s = 1\n\n\
              [[function]]\nname = \"echo\"\nroute = \"/\"\n{instances}\n\
              idle_timeout_s = 7200\nexecution_timeout_s = 7200\n\
-             [function.limits]\nmax_message_bytes = 262144\nmessages_per_s = 1000000000\n\
-             bytes_per_s = 1000000000000\n",
+             [function.limits]\nmax_message_bytes = 262144\n{rates}",
             state = dir.display()
         ),
     )?;

@@ -228,7 +228,11 @@ fn ratios(entries: &[Value]) -> Value {
     let vs_tls = |workload: &str, key: &str, lower: bool| {
         ratio(t(workload, key), better_tls(workload, key, lower))
     };
+    let q = |workload: &str, key: &str| get("wsedge-kernel-quotas", workload, key);
     json!({
+        "quotas_edge_added_cpu_vs_off": ratio(q("edge", "added_cpu_us_per_msg"), k("edge", "added_cpu_us_per_msg")),
+        "quotas_edge_added_own_cpu_vs_off": ratio(q("edge", "added_own_cpu_us_per_msg"), k("edge", "added_own_cpu_us_per_msg")),
+        "quotas_edge_p99_vs_off": ratio(q("edge", "rtt_p99_us"), k("edge", "rtt_p99_us")),
         "tls_edge_added_cpu_vs_best": vs_tls("edge", "added_cpu_us_per_msg", true),
         "tls_edge_added_own_cpu_vs_best": vs_tls("edge", "added_own_cpu_us_per_msg", true),
         "tls_edge_p99_vs_best": vs_tls("edge", "rtt_p99_us", true),
@@ -672,6 +676,22 @@ fn markdown(
         ),
     );
     md.push_str(&tls_targets(entries, ratios));
+    if find(entries, "wsedge-kernel-quotas", "edge").is_some() {
+        let _ = write!(
+            md,
+            "\nwsedge-kernel with the default rate quotas on against the same with them off \
+             (issue 13; edge sends exactly the 10 messages/s a connection may):\n\n\
+             - edge, added CPU per message: {}\n- edge, the same on the run's own CPU: {}\n\
+             - edge, p99: {}\n",
+            target(ratios, "quotas_edge_added_cpu_vs_off", Target::AtMost(1.0)),
+            target(
+                ratios,
+                "quotas_edge_added_own_cpu_vs_off",
+                Target::AtMost(1.0)
+            ),
+            target(ratios, "quotas_edge_p99_vs_off", Target::AtMost(1.0)),
+        );
+    }
     md
 }
 
