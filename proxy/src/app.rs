@@ -14,6 +14,7 @@ use crate::{
     config::{Auth, Config, FunctionConfig, Isolation},
     data_plane::{DataPlane, LoadError},
     instances::{Pool, SpawnSpec, cgroup},
+    ledger::{Ledger, LedgerError},
     metrics::Metrics,
     protocols::bearer::{BearerToken, TokenError},
     protocols::tls::{TlsError, TlsTerminator},
@@ -42,6 +43,8 @@ pub struct AppState {
     pub(crate) instance_cgroups: Option<PathBuf>,
     /// The token every admin API request must bear (`admin_token_env`), read at start.
     pub admin_token: Option<BearerToken>,
+    /// The billing ledger in `state_dir`.
+    pub ledger: Ledger,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,9 @@ pub enum StartError {
     Function { function: String, reason: String },
     #[error("server.admin_token_env: {0}")]
     AdminToken(#[from] TokenError),
+    /// No connection is served unbilled: a ledger that cannot be opened stops the start.
+    #[error("billing ledger: {0}")]
+    Ledger(#[from] LedgerError),
 }
 
 impl AppState {
@@ -75,6 +81,8 @@ impl AppState {
             config.server.kernel_map_connections,
         )?;
         info!(data_plane = data_plane.name(), "data plane ready");
+        // Before anything is accepted: the previous run's open rows are finished first.
+        let ledger = Ledger::open(&config.state_dir())?;
         let metrics = Arc::new(Metrics::default());
         let cgroups = instance_cgroups();
         if let Some(dir) = cgroups.as_deref().and_then(|d| d.parent()) {
@@ -94,6 +102,7 @@ impl AppState {
             tls,
             instance_cgroups: cgroups,
             admin_token,
+            ledger,
         })
     }
 

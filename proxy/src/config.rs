@@ -385,6 +385,11 @@ impl Config {
         Ok(config)
     }
 
+    /// `server.state_dir`, a relative path resolved against the config file's directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.base_dir.join(&self.server.state_dir)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         if s.tls_cert.len() != s.tls_key.len() {

@@ -4,6 +4,7 @@
 //! Layout (lower modules never import higher ones):
 //! - `clock`, `config` (the TOML contract), `protocols` (handshake, error responses, framing),
 //!   `metrics`;
+//! - `ledger` (the billing ledger: SQLite, one writer thread, the queries behind `/billing`);
 //! - `conn` (one connection: identity, limits, counters, stop signal), `registry` (the table
 //!   of open connections and the admission counts);
 //! - `data_plane` (the paths that carry a connection after the upgrade: userspace relay,
@@ -17,6 +18,7 @@ pub mod config;
 pub mod conn;
 pub mod data_plane;
 pub mod instances;
+pub mod ledger;
 pub mod metrics;
 pub mod protocols;
 pub mod registry;

@@ -42,6 +42,29 @@ enum Command {
         #[arg(long)]
         admin: Option<std::net::SocketAddr>,
     },
+    /// Print the billing ledger (read directly from `state_dir/ledger.db`, read-only: works
+    /// while wsedge runs or is stopped).
+    Billing {
+        /// Per-instance bills (billed time, GB-s, invocations) instead of connection rows.
+        #[arg(long)]
+        instances: bool,
+        /// Only connections open at or after this time: RFC 3339, a UTC date (YYYY-MM-DD),
+        /// or a duration ago (e.g. 1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this function's connections.
+        #[arg(long)]
+        function: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+    Csv,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +83,44 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run => run(config, cli.config),
         Command::Conns { admin } => conns(&config, admin),
+        Command::Billing {
+            instances,
+            since,
+            function,
+            format,
+        } => billing(&config, instances, since.as_deref(), function, format),
+    }
+}
+
+/// Prints the ledger's rows, or its instances' bills, in `format`.
+fn billing(
+    config: &Config,
+    instances: bool,
+    since: Option<&str>,
+    function: Option<String>,
+    format: Format,
+) -> anyhow::Result<()> {
+    use wsedge::ledger::{Filter, Reader, parse_since, report};
+    let filter = Filter {
+        since: since.map(parse_since).transpose()?,
+        function,
+    };
+    let reader = Reader::open(&config.state_dir())?;
+    fn print<R: serde::Serialize + report::Record>(
+        records: &[R],
+        format: Format,
+    ) -> anyhow::Result<()> {
+        match format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(records)?),
+            Format::Csv => print!("{}", report::csv(records)),
+            Format::Table => print!("{}", report::table(records)),
+        }
+        Ok(())
+    }
+    if instances {
+        print(&reader.instances(&filter)?, format)
+    } else {
+        print(&reader.rows(&filter)?, format)
     }
 }
 

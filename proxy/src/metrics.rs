@@ -28,6 +28,18 @@ const HELP: &[(&str, &str)] = &[
         "Ended connections by function status (\"error\": ended by a socket error).",
     ),
     (
+        "wsedge_messages_total",
+        "Data messages of ended connections by function and direction (in: client to function).",
+    ),
+    (
+        "wsedge_bytes_total",
+        "Wire bytes (frame headers included) of ended connections by function and direction.",
+    ),
+    (
+        "wsedge_quota_events_total",
+        "Quota events by function and kind: message_too_big and rate_close closes, throttled connections (counted at their end).",
+    ),
+    (
         "wsedge_instance_starts_total",
         "Instances started (cold starts).",
     ),
@@ -39,12 +51,16 @@ const HELP: &[(&str, &str)] = &[
 
 impl Metrics {
     fn add(&self, name: &'static str, labels: Labels) {
+        self.add_n(name, labels, 1);
+    }
+
+    fn add_n(&self, name: &'static str, labels: Labels, n: u64) {
         *self
             .counters
             .lock()
             .expect("metrics lock")
             .entry((name, labels))
-            .or_default() += 1;
+            .or_default() += n;
     }
 
     /// `function` is empty when the request failed before it was routed.
@@ -86,6 +102,46 @@ impl Metrics {
                     "status",
                     status.map_or_else(|| "error".into(), |s| s.to_string()),
                 ),
+            ],
+        );
+    }
+
+    /// An ended connection's messages and bytes, by direction (`sides`: client -> function,
+    /// function -> client). Counted at the end: a series moves when connections end.
+    pub fn connection_traffic(&self, function: &str, sides: &[proxy_common::SideState; 2]) {
+        for (side, direction) in sides.iter().zip(["in", "out"]) {
+            let labels = vec![
+                ("function", function.to_string()),
+                ("direction", direction.to_string()),
+            ];
+            self.add_n("wsedge_messages_total", labels.clone(), side.messages);
+            self.add_n("wsedge_bytes_total", labels, side.bytes);
+        }
+    }
+
+    /// Counts a quota close: 1009 for a message over `max_message_bytes`, 1008 for a rate
+    /// with `on_exceed = "close"`; other endings are no quota event.
+    pub fn quota_ending(&self, function: &str, ending: proxy_common::policy::Ending) {
+        use proxy_common::policy::Ending;
+        let kind = match ending {
+            Ending::MessageTooBig => "message_too_big",
+            Ending::RateExceeded => "rate_close",
+            _ => return,
+        };
+        self.quota_event(function, kind);
+    }
+
+    /// A connection whose frames waited for its rate at least once, counted at its end.
+    pub fn throttled(&self, function: &str) {
+        self.quota_event(function, "throttled");
+    }
+
+    fn quota_event(&self, function: &str, kind: &str) {
+        self.add(
+            "wsedge_quota_events_total",
+            vec![
+                ("function", function.to_string()),
+                ("kind", kind.to_string()),
             ],
         );
     }
@@ -164,5 +220,35 @@ mod tests {
         assert!(text.contains("wsedge_instance_starts_total{function=\"echo\"} 1\n"));
         assert!(text.contains("# TYPE wsedge_connections_open gauge\nwsedge_connections_open 3\n"));
         assert!(!text.contains("wsedge_instance_crashes_total{"));
+    }
+
+    #[test]
+    fn traffic_and_quota_events_count_per_function_and_direction() {
+        use proxy_common::{SideState, policy::Ending};
+        let m = Metrics::default();
+        let side = |bytes, messages| SideState {
+            bytes,
+            messages,
+            ..SideState::default()
+        };
+        m.connection_traffic("echo", &[side(100, 3), side(40, 2)]);
+        m.connection_traffic("echo", &[side(1, 1), side(0, 0)]);
+        m.quota_ending("echo", Ending::MessageTooBig);
+        m.quota_ending("echo", Ending::RateExceeded);
+        m.quota_ending("echo", Ending::IdleTimeout);
+        m.throttled("echo");
+        let text = m.render(&[]);
+        for line in [
+            "wsedge_bytes_total{function=\"echo\",direction=\"in\"} 101\n",
+            "wsedge_bytes_total{function=\"echo\",direction=\"out\"} 40\n",
+            "wsedge_messages_total{function=\"echo\",direction=\"in\"} 4\n",
+            "wsedge_messages_total{function=\"echo\",direction=\"out\"} 2\n",
+            "wsedge_quota_events_total{function=\"echo\",kind=\"message_too_big\"} 1\n",
+            "wsedge_quota_events_total{function=\"echo\",kind=\"rate_close\"} 1\n",
+            "wsedge_quota_events_total{function=\"echo\",kind=\"throttled\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+        assert_eq!(text.matches("wsedge_quota_events_total{").count(), 3);
     }
 }

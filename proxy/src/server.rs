@@ -17,6 +17,9 @@ use crate::{
     protocols::tls::TlsTerminator, services,
 };
 
+/// How long the drain waits for the ledger writer (a locked or full disk) before stopping.
+const LEDGER_FLUSH: Duration = Duration::from_secs(30);
+
 pub struct Server {
     state: Arc<AppState>,
     listener: TcpListener,
@@ -106,6 +109,7 @@ impl Server {
             }
         });
         let supervisor = tokio::spawn(services::supervisor::run(state.clone()));
+        let checkpoints = tokio::spawn(services::ledger::checkpoints(state.clone()));
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -151,9 +155,17 @@ impl Server {
                 cut = state.registry.len(),
                 "drain window over; closing remaining connections"
             );
+            let cut = state.registry.snapshot();
             connections.shutdown().await;
             if let DataPlane::Kernel(kernel) = &state.data_plane {
                 kernel.abort_all();
+            }
+            // A relay task aborted above never reached its end: its row is finished here
+            // (the ledger keeps the first end written, so one that did end keeps its own).
+            for conn in cut {
+                let (sides, _) = conn.totals(state.data_plane.live());
+                let result = Err(std::io::ErrorKind::TimedOut.into());
+                services::ledger::ended(&state, &conn, &result, sides);
             }
         }
         let routes = state.routes();
@@ -166,6 +178,12 @@ impl Server {
             warn!(cgroup = %dir.display(), error = %e, "cannot remove this server's cgroup");
         }
         supervisor.abort();
+        checkpoints.abort();
+        // Every connection has ended: its row's end is queued; wait until it is on disk.
+        if let Err(e) = state.ledger.flush(LEDGER_FLUSH).await {
+            error!(error = %e, ledger = %state.ledger.path().display(),
+                   "stopping with ledger writes pending: they are lost; rows left open are finished as interrupted at the next start");
+        }
         admin_task.abort();
         info!("wsedge stopped");
     }

@@ -88,10 +88,15 @@ fn ws_connect(url: &str) -> WebSocket<TcpStream> {
 
 fn write_config(dir: &tempfile::TempDir, data_plane: &str, extra: &str) -> std::path::PathBuf {
     let path = dir.path().join("wsedge.toml");
+    // The ledger's directory, writable by the unprivileged user some of these tests run as.
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_plane = \"{data_plane}\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\ndata_plane = \"{data_plane}\"\n\
              [[function]]\nname = \"echo\"\nroute = \"/echo\"\nupstreams = [\"127.0.0.1:9\"]\n{extra}"
         ),
     )
@@ -311,7 +316,7 @@ fn spawned_echo_config(dir: &tempfile::TempDir, extra: &str) -> std::path::PathB
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_plane = \"kernel\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\ndata_plane = \"kernel\"\n\
              [[function]]\nname = \"echo\"\nroute = \"/echo\"\ncommand = [{:?}]\n{extra}",
             common::echo_fn().display().to_string()
         ),
@@ -427,7 +432,7 @@ fn sighup_reloads_functions_without_touching_open_connections() {
              instance_concurrency = 10\nisolation = \"none\"\n"
         )
     };
-    let server = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+    let server = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n\
                   data_plane = \"kernel\"\n";
     let path = dir.path().join("wsedge.toml");
     std::fs::write(&path, format!("{server}{}{}", function("a"), function("b"))).unwrap();
@@ -484,7 +489,7 @@ fn conns_sends_the_admin_token_from_admin_token_env_and_run_refuses_to_start_wit
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n\
              data_plane = \"userspace\"\nadmin_token_env = \"{CLI_TOKEN_ENV}\"\n\
              [[function]]\nname = \"echo\"\nroute = \"/echo\"\ncommand = [{:?}]\n\
              isolation = \"none\"\n",
@@ -641,7 +646,7 @@ fn tls_config_file(ca: &common::tls::TestCa, leaf: &common::tls::Leaf) -> std::p
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server}\
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n{server}\
              [[function]]\nname = \"e\"\nroute = \"/e\"\nupstreams = [\"127.0.0.1:9\"]\n"
         ),
     )

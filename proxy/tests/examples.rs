@@ -24,6 +24,7 @@ fn example_config(dir: &str) -> Config {
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
     config.server.data_plane = DataPlaneMode::Kernel;
+    config.server.state_dir = state_dir();
     config
 }
 

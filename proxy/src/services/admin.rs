@@ -1,19 +1,25 @@
-//! The admin API: `/live`, `/ready`, `/connections`, `/instances`, `/metrics`; with
-//! `admin_token_env`, each only for a request bearing the token.
+//! The admin API: `/live`, `/ready`, `/connections`, `/instances`, `/metrics`, `/billing`,
+//! `/billing/instances`; with `admin_token_env`, each only for a request bearing the token.
 
 use std::sync::{Arc, atomic::Ordering};
 
 use axum::{
     Json, Router,
-    extract::{Request, State},
+    extract::{Query, Request, State},
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
-use tracing::info;
+use serde::Deserialize;
+use tracing::{info, warn};
 
-use crate::{app::AppState, conn::ConnectionView, instances::InstanceView};
+use crate::{
+    app::AppState,
+    conn::ConnectionView,
+    instances::InstanceView,
+    ledger::{Filter, InstanceBill, LedgerRow, Reader, parse_since},
+};
 
 pub fn router(state: Arc<AppState>) -> Router {
     let routes = Router::new()
@@ -22,6 +28,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/connections", get(connections))
         .route("/instances", get(instances))
         .route("/metrics", get(metrics))
+        .route("/billing", get(billing))
+        .route("/billing/instances", get(billing_instances))
         .with_state(state.clone());
     if state.admin_token.is_some() {
         // A layer, not a route layer: unknown paths get 401 too, so an unauthenticated
@@ -94,6 +102,91 @@ async fn instances(State(state): State<Arc<AppState>>) -> Json<Vec<InstanceView>
     Json(state.pools().iter().flat_map(|p| p.views()).collect())
 }
 
+/// `?since=&function=` of the billing endpoints.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BillingQuery {
+    since: Option<String>,
+    function: Option<String>,
+}
+
+async fn billing(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<BillingQuery>,
+) -> Result<Json<Vec<LedgerRow>>, Response> {
+    read_ledger(&state, query, |reader, filter| reader.rows(filter)).await
+}
+
+async fn billing_instances(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<BillingQuery>,
+) -> Result<Json<Vec<InstanceBill>>, Response> {
+    read_ledger(&state, query, |reader, filter| reader.instances(filter)).await
+}
+
+/// How long a billing request waits for the ledger writer, so the answer includes every
+/// connection that ended before the request; past it, the answer is what is on disk.
+const BILLING_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn read_ledger<T: Send + 'static>(
+    state: &AppState,
+    query: BillingQuery,
+    read: impl FnOnce(&Reader, &Filter) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<Json<T>, Response> {
+    let since = match query.since.as_deref().map(parse_since).transpose() {
+        Ok(since) => since,
+        Err(e) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &e.to_string(),
+            ));
+        }
+    };
+    let filter = Filter {
+        since,
+        function: query.function,
+    };
+    if let Err(e) = state.ledger.flush(BILLING_FLUSH).await {
+        warn!(error = %e, "billing answered from the ledger as it is on disk");
+    }
+    let dir = state.config.state_dir();
+    let read = tokio::task::spawn_blocking(move || {
+        let reader = Reader::open(&dir).map_err(|e| e.to_string())?;
+        read(&reader, &filter).map_err(|e| e.to_string())
+    })
+    .await;
+    match read {
+        Ok(Ok(rows)) => Ok(Json(rows)),
+        Ok(Err(message)) => {
+            warn!(error = %message, "billing: cannot read the ledger");
+            Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ledger_unavailable",
+                &message,
+            ))
+        }
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        )),
+    }
+}
+
+/// An error answer shaped like the proxy's others: JSON and `X-Wsedge-Error-Type`.
+fn error(status: StatusCode, error_type: &'static str, message: &str) -> Response {
+    (
+        status,
+        [(
+            header::HeaderName::from_static("x-wsedge-error-type"),
+            error_type,
+        )],
+        Json(serde_json::json!({ "error_type": error_type, "message": message })),
+    )
+        .into_response()
+}
+
 async fn metrics(
     State(state): State<Arc<AppState>>,
 ) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
@@ -103,6 +196,25 @@ async fn metrics(
         vec![],
         state.registry.len() as u64,
     )];
+    let mut throttled: std::collections::BTreeMap<String, u64> = state
+        .routes()
+        .iter()
+        .map(|r| (r.function.name.clone(), 0))
+        .collect();
+    for conn in state.registry.snapshot() {
+        let ([inbound, _], _) = conn.totals(state.data_plane.live());
+        if crate::conn::throttled_ms(&inbound) > 0 {
+            *throttled.entry(conn.function.to_string()).or_default() += 1;
+        }
+    }
+    for (function, open) in throttled {
+        gauges.push((
+            "wsedge_connections_throttled",
+            "Open connections whose frames have waited for their rate quota, by function.",
+            vec![("function", function)],
+            open,
+        ));
+    }
     for route in state.routes().iter() {
         let crate::routing::Backend::Spawned(pool) = &route.backend else {
             continue;

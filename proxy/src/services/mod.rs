@@ -1,6 +1,7 @@
-//! The services wsedge runs: the WebSocket proxy, the admin API and the connection supervisor
-//! (timers, shutdown).
+//! The services wsedge runs: the WebSocket proxy, the admin API, the connection supervisor
+//! (timers, shutdown) and the billing ledger's rows.
 
 pub mod admin;
+pub mod ledger;
 pub mod proxy;
 pub mod supervisor;

@@ -171,9 +171,20 @@ pub fn config(plane: DataPlaneMode, upstream: SocketAddr, extra_server: &str) ->
          drain_timeout_s = 1\n{extra_server}\n[[function]]\nname = \"echo\"\nroute = \"/echo\"\nupstreams = [\"{upstream}\"]\n"
     );
     let mut config: Config = toml::from_str(&text).unwrap();
+    config.server.state_dir = state_dir();
     unlimited_rates(&mut config);
     config.validate().unwrap();
     config
+}
+
+/// A new, empty directory for one wsedge's `state_dir` (its billing ledger), under the
+/// target directory: tests never write the host's `/var/lib/wsedge`.
+pub fn state_dir() -> std::path::PathBuf {
+    tempfile::Builder::new()
+        .prefix("state-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+        .keep()
 }
 
 /// Turns the rate quotas off: suites about other behaviour send faster than 10 messages/s
@@ -187,6 +198,11 @@ pub fn unlimited_rates(config: &mut Config) {
 
 /// Starts wsedge; with `DataPlaneMode::Kernel` this fails the test if eBPF cannot load.
 pub async fn start_proxy(config: Config) -> Proxy {
+    assert!(
+        config.state_dir().starts_with(env!("CARGO_TARGET_TMPDIR")),
+        "a test's state_dir is its own (common::state_dir()), not {}",
+        config.state_dir().display()
+    );
     let server = Server::bind(config)
         .await
         .expect("wsedge starts (as root, eBPF must load)");
@@ -405,6 +421,7 @@ pub fn function_config(plane: &str, extra_server: &str, function: &str) -> Confi
         unlimited_rates(&mut config);
     }
     config.base_dir = env!("CARGO_MANIFEST_DIR").into();
+    config.server.state_dir = state_dir();
     config.validate().unwrap();
     config
 }

@@ -5,12 +5,13 @@
 //!    TLS handshake (within `tls_handshake_timeout_s`) happens here, its IP already counted;
 //! 2. **upgrade** (`upgrade.rs`): read and check the request, route, admit, pick an
 //!    instance, relay its 101 (or answer with the error status);
-//! 3. **register**: choose the path ([`Path`]) and enter the registry under its name;
+//! 3. **register**: choose the path ([`Path`]), enter the registry under its name and open
+//!    its billing ledger row;
 //! 4. **hand over**: forward what either side sent past its handshake, up to a frame
 //!    boundary where the kernel takes over;
 //! 5. **carry**: the path carries it; the relay keeps this task, a kernel splice ends it
 //!    (an open spliced connection costs no task) and reports from teardown;
-//! 6. **end**: log and count how it ended, release everything it held.
+//! 6. **end**: log, count and bill how it ended, release everything it held.
 
 mod upgrade;
 
@@ -37,7 +38,6 @@ use crate::{
     conn::{Connection, Direction, NewConnection},
     data_plane::{Carrying, Handover, Path},
     instances::Lease,
-    metrics::Metrics,
     protocols::{frames::FrameCursor, stream::ClientStream},
     registry::{ClientSlot, Registered},
 };
@@ -125,6 +125,7 @@ async fn prepare(
         },
     );
     let conn = registered.conn.clone();
+    super::ledger::accepted(&state, &conn, upgraded.memory_mb);
     state
         .metrics
         .connection(&conn.function, path.name().as_str());
@@ -147,14 +148,13 @@ async fn prepare(
     let (handover, cursors) = match handed {
         Ok(handed) => handed,
         Err(e) => {
-            end(&conn, Err(e), &state.metrics, held);
+            end(&conn, Err(e), &state, held);
             return None;
         }
     };
     // 5. carry, 6. end
-    let metrics = state.metrics.clone();
     let ended = conn.clone();
-    let on_end = move |result| end(&ended, result, &metrics, held);
+    let on_end = move |result| end(&ended, result, &state, held);
     path.carry(handover, conn, cursors, on_end)
 }
 
@@ -165,16 +165,25 @@ struct Held {
     _client_slot: ClientSlot,
 }
 
-/// Logs and counts how a connection ended, with its function status and final counters,
-/// then releases what it held.
-fn end(conn: &Connection, result: std::io::Result<Ending>, metrics: &Metrics, held: Held) {
+/// Logs, counts and bills how a connection ended, with its function status and final
+/// counters, then releases what it held.
+fn end(conn: &Connection, result: std::io::Result<Ending>, state: &AppState, held: Held) {
     // The kernel's final counters were absorbed when the splice ended: only userspace's now.
     let [inbound, outbound] = conn.sides();
     let status = result
         .as_ref()
         .ok()
         .map(|ending| function_status(*ending, &inbound, &outbound));
+    super::ledger::ended(state, conn, &result, [inbound, outbound]);
+    let metrics = &state.metrics;
     metrics.connection_ended(&conn.function, status);
+    metrics.connection_traffic(&conn.function, &[inbound, outbound]);
+    if let Ok(ending) = &result {
+        metrics.quota_ending(&conn.function, *ending);
+    }
+    if crate::conn::throttled_ms(&inbound) > 0 {
+        metrics.throttled(&conn.function);
+    }
     match result {
         Ok(_) => {
             let status = status.unwrap_or_default();

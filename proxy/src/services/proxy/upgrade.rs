@@ -45,6 +45,8 @@ pub(super) struct Upgraded {
     /// The instance slot this connection holds (spawned instances), released at its end.
     pub(super) lease: Option<Lease>,
     pub(super) limits: Limits,
+    /// The function's `memory_mb` when the connection was accepted, for its bill.
+    pub(super) memory_mb: u32,
     /// Bytes the client sent after its request head (pipelined frames).
     pub(super) client_rest: Vec<u8>,
     /// Bytes the instance sent after its 101.
@@ -170,6 +172,7 @@ pub(super) async fn upgrade(
             max_message_bytes: route.function.limits.max_message_bytes,
             rate: route.function.limits.rate(),
         },
+        memory_mb: route.function.memory_mb,
         client_rest: head.rest,
         instance_rest: response.rest,
         written: WrittenByHand {
