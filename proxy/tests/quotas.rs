@@ -27,13 +27,14 @@ enum Plane {
 }
 
 impl Plane {
-    /// The `data_plane` `/connections` reports at first.
-    fn name(self) -> &'static str {
+    /// Whether `/connections` names the plane so: `wss://` is relayed over kernel TLS where
+    /// the kernel has it (`userspace-ktls`), else with rustls (`userspace-tls`).
+    fn reported_as(self, name: &str) -> bool {
         match self {
-            Plane::Userspace => "userspace",
-            Plane::Kernel => "kernel",
-            Plane::ZeroHop => "kernel-zero-hop",
-            Plane::Tls => "userspace-tls",
+            Plane::Userspace => name == "userspace",
+            Plane::Kernel => name == "kernel",
+            Plane::ZeroHop => name == "kernel-zero-hop",
+            Plane::Tls => name == "userspace-tls" || name == "userspace-ktls",
         }
     }
 
@@ -95,6 +96,22 @@ async fn setup(plane: Plane, limits: impl Fn(&mut wsedge::config::Limits)) -> Se
 }
 
 impl Setup {
+    /// The ledger's one row (`/billing`), once the connection's end is written there.
+    async fn finished_row(&self) -> wsedge::ledger::LedgerRow {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (status, body) = http_get(self.proxy.admin, "/billing").await;
+            assert_eq!(status, 200, "{body}");
+            let rows: Vec<wsedge::ledger::LedgerRow> = serde_json::from_str(&body).unwrap();
+            assert!(rows.len() <= 1, "{rows:?}");
+            if let Some(row) = rows.into_iter().next().filter(|r| r.status.is_some()) {
+                return row;
+            }
+            assert!(Instant::now() < deadline, "no finished ledger row in time");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn open(&self) -> Client {
         // The client must not be the limit: messages up to 16 MiB.
         let big = WebSocketConfig::default()
@@ -186,7 +203,7 @@ async fn thirty_quick_messages_arrive_in_order_at_ten_per_second(plane: Plane) {
         "{early} of 30 arrived in the first 500 ms: {arrivals:?}"
     );
     let c = s.only_connection().await;
-    assert_eq!(c.data_plane, s.plane.name());
+    assert!(s.plane.reported_as(&c.data_plane), "{:?}: {c:?}", s.plane);
     assert_eq!(c.messages_in, 30, "{c:?}");
     let sent: u64 = (0..30)
         .map(|i| client_wire(format!("message {i}").len()))
@@ -198,6 +215,20 @@ async fn thirty_quick_messages_arrive_in_order_at_ten_per_second(plane: Plane) {
     s.proxy
         .assert_one_ended_with(200, "a throttled connection ends normally")
         .await;
+    // The ledger bills exactly what the client sent, and how long it was held back.
+    let row = s.finished_row().await;
+    // `close(None)` sends a close frame without a code: 1005 on receipt, a plain close.
+    assert_eq!(
+        (row.status, row.close_code),
+        (Some(200), Some(1005)),
+        "{row:?}"
+    );
+    assert_eq!(
+        (row.bytes_in, row.messages_in),
+        (sent + 6, 30),
+        "{row:?} (+ the close)"
+    );
+    assert!(row.throttled_ms >= 1500, "{row:?}");
     s.proxy.stop().await;
 }
 
@@ -221,6 +252,12 @@ async fn a_client_over_its_rate_with_close_gets_1008_and_the_function_1001(plane
     s.proxy
         .assert_one_ended_with(429, "a rate close is status 429")
         .await;
+    let row = s.finished_row().await;
+    assert_eq!(
+        (row.status, row.close_code, row.closed_by.as_deref()),
+        (Some(429), Some(1008), Some("proxy")),
+        "{row:?}"
+    );
     s.proxy.stop().await;
 }
 

@@ -44,6 +44,10 @@ pub enum LedgerError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error(
+        "state_dir {0} is in use by another wsedge (its recovery would finish that one's open connections)"
+    )]
+    InUse(PathBuf),
     #[error("no ledger at {0} (wsedge has not run with this state_dir)")]
     Missing(PathBuf),
     #[error("the ledger writer did not confirm its writes within {0:?}")]
@@ -157,10 +161,15 @@ fn locked(e: &rusqlite::Error) -> bool {
     )
 }
 
+/// The file in `state_dir` one wsedge holds locked while it runs.
+const LOCK_FILE: &str = "wsedge.lock";
+
 /// The handle services write through; cheap to share.
 pub struct Ledger {
     path: PathBuf,
     writes: mpsc::Sender<Write>,
+    /// Held (locked) for the process's life; the kernel drops the lock when it dies.
+    _lock: std::fs::File,
 }
 
 impl Ledger {
@@ -171,6 +180,30 @@ impl Ledger {
             path: state_dir.into(),
             source,
         })?;
+        // One wsedge per ledger: a second one's start-up recovery would take the first one's
+        // open rows for a crash's and finish them.
+        let lock_path = state_dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| LedgerError::StateDir {
+                path: lock_path.clone(),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(LedgerError::InUse(state_dir.into()));
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(LedgerError::StateDir {
+                    path: lock_path,
+                    source,
+                });
+            }
+        }
         let path = state_dir.join(FILE);
         let sqlite = |source| LedgerError::Sqlite {
             path: path.clone(),
@@ -187,7 +220,11 @@ impl Ledger {
         info!(ledger = %path.display(), "billing ledger ready");
         let (writes, queue) = mpsc::channel();
         writer::spawn(conn, queue, path.clone());
-        Ok(Ledger { path, writes })
+        Ok(Ledger {
+            path,
+            writes,
+            _lock: lock,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -227,6 +264,16 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_wsedge_on_the_same_state_dir_is_refused_until_the_first_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Ledger::open(dir.path()).unwrap();
+        let err = Ledger::open(dir.path()).err().expect("refused");
+        assert!(matches!(err, LedgerError::InUse(_)), "{err}");
+        drop(first);
+        Ledger::open(dir.path()).expect("free again");
+    }
 
     #[test]
     fn a_start_waits_for_a_database_held_locked_and_recovers_its_open_rows() {
