@@ -142,9 +142,30 @@ pub struct FunctionConfig {
     /// when wsedge runs as root) or "none" (the host's network, a distinct $PORT each).
     #[serde(default)]
     pub isolation: Option<Isolation>,
-    /// Instance memory, for GB-s billing.
+    /// Instance memory in MiB: the instance's cgroup memory limit (an instance over it is
+    /// killed, its connections end as a crash: 1011, status 439, logged `oom`), and what
+    /// GB-s are billed from.
     #[serde(default = "default_memory_mb")]
     pub memory_mb: u32,
+    /// Most processes and threads one instance may run (its cgroup's `pids` limit).
+    #[serde(default = "default_pids_max")]
+    pub pids_max: u32,
+    /// CPUs one instance may use (its cgroup's CPU quota), e.g. 0.5 or 2.
+    #[serde(default = "default_cpu")]
+    pub cpu: f64,
+    /// The unprivileged user spawned instances run as (never root; created by the install
+    /// script). Its primary group is the instances' group.
+    #[serde(default = "default_user")]
+    pub user: String,
+    /// "none": loopback only (the default); "egress": outbound connections through NAT, for
+    /// a function that talks to Redis or a database. Neither reaches the admin API or
+    /// another instance.
+    #[serde(default)]
+    pub network: Network,
+    /// Variables the function's instances get, on top of `PORT`, `WSEDGE_FUNCTION`,
+    /// `WSEDGE_INSTANCE`, `PATH`, `HOME` and `LANG` (nothing else of wsedge's environment).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
     /// Connections one spawned instance serves at once.
     #[serde(default = "default_instance_concurrency")]
     pub instance_concurrency: u32,
@@ -174,6 +195,16 @@ pub struct FunctionConfig {
     /// Per-connection quotas.
     #[serde(default)]
     pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// Loopback only.
+    #[default]
+    None,
+    /// Outbound connections through NAT.
+    Egress,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -266,6 +297,15 @@ impl Default for Limits {
     }
 }
 
+/// A portable environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 fn default_admin_listen() -> SocketAddr {
     "127.0.0.1:9901".parse().expect("literal")
 }
@@ -298,6 +338,15 @@ fn default_port() -> u16 {
 }
 fn default_memory_mb() -> u32 {
     128
+}
+fn default_pids_max() -> u32 {
+    256
+}
+fn default_cpu() -> f64 {
+    1.0
+}
+fn default_user() -> String {
+    "wsedge-fn".into()
 }
 fn default_instance_concurrency() -> u32 {
     1
@@ -491,6 +540,27 @@ impl Config {
                 return Err(invalid(
                     at("execution_timeout_s"),
                     "must be >= idle_timeout_s",
+                ));
+            }
+            if f.pids_max == 0 {
+                return Err(invalid(at("pids_max"), "must be at least 1"));
+            }
+            if !(f.cpu.is_finite() && f.cpu >= 0.01) {
+                return Err(invalid(at("cpu"), "must be at least 0.01"));
+            }
+            if f.memory_mb < 4 {
+                return Err(invalid(at("memory_mb"), "must be at least 4"));
+            }
+            if f.user.is_empty() || f.user == "root" || f.user == "0" {
+                return Err(invalid(
+                    at("user"),
+                    "must name an unprivileged user, never root",
+                ));
+            }
+            if let Some(name) = f.env.keys().find(|k| !valid_env_name(k)) {
+                return Err(invalid(
+                    at("env"),
+                    format!("{name:?} is not a variable name (letters, digits, _)"),
                 ));
             }
             if f.instance_concurrency == 0 || f.max_instances == 0 {
