@@ -13,7 +13,11 @@ use tracing::{info, warn};
 use crate::{
     config::{Auth, Config, FunctionConfig, Isolation},
     data_plane::{DataPlane, LoadError},
-    instances::{Pool, SpawnSpec, cgroup},
+    instances::{
+        Pool, SpawnSpec, cgroup,
+        limits::{self, Hierarchy, ResourceLimits},
+        sandbox::{Sandbox, User},
+    },
     ledger::{Ledger, LedgerError},
     metrics::Metrics,
     protocols::bearer::{BearerToken, TokenError},
@@ -41,6 +45,8 @@ pub struct AppState {
     pub tls: Option<TlsTerminator>,
     /// This server's directory for instance cgroups (root with cgroup2 only).
     pub(crate) instance_cgroups: Option<PathBuf>,
+    /// Where instances' resource limits are enforced (root only).
+    limit_hierarchy: Option<Arc<Hierarchy>>,
     /// The token every admin API request must bear (`admin_token_env`), read at start.
     pub admin_token: Option<BearerToken>,
     /// The billing ledger in `state_dir`.
@@ -89,7 +95,14 @@ impl AppState {
             cgroup::clean_leftovers(dir);
         }
         enable_zero_hop(&data_plane, cgroups.as_deref(), &config);
-        let routes = build_routes(&config, &metrics, None, cgroups.clone())?;
+        let limit_hierarchy = limit_hierarchy(cgroups.as_deref());
+        let routes = build_routes(
+            &config,
+            &metrics,
+            None,
+            cgroups.clone(),
+            limit_hierarchy.clone(),
+        )?;
         Ok(AppState {
             routes: RwLock::new(Arc::new(routes)),
             retired: Mutex::default(),
@@ -101,6 +114,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             tls,
             instance_cgroups: cgroups,
+            limit_hierarchy,
             admin_token,
             ledger,
         })
@@ -146,6 +160,7 @@ impl AppState {
             &self.metrics,
             Some(&old),
             self.instance_cgroups.clone(),
+            self.limit_hierarchy.clone(),
         )?;
         let kept: Vec<&Arc<Pool>> = new.pools().collect();
         let mut retired = self.retired.lock().expect("retired lock");
@@ -170,6 +185,26 @@ fn instance_cgroups() -> Option<PathBuf> {
     } else {
         None
     }
+}
+
+/// Where instance limits go (v2 controllers where delegated, else the v1 hierarchies), and
+/// v1 directories a crashed wsedge left removed. Without it (not root, no controllers)
+/// instances run unlimited, which the start-up log says.
+fn limit_hierarchy(cgroups: Option<&std::path::Path>) -> Option<Arc<Hierarchy>> {
+    let hierarchy = cgroups.and_then(|dir| Hierarchy::detect(Some(dir)));
+    match &hierarchy {
+        Some(h) => {
+            limits::clean_leftovers(h);
+            info!(
+                cgroups = h.name(),
+                "instance limits (memory_mb, pids_max, cpu) enforced"
+            );
+        }
+        None => warn!(
+            "no cgroup controllers for instance limits: memory_mb, pids_max and cpu are not enforced"
+        ),
+    }
+    hierarchy.map(Arc::new)
 }
 
 /// Zero-hop needs the kernel data plane and the instances in a cgroup of this server's.
@@ -200,19 +235,9 @@ fn build_routes(
     metrics: &Arc<Metrics>,
     previous: Option<&Routes>,
     cgroup_root: Option<PathBuf>,
+    limit_hierarchy: Option<Arc<Hierarchy>>,
 ) -> Result<Routes, StartError> {
     let root = is_root();
-    // wsedge's secrets: every function's HMAC key and the admin API's token. A function is
-    // untrusted code; none of them may reach its environment.
-    let key_vars: Vec<String> = config
-        .functions
-        .iter()
-        .filter_map(|f| match &f.auth {
-            Auth::Hmac(h) => Some(h.hmac_key_env.clone()),
-            Auth::Named(_) => None,
-        })
-        .chain(config.server.admin_token_env.clone())
-        .collect();
     let mut routes = Vec::new();
     for f in &config.functions {
         let fail = |reason: String| StartError::Function {
@@ -248,13 +273,33 @@ fn build_routes(
                     (None, true) => Isolation::Netns,
                     (None, false) => Isolation::None,
                 };
+                // An instance's user, namespaces and filters need wsedge to be root; otherwise
+                // instances run as wsedge's own (unprivileged) user.
+                let sandbox = match root {
+                    true => {
+                        let user = User::lookup(&f.user).map_err(|e| fail(format!("user: {e}")))?;
+                        let sandbox = Sandbox::prepare(user, &config.base_dir)
+                            .map_err(|e| fail(e.to_string()))?;
+                        Some(Arc::new(sandbox))
+                    }
+                    false => None,
+                };
                 let spec = SpawnSpec {
                     function: f.name.clone(),
                     command: command.clone(),
                     base_dir: config.base_dir.clone(),
                     isolation,
                     port: f.port,
-                    env_remove: key_vars.clone(),
+                    env: f.env.clone(),
+                    sandbox,
+                    limits: limit_hierarchy.clone().map(|h| {
+                        let limits = ResourceLimits {
+                            memory_mb: f.memory_mb,
+                            pids_max: f.pids_max,
+                            cpu: f.cpu,
+                        };
+                        (h, limits)
+                    }),
                 };
                 info!(function = %f.name, ?isolation, cgroups = cgroup_root.is_some(), "function with spawned instances");
                 Backend::Spawned(Pool::new(spec, f, cgroup_root.clone(), metrics.clone()))

@@ -47,6 +47,10 @@ const HELP: &[(&str, &str)] = &[
         "wsedge_instance_crashes_total",
         "Instances that exited without being stopped.",
     ),
+    (
+        "wsedge_instance_oom_kills_total",
+        "Instances the kernel killed for going over their memory_mb.",
+    ),
 ];
 
 impl Metrics {
@@ -156,6 +160,14 @@ impl Metrics {
     pub fn instance_crashed(&self, function: &str) {
         self.add(
             "wsedge_instance_crashes_total",
+            vec![("function", function.to_string())],
+        );
+    }
+
+    /// An instance the kernel killed for going over its `memory_mb`.
+    pub fn instance_oom(&self, function: &str) {
+        self.add(
+            "wsedge_instance_oom_kills_total",
             vec![("function", function.to_string())],
         );
     }

@@ -317,7 +317,7 @@ fn spawned_echo_config(dir: &tempfile::TempDir, extra: &str) -> std::path::PathB
         &path,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\ndata_plane = \"kernel\"\n\
-             [[function]]\nname = \"echo\"\nroute = \"/echo\"\ncommand = [{:?}]\n{extra}",
+             [[function]]\nname = \"echo\"\nroute = \"/echo\"\ncommand = [{:?}]\nuser = \"nobody\"\n{extra}",
             common::echo_fn().display().to_string()
         ),
     )
@@ -429,7 +429,7 @@ fn sighup_reloads_functions_without_touching_open_connections() {
     let function = |name: &str| {
         format!(
             "[[function]]\nname = \"{name}\"\nroute = \"/{name}\"\ncommand = [{echo:?}]\n\
-             instance_concurrency = 10\nisolation = \"none\"\n"
+             user = \"nobody\"\ninstance_concurrency = 10\nisolation = \"none\"\n"
         )
     };
     let server = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n\
@@ -492,7 +492,7 @@ fn conns_sends_the_admin_token_from_admin_token_env_and_run_refuses_to_start_wit
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n\
              data_plane = \"userspace\"\nadmin_token_env = \"{CLI_TOKEN_ENV}\"\n\
              [[function]]\nname = \"echo\"\nroute = \"/echo\"\ncommand = [{:?}]\n\
-             isolation = \"none\"\n",
+             user = \"nobody\"\nisolation = \"none\"\n",
             common::echo_fn().display().to_string()
         ),
     )

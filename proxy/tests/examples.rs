@@ -25,6 +25,9 @@ fn example_config(dir: &str) -> Config {
     config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
     config.server.data_plane = DataPlaneMode::Kernel;
     config.server.state_dir = state_dir();
+    for f in &mut config.functions {
+        sandboxed_peers(f, true);
+    }
     config
 }
 

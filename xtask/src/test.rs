@@ -481,7 +481,40 @@ pub fn node_peers_dir() -> PathBuf {
 /// Returns the node_modules directory holding `ws`.
 pub fn install_test_peers() -> Result<PathBuf> {
     python_websockets()?;
+    python_peers_for_instances()?;
     node_ws()
+}
+
+/// Where the Python functions tests spawn find `websockets`: instances run as an
+/// unprivileged user with a clean environment, so a package under root's home (where a
+/// per-user Python keeps it) is out of their reach. Tests give them `PYTHONPATH=<this>`.
+pub fn python_peers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/python-peers")
+}
+
+fn python_peers_for_instances() -> Result<()> {
+    cmd::checking("Python websockets for sandboxed instances (target/python-peers)");
+    let dir = python_peers_dir();
+    if dir.join("websockets").is_dir() {
+        println!("ok");
+        return Ok(());
+    }
+    println!("missing, installing");
+    cmd::run(
+        cmd::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg("--target")
+            .arg(&dir)
+            .arg("websockets")
+            .env("PIP_ROOT_USER_ACTION", "ignore"),
+    )
+    .context("installing Python websockets into target/python-peers")
 }
 
 fn python_websockets() -> Result<()> {

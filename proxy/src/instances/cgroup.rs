@@ -53,6 +53,18 @@ impl Cgroup {
         Ok(Cgroup { path })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory's name (`<wsedge pid>-...`), which the v1 limits reuse.
+    pub fn name(&self) -> &str {
+        self.path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+    }
+
     /// `cgroup.procs`, opened for writing: a child writes "0" to it to join before `exec`.
     pub fn procs_for_joining(&self) -> io::Result<fs::File> {
         fs::OpenOptions::new()

@@ -7,8 +7,10 @@
 //! task, so a client that gives up does not cancel a start others may be waiting on.
 
 pub mod cgroup;
+pub mod limits;
 pub mod netns;
 pub mod process;
+pub mod sandbox;
 
 use std::{
     io,
@@ -80,6 +82,7 @@ struct ProcessInfo {
     addr: SocketAddr,
     netns: Option<Arc<NetNs>>,
     cgroup: Option<cgroup::Cgroup>,
+    limits: Option<limits::InstanceLimits>,
 }
 
 impl ProcessInfo {
@@ -265,6 +268,7 @@ impl Pool {
             addr: started.addr,
             netns: started.netns.take(),
             cgroup: started.cgroup.take(),
+            limits: started.limits.take(),
         });
         self.metrics.instance_started(&self.spec.function);
         info!(function = %self.spec.function, instance = %instance.id, pid, address = %started.addr,
@@ -310,6 +314,19 @@ impl Pool {
         let status = child.wait().await;
         self.forget(&instance);
         let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+        let oom_kills = instance
+            .process
+            .get()
+            .and_then(|p| p.limits.as_ref())
+            .map_or(0, |l| l.oom_kills());
+        if oom_kills > 0 {
+            // Its connections end like a crash's (1011, status 439); the log says why.
+            self.metrics.instance_oom(&self.spec.function);
+            warn!(function = %self.spec.function, instance = %instance.id, %status, reason = "oom",
+                  memory_mb = self.spec.limits.as_ref().map(|(_, l)| l.memory_mb),
+                  connections = instance.active.load(Ordering::Relaxed),
+                  "instance killed: oom (over its memory_mb)");
+        }
         if !instance.stopping.load(Ordering::Relaxed) {
             self.metrics.instance_crashed(&self.spec.function);
             warn!(function = %self.spec.function, instance = %instance.id, %status,
@@ -329,9 +346,13 @@ impl Pool {
         let instance_ref = instance.clone();
         // Whatever the instance left running goes with it; removal waits for the kernel.
         let _ = tokio::task::spawn_blocking(move || {
-            if let Some(c) = instance_ref.process.get().and_then(|p| p.cgroup.as_ref()) {
+            let process = instance_ref.process.get();
+            if let Some(c) = process.and_then(|p| p.cgroup.as_ref()) {
                 let _ = c.kill();
                 let _ = c.remove();
+            }
+            if let Some(l) = process.and_then(|p| p.limits.as_ref()) {
+                l.remove();
             }
         })
         .await;

@@ -18,7 +18,12 @@ use tokio::{
 };
 use tracing::info;
 
-use super::{cgroup::Cgroup, netns::NetNs};
+use super::{
+    cgroup::Cgroup,
+    limits::{Hierarchy, InstanceLimits, ResourceLimits},
+    netns::NetNs,
+    sandbox::Sandbox,
+};
 use crate::config::Isolation;
 
 /// What every instance of one function is started with.
@@ -31,8 +36,14 @@ pub struct SpawnSpec {
     pub isolation: Isolation,
     /// `$PORT` inside a namespace; with isolation "none" every instance gets a free port.
     pub port: u16,
-    /// Variables not passed on (the HMAC keys: a function never sees a key).
-    pub env_remove: Vec<String>,
+    /// The function's `env` table: with `PORT`, `WSEDGE_FUNCTION`, `WSEDGE_INSTANCE`,
+    /// `PATH`, `HOME` and `LANG`, all an instance's environment (wsedge's own variables, its
+    /// secrets among them, never reach a function).
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The user, namespaces and filters instances are confined to (wsedge running as root).
+    pub sandbox: Option<Arc<Sandbox>>,
+    /// Where and how much the instances' cgroups limit them, when cgroups can.
+    pub limits: Option<(Arc<Hierarchy>, ResourceLimits)>,
 }
 
 /// A started instance process.
@@ -43,6 +54,7 @@ pub struct Started {
     pub addr: SocketAddr,
     pub netns: Option<Arc<NetNs>>,
     pub cgroup: Option<Cgroup>,
+    pub limits: Option<InstanceLimits>,
 }
 
 /// Starts `spec.command` as instance `instance_id`; stdout and stderr become log lines.
@@ -72,11 +84,29 @@ pub fn spawn(
         Some(c) => Some(c.procs_for_joining()?.into()),
         None => None,
     };
+    let (limits, limit_procs) = match (&spec.limits, &cgroup) {
+        (Some((hierarchy, limits)), Some(c)) => {
+            let (applied, join) = InstanceLimits::apply(hierarchy, c.name(), c.path(), *limits)
+                .inspect_err(|_| {
+                    let _ = c.remove();
+                })?;
+            (Some(applied), join)
+        }
+        _ => (None, Vec::new()),
+    };
+    // At most the three v1 controllers: a fixed array, so the child allocates nothing.
+    let mut limit_fds = [-1; 3];
+    for (slot, fd) in limit_fds.iter_mut().zip(&limit_procs) {
+        *slot = fd.as_raw_fd();
+    }
     let program = resolve_program(&spec.command[0], &spec.base_dir);
     let mut command = Command::new(program);
     command
         .args(&spec.command[1..])
         .current_dir(&spec.base_dir)
+        .env_clear()
+        .envs(base_environment(spec.sandbox.is_some()))
+        .envs(&spec.env)
         .env("PORT", port.to_string())
         .env("WSEDGE_FUNCTION", &spec.function)
         .env("WSEDGE_INSTANCE", instance_id)
@@ -84,9 +114,7 @@ pub fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    for name in &spec.env_remove {
-        command.env_remove(name);
-    }
+    let sandbox = spec.sandbox.clone();
     let ns_fd = netns.as_ref().map(|n| n.raw_fd());
     let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
     // SAFETY: only async-signal-safe syscalls between fork and exec.
@@ -107,10 +135,19 @@ pub fn spawn(
             {
                 return Err(io::Error::last_os_error());
             }
+            for fd in limit_fds.into_iter().filter(|&fd| fd >= 0) {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if let Some(fd) = ns_fd
                 && libc::setns(fd, libc::CLONE_NEWNET) != 0
             {
                 return Err(io::Error::last_os_error());
+            }
+            // Last: it drops the privileges the steps above need.
+            if let Some(sandbox) = &sandbox {
+                sandbox.enter()?;
             }
             Ok(())
         });
@@ -121,10 +158,14 @@ pub fn spawn(
             if let Some(c) = &cgroup {
                 let _ = c.remove();
             }
+            if let Some(l) = &limits {
+                l.remove();
+            }
             return Err(e);
         }
     };
     drop(procs);
+    drop(limit_procs);
     let pid = child.id().unwrap_or_default();
     let outputs = [
         (child.stdout.take().map(|o| Box::new(o) as Output), "stdout"),
@@ -142,7 +183,25 @@ pub fn spawn(
         addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         netns,
         cgroup,
+        limits,
     })
+}
+
+/// What every instance's environment starts from: `PATH` and `LANG` as wsedge has them (so
+/// the function's interpreter is found as on the host), and `HOME`: the private `/tmp` when
+/// sandboxed (the instance's user has no writable home), else wsedge's.
+fn base_environment(sandboxed: bool) -> Vec<(&'static str, String)> {
+    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    let home = if sandboxed {
+        "/tmp".to_string()
+    } else {
+        var("HOME", "/tmp")
+    };
+    vec![
+        ("PATH", var("PATH", "/usr/local/bin:/usr/bin:/bin")),
+        ("HOME", home),
+        ("LANG", var("LANG", "C.UTF-8")),
+    ]
 }
 
 fn resolve_program(program: &str, base_dir: &Path) -> PathBuf {

@@ -187,6 +187,27 @@ pub fn state_dir() -> std::path::PathBuf {
         .keep()
 }
 
+/// Spawned instances run as an unprivileged user with an environment of their own: `nobody`
+/// unless the test names a user, and the test peers' packages through `NODE_PATH` and
+/// `PYTHONPATH` (both under `target/`, which any user can read).
+pub fn sandboxed_peers(f: &mut wsedge::config::FunctionConfig, user_given: bool) {
+    if !user_given {
+        f.user = "nobody".into();
+    }
+    f.env.entry("NODE_PATH".into()).or_insert_with(node_path);
+    f.env
+        .entry("PYTHONPATH".into())
+        .or_insert_with(python_peers_path);
+}
+
+/// Where `cargo xtask test` installs `websockets` for spawned Python functions.
+pub fn python_peers_path() -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/python-peers")
+        .display()
+        .to_string()
+}
+
 /// Turns the rate quotas off: suites about other behaviour send faster than 10 messages/s
 /// and would measure throttling instead. `tests/quotas.rs` sets its own.
 pub fn unlimited_rates(config: &mut Config) {
@@ -419,6 +440,9 @@ pub fn function_config(plane: &str, extra_server: &str, function: &str) -> Confi
     let mut config: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     if !function.contains("[function.limits]") {
         unlimited_rates(&mut config);
+    }
+    for f in &mut config.functions {
+        sandboxed_peers(f, function.contains("user ="));
     }
     config.base_dir = env!("CARGO_MANIFEST_DIR").into();
     config.server.state_dir = state_dir();
