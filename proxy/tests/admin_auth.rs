@@ -125,19 +125,22 @@ async fn wsedge_does_not_start_when_the_token_variable_is_unset_or_empty() {
 #[tokio::test]
 async fn a_spawned_instance_does_not_get_the_admin_token_in_its_environment() {
     set_env();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = instance_dir();
     let seen = dir.path().join("seen");
     let command = format!(
         "printf '%s %s' \"${{{TOKEN_ENV}-unset}}\" \"$PORT\" > {}; exec {}",
         seen.display(),
         echo_fn().display()
     );
-    let p = start_proxy(function_config(
+    // The instance writes what it saw into `dir`, its working directory: the one place
+    // of the host it may write.
+    let mut config = function_config(
         "kernel",
         &format!("admin_token_env = \"{TOKEN_ENV}\""),
         &format!("name = \"echo\"\nroute = \"/echo\"\ncommand = [\"sh\", \"-c\", {command:?}]\n"),
-    ))
-    .await;
+    );
+    config.base_dir = dir.path().into();
+    let p = start_proxy(config).await;
     let head = raw_upgrade(p.addr, &upgrade_request("/echo", "")).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(std::fs::read_to_string(&seen).unwrap(), "unset 9000");

@@ -348,22 +348,25 @@ async fn missing_credentials_get_400_and_bad_or_stale_ones_403_without_reaching_
 #[tokio::test]
 async fn a_spawned_instance_does_not_get_the_key_in_its_environment() {
     key_env();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = instance_dir();
     let seen = dir.path().join("seen");
     let command = format!(
         "printf '%s %s' \"${{{KEY_ENV}-unset}}\" \"$PORT\" > {}; exec {}",
         seen.display(),
         echo_fn().display()
     );
-    let p = start_proxy(function_config(
+    // The instance writes what it saw into `dir`, its working directory: the one place
+    // of the host it may write.
+    let mut config = function_config(
         "kernel",
         "",
         &format!(
             "name = \"echo\"\nroute = \"/echo\"\ncommand = [\"sh\", \"-c\", {command:?}]\n\
              auth = {{ hmac_key_env = \"{KEY_ENV}\" }}\n"
         ),
-    ))
-    .await;
+    );
+    config.base_dir = dir.path().into();
+    let p = start_proxy(config).await;
     let date = httpdate::fmt_http_date(SystemTime::now());
     let signature = sign(KEY.as_bytes(), "test", "/echo", &date);
     let head = raw_upgrade(

@@ -717,7 +717,11 @@ async fn slow_proxy(mode: &str, dir: &Path) -> Proxy {
         mode.to_string(),
         dir.display().to_string(),
     ];
-    start_spawned(&command, "").await
+    // The instance reports through files in `dir`: its working directory is the one place
+    // of the host it may write.
+    let mut config = function_config("kernel", "", &spawned_function(&command, ""));
+    config.base_dir = dir.to_path_buf();
+    start_proxy(config).await
 }
 
 /// A client socket with pinned buffers, so what it gets rid of is what the proxy path holds.
@@ -766,7 +770,7 @@ fn flood_payload(n: u32) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_flooding_an_instance_that_stops_reading_is_held_back_then_every_byte_arrives_in_order()
  {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = instance_dir();
     let p = slow_proxy("hold-reads", dir.path()).await;
     let stream = connect_pinned(&p, true).await;
     let (mut s, mut pending) = upgrade_raw(&p, stream).await;
@@ -835,7 +839,7 @@ async fn a_client_flooding_an_instance_that_stops_reading_is_held_back_then_ever
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_limit_after_the_client_was_held_back_closes_it_with_1009() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = instance_dir();
     let p = slow_proxy("hold-reads", dir.path()).await;
     let stream = connect_pinned(&p, true).await;
     let (mut s, mut pending) = upgrade_raw(&p, stream).await;
@@ -907,7 +911,7 @@ async fn a_client_frame_with_a_reserved_opcode_fails_the_connection_with_1002() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_frame_with_a_reserved_opcode_fails_the_connection_with_1002_both_ways() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = instance_dir();
     let p = slow_proxy("garbage", dir.path()).await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
     let (mut s, mut pending) = upgrade_raw(&p, stream).await;
@@ -952,7 +956,7 @@ async fn read_numbered_frames(s: &mut TcpStream, pending: &mut Vec<u8>) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_an_instance_writes_right_after_its_101_arrive_complete_and_in_order() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = instance_dir();
     let p = slow_proxy("burst", dir.path()).await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
     // The instance starts writing the moment its 101 is out, while the proxy is still
@@ -971,7 +975,7 @@ async fn frames_an_instance_writes_right_after_its_101_arrive_complete_and_in_or
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_pushing_to_a_client_that_stops_reading_is_held_back_and_its_pending_write_completes_once_the_client_reads()
  {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = instance_dir();
     let p = slow_proxy("push", dir.path()).await;
     let stream = connect_pinned(&p, false).await;
     let (mut s, mut pending) = upgrade_raw(&p, stream).await;

@@ -325,6 +325,9 @@ impl Sandbox {
             check(libc::setresgid(gid, gid, gid))?;
             // Leaving uid 0 clears the permitted, effective and ambient capability sets.
             check(libc::setresuid(self.user.uid, self.user.uid, self.user.uid))?;
+            // A change of credentials clears the parent-death signal: set it again, so the
+            // instance still dies with wsedge.
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
         }
     }

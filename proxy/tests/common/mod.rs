@@ -200,6 +200,18 @@ pub fn sandboxed_peers(f: &mut wsedge::config::FunctionConfig, user_given: bool)
         .or_insert_with(python_peers_path);
 }
 
+/// A fresh directory a spawned instance may write (files it reports through): outside /tmp,
+/// which an instance sees as its own empty tmpfs, and writable by its unprivileged user.
+pub fn instance_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    dir
+}
+
 /// Where `cargo xtask test` installs `websockets` for spawned Python functions.
 pub fn python_peers_path() -> String {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
