@@ -148,6 +148,20 @@ impl Drop for Firewall {
     }
 }
 
+/// What `wsedge check` asks of a host with egress functions: `nft` and `ip` can be run.
+pub fn check_tools() -> Result<(), EgressError> {
+    let runs = |program: &str, arg: &str| {
+        Command::new(program)
+            .arg(arg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+    };
+    runs("nft", "--version").map_err(EgressError::NftMissing)?;
+    runs("ip", "-V").map_err(EgressError::IpMissing)?;
+    Ok(())
+}
+
 /// The whole table. Priority `filter - 10` puts wsedge's drops ahead of a host firewall's
 /// accepts in the same hook.
 fn ruleset(admin_ports: &[u16]) -> String {
