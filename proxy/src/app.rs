@@ -8,13 +8,13 @@ use std::{
     sync::{Arc, Mutex, RwLock, atomic::AtomicBool},
 };
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
-    config::{Auth, Config, FunctionConfig, Isolation},
+    config::{Auth, Config, FunctionConfig, Isolation, Network},
     data_plane::{DataPlane, LoadError},
     instances::{
-        Pool, SpawnSpec, cgroup,
+        Pool, SpawnSpec, cgroup, egress,
         limits::{self, Hierarchy, ResourceLimits},
         sandbox::{Sandbox, User},
     },
@@ -51,6 +51,9 @@ pub struct AppState {
     pub admin_token: Option<BearerToken>,
     /// The billing ledger in `state_dir`.
     pub ledger: Ledger,
+    /// The egress firewall, while a function has `network = "egress"`; released at a clean
+    /// stop.
+    pub(crate) egress: Mutex<EgressState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +106,10 @@ impl AppState {
             cgroups.clone(),
             limit_hierarchy.clone(),
         )?;
+        let egress = Mutex::new(EgressState {
+            admin_port: config.server.admin_listen.port(),
+            firewall: None,
+        });
         Ok(AppState {
             routes: RwLock::new(Arc::new(routes)),
             retired: Mutex::default(),
@@ -117,7 +124,23 @@ impl AppState {
             limit_hierarchy,
             admin_token,
             ledger,
+            egress,
         })
+    }
+
+    /// Loads the egress firewall if a function of `config` needs it and it is not loaded.
+    pub(crate) fn ensure_egress(&self, config: &Config) {
+        let mut egress = self.egress.lock().expect("egress lock");
+        if egress.firewall.is_none() {
+            egress.firewall = egress_firewall(config, egress.admin_port);
+        }
+    }
+
+    /// Deletes the egress firewall (a clean stop: every instance has stopped).
+    pub(crate) fn release_egress(&self) {
+        if let Some(firewall) = self.egress.lock().expect("egress lock").firewall.take() {
+            firewall.release();
+        }
     }
 
     /// The functions as configured now.
@@ -162,6 +185,7 @@ impl AppState {
             self.instance_cgroups.clone(),
             self.limit_hierarchy.clone(),
         )?;
+        self.ensure_egress(config);
         let kept: Vec<&Arc<Pool>> = new.pools().collect();
         let mut retired = self.retired.lock().expect("retired lock");
         for pool in old.pools() {
@@ -174,6 +198,33 @@ impl AppState {
         // Logged once in effect: a request that follows the log line sees the new functions.
         info!(functions = config.functions.len(), "functions reloaded");
         Ok(())
+    }
+}
+
+pub(crate) struct EgressState {
+    /// The admin API's bound port (the config may say 0), fenced off from instances.
+    pub(crate) admin_port: u16,
+    pub(crate) firewall: Option<egress::Firewall>,
+}
+
+/// The egress firewall when a function needs it. A failure is logged, not fatal: the egress
+/// functions' instances then fail to start with its reason, the other functions serve.
+fn egress_firewall(config: &Config, admin_port: u16) -> Option<egress::Firewall> {
+    let egress: Vec<&str> = config
+        .functions
+        .iter()
+        .filter(|f| f.command.is_some() && f.network == Network::Egress)
+        .map(|f| f.name.as_str())
+        .collect();
+    if egress.is_empty() {
+        return None;
+    }
+    match egress::Firewall::install(admin_port) {
+        Ok(firewall) => Some(firewall),
+        Err(e) => {
+            error!(error = %e, functions = ?egress, "egress unavailable: these functions' instances will not start");
+            None
+        }
     }
 }
 
@@ -273,6 +324,11 @@ fn build_routes(
                     (None, true) => Isolation::Netns,
                     (None, false) => Isolation::None,
                 };
+                if f.network == Network::Egress && isolation == Isolation::None {
+                    return Err(fail(
+                        "network = \"egress\" needs isolation = \"netns\" (wsedge as root): with isolation \"none\" an instance shares the host's network, admin API included".into(),
+                    ));
+                }
                 // An instance's user, namespaces and filters need wsedge to be root; otherwise
                 // instances run as wsedge's own (unprivileged) user.
                 let sandbox = match root {
@@ -300,6 +356,7 @@ fn build_routes(
                         };
                         (h, limits)
                     }),
+                    network: f.network,
                 };
                 info!(function = %f.name, ?isolation, cgroups = cgroup_root.is_some(), "function with spawned instances");
                 Backend::Spawned(Pool::new(spec, f, cgroup_root.clone(), metrics.clone()))

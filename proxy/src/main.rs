@@ -75,6 +75,14 @@ fn main() -> anyhow::Result<()> {
         Command::Check => {
             wsedge::protocols::tls::check_certificates(&config.server, &config.base_dir)
                 .context("tls_cert")?;
+            if let Some(f) = config
+                .functions
+                .iter()
+                .find(|f| f.command.is_some() && f.network == wsedge::config::Network::Egress)
+            {
+                wsedge::instances::egress::check_tools()
+                    .with_context(|| format!("function {}", f.name))?;
+            }
             print!(
                 "{}",
                 toml::to_string_pretty(&config).context("printing the config")?

@@ -20,11 +20,12 @@ use tracing::info;
 
 use super::{
     cgroup::Cgroup,
+    egress,
     limits::{Hierarchy, InstanceLimits, ResourceLimits},
     netns::NetNs,
     sandbox::Sandbox,
 };
-use crate::config::Isolation;
+use crate::config::{Isolation, Network};
 
 /// What every instance of one function is started with.
 #[derive(Debug, Clone)]
@@ -44,6 +45,8 @@ pub struct SpawnSpec {
     pub sandbox: Option<Arc<Sandbox>>,
     /// Where and how much the instances' cgroups limit them, when cgroups can.
     pub limits: Option<(Arc<Hierarchy>, ResourceLimits)>,
+    /// "egress": the namespace gets a veth pair to the host (see `egress`).
+    pub network: Network,
 }
 
 /// A started instance process.
@@ -55,6 +58,7 @@ pub struct Started {
     pub netns: Option<Arc<NetNs>>,
     pub cgroup: Option<Cgroup>,
     pub limits: Option<InstanceLimits>,
+    pub egress: Option<Arc<egress::Link>>,
 }
 
 /// Starts `spec.command` as instance `instance_id`; stdout and stderr become log lines.
@@ -66,6 +70,13 @@ pub fn spawn(
     let (port, netns) = match spec.isolation {
         Isolation::Netns => (spec.port, Some(Arc::new(NetNs::create()?))),
         Isolation::None => (free_port()?, None),
+    };
+    // Before the command runs: a function may connect to its database as it starts.
+    let egress = match (&netns, spec.network) {
+        (Some(ns), Network::Egress) => Some(Arc::new(
+            egress::Link::create(ns, instance_id).map_err(io::Error::other)?,
+        )),
+        _ => None,
     };
     // Unique per process: several servers in one process (tests) may name an instance alike.
     static SEQUENCE: AtomicU64 = AtomicU64::new(0);
@@ -184,6 +195,7 @@ pub fn spawn(
         netns,
         cgroup,
         limits,
+        egress,
     })
 }
 
