@@ -8,12 +8,12 @@ use std::{
     sync::{Arc, Mutex, RwLock, atomic::AtomicBool},
 };
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
-    config::{Auth, Config, FunctionConfig, Isolation},
+    config::{Auth, Config, FunctionConfig, Isolation, Network},
     data_plane::{DataPlane, LoadError},
-    instances::{Pool, SpawnSpec, cgroup},
+    instances::{Pool, SpawnSpec, cgroup, egress},
     ledger::{Ledger, LedgerError},
     metrics::Metrics,
     protocols::bearer::{BearerToken, TokenError},
@@ -45,6 +45,9 @@ pub struct AppState {
     pub admin_token: Option<BearerToken>,
     /// The billing ledger in `state_dir`.
     pub ledger: Ledger,
+    /// The egress firewall, while a function has `network = "egress"`; released at a clean
+    /// stop.
+    pub(crate) egress: Mutex<EgressState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +93,10 @@ impl AppState {
         }
         enable_zero_hop(&data_plane, cgroups.as_deref(), &config);
         let routes = build_routes(&config, &metrics, None, cgroups.clone())?;
+        let egress = Mutex::new(EgressState {
+            admin_port: config.server.admin_listen.port(),
+            firewall: None,
+        });
         Ok(AppState {
             routes: RwLock::new(Arc::new(routes)),
             retired: Mutex::default(),
@@ -103,7 +110,23 @@ impl AppState {
             instance_cgroups: cgroups,
             admin_token,
             ledger,
+            egress,
         })
+    }
+
+    /// Loads the egress firewall if a function of `config` needs it and it is not loaded.
+    pub(crate) fn ensure_egress(&self, config: &Config) {
+        let mut egress = self.egress.lock().expect("egress lock");
+        if egress.firewall.is_none() {
+            egress.firewall = egress_firewall(config, egress.admin_port);
+        }
+    }
+
+    /// Deletes the egress firewall (a clean stop: every instance has stopped).
+    pub(crate) fn release_egress(&self) {
+        if let Some(firewall) = self.egress.lock().expect("egress lock").firewall.take() {
+            firewall.release();
+        }
     }
 
     /// The functions as configured now.
@@ -147,6 +170,7 @@ impl AppState {
             Some(&old),
             self.instance_cgroups.clone(),
         )?;
+        self.ensure_egress(config);
         let kept: Vec<&Arc<Pool>> = new.pools().collect();
         let mut retired = self.retired.lock().expect("retired lock");
         for pool in old.pools() {
@@ -159,6 +183,33 @@ impl AppState {
         // Logged once in effect: a request that follows the log line sees the new functions.
         info!(functions = config.functions.len(), "functions reloaded");
         Ok(())
+    }
+}
+
+pub(crate) struct EgressState {
+    /// The admin API's bound port (the config may say 0), fenced off from instances.
+    pub(crate) admin_port: u16,
+    pub(crate) firewall: Option<egress::Firewall>,
+}
+
+/// The egress firewall when a function needs it. A failure is logged, not fatal: the egress
+/// functions' instances then fail to start with its reason, the other functions serve.
+fn egress_firewall(config: &Config, admin_port: u16) -> Option<egress::Firewall> {
+    let egress: Vec<&str> = config
+        .functions
+        .iter()
+        .filter(|f| f.command.is_some() && f.network == Network::Egress)
+        .map(|f| f.name.as_str())
+        .collect();
+    if egress.is_empty() {
+        return None;
+    }
+    match egress::Firewall::install(admin_port) {
+        Ok(firewall) => Some(firewall),
+        Err(e) => {
+            error!(error = %e, functions = ?egress, "egress unavailable: these functions' instances will not start");
+            None
+        }
     }
 }
 
@@ -248,6 +299,11 @@ fn build_routes(
                     (None, true) => Isolation::Netns,
                     (None, false) => Isolation::None,
                 };
+                if f.network == Network::Egress && isolation == Isolation::None {
+                    return Err(fail(
+                        "network = \"egress\" needs isolation = \"netns\" (wsedge as root): with isolation \"none\" an instance shares the host's network, admin API included".into(),
+                    ));
+                }
                 let spec = SpawnSpec {
                     function: f.name.clone(),
                     command: command.clone(),
@@ -255,6 +311,7 @@ fn build_routes(
                     isolation,
                     port: f.port,
                     env_remove: key_vars.clone(),
+                    network: f.network,
                 };
                 info!(function = %f.name, ?isolation, cgroups = cgroup_root.is_some(), "function with spawned instances");
                 Backend::Spawned(Pool::new(spec, f, cgroup_root.clone(), metrics.clone()))

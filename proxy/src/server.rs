@@ -59,6 +59,10 @@ impl Server {
             );
         }
         let state = Arc::new(AppState::build(config, tls)?);
+        // Before anything is served, with the port the admin API really got.
+        state.egress.lock().expect("egress lock").admin_port =
+            admin.local_addr().expect("bound listener").port();
+        state.ensure_egress(&state.config);
         Ok(Server {
             state,
             listener,
@@ -172,6 +176,7 @@ impl Server {
         let retired = std::mem::take(&mut *state.retired.lock().expect("retired lock"));
         let pools = routes.pools().chain(retired.iter());
         futures_util::future::join_all(pools.map(|p| p.stop_all())).await;
+        state.release_egress();
         if let Some(dir) = &state.instance_cgroups
             && let Err(e) = cgroup::remove_server_dir(dir)
         {

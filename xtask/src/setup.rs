@@ -19,6 +19,7 @@ pub fn run() -> Result<()> {
     llvm()?;
     bpf_linker()?;
     bpffs();
+    nftables()?;
     Ok(())
 }
 
@@ -161,6 +162,18 @@ fn debian_tool(what: &str, present: impl Fn() -> bool, packages: &[&str]) -> Res
         );
     }
     Ok(())
+}
+
+/// `network = "egress"` instances are NATed and fenced off with an nftables table that wsedge
+/// loads with `nft -f -`; the egress tests fail without it.
+fn nftables() -> Result<()> {
+    cmd::checking("nft (nftables)");
+    if let Some(version) = cmd::output(cmd::new("nft").arg("--version")) {
+        println!("ok ({})", version.trim());
+        return Ok(());
+    }
+    println!("missing");
+    apt_install(&["nftables"], "nft (for network = \"egress\")")
 }
 
 /// A line `bpf /sys/fs/bpf bpf ...` (source, mount point, type) in /proc/mounts.

@@ -7,6 +7,7 @@
 //! task, so a client that gives up does not cancel a start others may be waiting on.
 
 pub mod cgroup;
+pub mod egress;
 pub mod netns;
 pub mod process;
 
@@ -80,6 +81,7 @@ struct ProcessInfo {
     addr: SocketAddr,
     netns: Option<Arc<NetNs>>,
     cgroup: Option<cgroup::Cgroup>,
+    egress: Option<Arc<egress::Link>>,
 }
 
 impl ProcessInfo {
@@ -265,10 +267,12 @@ impl Pool {
             addr: started.addr,
             netns: started.netns.take(),
             cgroup: started.cgroup.take(),
+            egress: started.egress.take(),
         });
         self.metrics.instance_started(&self.spec.function);
         info!(function = %self.spec.function, instance = %instance.id, pid, address = %started.addr,
               netns = instance.process.get().and_then(|p| p.netns.as_ref()).map(|n| n.inode),
+              egress_address = instance.process.get().and_then(|p| p.egress.as_ref()).map(|l| l.address().to_string()),
               "instance starting");
         tokio::spawn(self.clone().watch_exit(instance.clone(), started.child));
         let deadline = begun + self.start_timeout;
@@ -325,6 +329,10 @@ impl Pool {
                 instance.id
             ),
         ));
+        // Before the exit is announced, so a stopped server has left no link behind.
+        if let Some(link) = instance.process.get().and_then(|p| p.egress.clone()) {
+            let _ = tokio::task::spawn_blocking(move || link.remove()).await;
+        }
         instance.exited.send_replace(true);
         let instance_ref = instance.clone();
         // Whatever the instance left running goes with it; removal waits for the kernel.

@@ -18,8 +18,8 @@ use tokio::{
 };
 use tracing::info;
 
-use super::{cgroup::Cgroup, netns::NetNs};
-use crate::config::Isolation;
+use super::{cgroup::Cgroup, egress, netns::NetNs};
+use crate::config::{Isolation, Network};
 
 /// What every instance of one function is started with.
 #[derive(Debug, Clone)]
@@ -33,6 +33,8 @@ pub struct SpawnSpec {
     pub port: u16,
     /// Variables not passed on (the HMAC keys: a function never sees a key).
     pub env_remove: Vec<String>,
+    /// "egress": the namespace gets a veth pair to the host (see `egress`).
+    pub network: Network,
 }
 
 /// A started instance process.
@@ -43,6 +45,7 @@ pub struct Started {
     pub addr: SocketAddr,
     pub netns: Option<Arc<NetNs>>,
     pub cgroup: Option<Cgroup>,
+    pub egress: Option<Arc<egress::Link>>,
 }
 
 /// Starts `spec.command` as instance `instance_id`; stdout and stderr become log lines.
@@ -54,6 +57,13 @@ pub fn spawn(
     let (port, netns) = match spec.isolation {
         Isolation::Netns => (spec.port, Some(Arc::new(NetNs::create()?))),
         Isolation::None => (free_port()?, None),
+    };
+    // Before the command runs: a function may connect to its database as it starts.
+    let egress = match (&netns, spec.network) {
+        (Some(ns), Network::Egress) => Some(Arc::new(
+            egress::Link::create(ns, instance_id).map_err(io::Error::other)?,
+        )),
+        _ => None,
     };
     // Unique per process: several servers in one process (tests) may name an instance alike.
     static SEQUENCE: AtomicU64 = AtomicU64::new(0);
@@ -142,6 +152,7 @@ pub fn spawn(
         addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         netns,
         cgroup,
+        egress,
     })
 }
 
