@@ -37,6 +37,8 @@ pub struct AppState {
     pub clients: Arc<ClientCounts>,
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
+    /// Notified once when `draining` is set: idle keep-alive HTTP connections close then.
+    pub drain_started: tokio::sync::Notify,
     /// TLS for `tls_listen`, when configured.
     pub tls: Option<TlsTerminator>,
     /// This server's directory for instance cgroups (root with cgroup2 only).
@@ -106,6 +108,7 @@ impl AppState {
             clients: Arc::default(),
             metrics,
             draining: AtomicBool::new(false),
+            drain_started: tokio::sync::Notify::new(),
             tls,
             instance_cgroups: cgroups,
             admin_token,

@@ -273,6 +273,9 @@ pub struct Limits {
     /// back by TCP), `close` closes with 1008 (the function gets 1001; status 429).
     #[serde(default = "default_on_exceed")]
     pub on_exceed: OnExceed,
+    /// Largest body of a plain HTTP request (not an upgrade), in bytes; larger gets 413.
+    #[serde(default = "default_max_request_body_bytes")]
+    pub max_request_body_bytes: u64,
 }
 
 impl Limits {
@@ -293,6 +296,7 @@ impl Default for Limits {
             messages_per_s: default_messages_per_s(),
             bytes_per_s: default_bytes_per_s(),
             on_exceed: default_on_exceed(),
+            max_request_body_bytes: default_max_request_body_bytes(),
         }
     }
 }
@@ -375,6 +379,11 @@ fn default_messages_per_s() -> u32 {
 fn default_bytes_per_s() -> u64 {
     128 * 1024
 }
+/// 6 MiB: the request payload limit of the platforms' synchronous invocations.
+fn default_max_request_body_bytes() -> u64 {
+    6 * 1024 * 1024
+}
+
 fn default_on_exceed() -> OnExceed {
     OnExceed::Throttle
 }

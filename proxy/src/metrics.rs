@@ -40,6 +40,10 @@ const HELP: &[(&str, &str)] = &[
         "Quota events by function and kind: message_too_big and rate_close closes, throttled connections (counted at their end).",
     ),
     (
+        "wsedge_http_requests_total",
+        "Plain HTTP requests (not upgrades) by function and status: the instance's, or wsedge's when it refused or the instance failed.",
+    ),
+    (
         "wsedge_instance_starts_total",
         "Instances started (cold starts).",
     ),
@@ -142,6 +146,18 @@ impl Metrics {
             vec![
                 ("function", function.to_string()),
                 ("kind", kind.to_string()),
+            ],
+        );
+    }
+
+    /// One plain HTTP request answered with `status`; `function` is empty when it was not
+    /// routed.
+    pub fn http_request(&self, function: &str, status: u16) {
+        self.add(
+            "wsedge_http_requests_total",
+            vec![
+                ("function", function.to_string()),
+                ("status", status.to_string()),
             ],
         );
     }

@@ -135,6 +135,7 @@ impl Server {
             }
         }
         state.draining.store(true, Ordering::Relaxed);
+        state.drain_started.notify_waiters();
         drop(listener);
         drop(tls_listener);
         let drain = Duration::from_secs(state.config.server.drain_timeout_s);

@@ -62,12 +62,15 @@ pub enum LedgerError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     WebSocket,
+    /// One plain HTTP request on a function's route.
+    Http,
 }
 
 impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::WebSocket => "websocket",
+            Kind::Http => "http",
         }
     }
 }

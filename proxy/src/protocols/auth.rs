@@ -27,7 +27,7 @@ use sha2::Sha256;
 
 use super::{
     error_response::HandshakeError,
-    handshake::{UpgradeRequest, WSEDGE_PARAM_PREFIX, param_name, query_params, split_target},
+    handshake::{RequestHead, WSEDGE_PARAM_PREFIX, param_name, query_params, split_target},
 };
 
 const SCHEME: &str = "WSEDGE-HMAC-SHA256";
@@ -42,7 +42,7 @@ const EXPIRES_PARAM: &str = "wsedge-expires";
 const SIGNATURE_PARAM: &str = "wsedge-signature";
 
 /// Checks the signature of `request` with `key` at time `now`.
-pub fn verify(request: &UpgradeRequest, key: &[u8], now: SystemTime) -> Result<(), HandshakeError> {
+pub fn verify(request: &RequestHead, key: &[u8], now: SystemTime) -> Result<(), HandshakeError> {
     let text = |name| {
         request
             .header(name)
@@ -97,7 +97,7 @@ fn mac_of(key: &[u8], signed: &str) -> Vec<u8> {
 }
 
 fn verify_header(
-    request: &UpgradeRequest,
+    request: &RequestHead,
     host: &str,
     date: &str,
     authorization: &str,
@@ -136,7 +136,7 @@ struct SignedUrl<'a> {
 
 impl<'a> SignedUrl<'a> {
     /// `None` when the target has none of the three; 400 when it lacks or repeats one.
-    fn of(request: &'a UpgradeRequest) -> Result<Option<Self>, HandshakeError> {
+    fn of(request: &'a RequestHead) -> Result<Option<Self>, HandshakeError> {
         let mut values: [Option<&str>; 3] = [None; 3];
         for param in query_params(request.query().unwrap_or_default()) {
             let name = param_name(param);
@@ -166,7 +166,7 @@ impl<'a> SignedUrl<'a> {
 
     fn verify(
         &self,
-        request: &UpgradeRequest,
+        request: &RequestHead,
         host: &str,
         key: &[u8],
         now: SystemTime,

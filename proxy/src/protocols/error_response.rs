@@ -75,6 +75,13 @@ impl HandshakeError {
             format!("the proxy has its maximum of {max} open connections"),
         )
     }
+    pub fn body_too_large(limit: u64) -> Self {
+        Self::new(
+            413,
+            "body_too_large",
+            format!("the request body exceeds {limit} bytes"),
+        )
+    }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "internal", message)
     }
@@ -106,6 +113,7 @@ fn reason(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         408 => "Request Timeout",
+        413 => "Content Too Large",
         426 => "Upgrade Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",

@@ -15,7 +15,7 @@ const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// Client headers the instance never gets: the credentials wsedge checked, and those wsedge
 /// sets itself (a client's would be taken for wsedge's).
-const NOT_FORWARDED: [&str; 6] = [
+pub const NOT_FORWARDED: [&str; 6] = [
     "authorization",
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -32,19 +32,59 @@ const SINGLE_HEADERS: [&str; 4] = ["Host", "Sec-WebSocket-Key", "Date", "Authori
 /// are removed before the request reaches the function.
 pub const WSEDGE_PARAM_PREFIX: &str = "wsedge-";
 
-/// A validated upgrade request.
+/// What both a WebSocket upgrade and a plain HTTP request are checked by: routing, the
+/// signature, Origin, and the target the function receives.
 #[derive(Debug, Clone)]
-pub struct UpgradeRequest {
+pub struct RequestHead {
     pub method: String,
     pub path: String,
     /// Host header without the port, lower-cased.
     pub host: String,
-    pub key: String,
     /// Headers in their original order and spelling.
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-impl UpgradeRequest {
+/// A validated upgrade request: its head, and the key its 101 must answer.
+#[derive(Debug, Clone)]
+pub struct UpgradeRequest {
+    pub head: RequestHead,
+    pub key: String,
+}
+
+impl std::ops::Deref for UpgradeRequest {
+    type Target = RequestHead;
+
+    fn deref(&self) -> &RequestHead {
+        &self.head
+    }
+}
+
+impl RequestHead {
+    /// Checks what any request on a function's route must satisfy (an absolute path without
+    /// dot-segments, one `Host`, no repeated credential headers) and takes its host.
+    pub fn new(
+        method: String,
+        path: String,
+        headers: Vec<(String, Vec<u8>)>,
+    ) -> Result<RequestHead, HandshakeError> {
+        if !path.starts_with('/') {
+            return Err(HandshakeError::malformed(
+                "request target must be an absolute path",
+            ));
+        }
+        check_unambiguous(&path, &headers)?;
+        let host = header(&headers, "host")
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .ok_or_else(|| HandshakeError::malformed("missing Host header"))?;
+        let host = strip_port(host).to_ascii_lowercase();
+        Ok(RequestHead {
+            method,
+            path,
+            host,
+            headers,
+        })
+    }
+
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         header(&self.headers, name)
     }
@@ -77,7 +117,9 @@ impl UpgradeRequest {
             Cow::Owned(format!("{path}?{}", kept.join("&")))
         }
     }
+}
 
+impl UpgradeRequest {
     /// The request to send to the instance: the client's request line (without `wsedge-*`
     /// query parameters) and headers, without `Authorization`, and with `X-Forwarded-For`
     /// set to the client's address and `X-Forwarded-Proto` to `ws` or `wss`. A client's own
@@ -163,15 +205,20 @@ fn has_dot_segment(path: &str) -> bool {
     })
 }
 
-/// Refuses what an upgrade must not have: a body (a `Content-Length` other than 0, or any
-/// `Transfer-Encoding`), a repeated [`SINGLE_HEADERS`] header, dot-segments in its path.
-fn check_unambiguous(path: &str, headers: &[(String, Vec<u8>)]) -> Result<(), HandshakeError> {
-    let named = |name: &'static str| {
-        headers
-            .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
-    };
+fn named<'a>(
+    headers: &'a [(String, Vec<u8>)],
+    name: &'a str,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    headers
+        .iter()
+        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
+}
+
+/// Refuses an upgrade with a body: a `Content-Length` other than 0, or any
+/// `Transfer-Encoding`.
+fn check_no_body(headers: &[(String, Vec<u8>)]) -> Result<(), HandshakeError> {
+    let named = |name| named(headers, name);
     if named("transfer-encoding").next().is_some() {
         return Err(HandshakeError::malformed(
             "an upgrade has no body: Transfer-Encoding is not allowed",
@@ -186,6 +233,14 @@ fn check_unambiguous(path: &str, headers: &[(String, Vec<u8>)]) -> Result<(), Ha
             "an upgrade has no body: Content-Length must be 0",
         ));
     }
+    Ok(())
+}
+
+/// Refuses what no request on a function's route may have: a repeated [`SINGLE_HEADERS`]
+/// header, dot-segments in its path (either could make wsedge and the function read a
+/// different request).
+fn check_unambiguous(path: &str, headers: &[(String, Vec<u8>)]) -> Result<(), HandshakeError> {
+    let named = |name| named(headers, name);
     if let Some(name) = SINGLE_HEADERS.iter().find(|n| named(n).nth(1).is_some()) {
         return Err(HandshakeError::malformed(format!(
             "more than one {name} header"
@@ -197,6 +252,23 @@ fn check_unambiguous(path: &str, headers: &[(String, Vec<u8>)]) -> Result<(), Ha
         ));
     }
     Ok(())
+}
+
+/// Whether a request head asks for a WebSocket: `Upgrade: websocket` or any
+/// `Sec-WebSocket-*` header. Such a request follows the upgrade rules (and a flawed one gets
+/// their 400); any other request is plain HTTP for the function. A head that does not parse
+/// counts as an upgrade too, so it gets the upgrade path's 400 as before.
+pub fn is_websocket_request(head: &[u8]) -> bool {
+    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut raw);
+    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        return true;
+    }
+    req.headers.iter().any(|h| {
+        let name = h.name.as_bytes();
+        (h.name.eq_ignore_ascii_case("upgrade") && has_token(Some(h.value), "websocket"))
+            || (name.len() > 14 && name[..14].eq_ignore_ascii_case(b"sec-websocket-"))
+    })
 }
 
 /// Parses and validates a complete request head.
@@ -234,16 +306,9 @@ pub fn parse_upgrade(head: &[u8]) -> Result<UpgradeRequest, HandshakeError> {
     if method != "GET" {
         return Err(HandshakeError::method_not_allowed(&method));
     }
-    if !path.starts_with('/') {
-        return Err(HandshakeError::malformed(
-            "request target must be an absolute path",
-        ));
-    }
-    check_unambiguous(&path, &headers)?;
-    let host = header(&headers, "host")
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or_else(|| HandshakeError::malformed("missing Host header"))?;
-    let host = strip_port(host).to_ascii_lowercase();
+    check_no_body(&headers)?;
+    let head = RequestHead::new(method, path, headers)?;
+    let headers = &head.headers;
     if !has_token(header(&headers, "upgrade"), "websocket") {
         return Err(HandshakeError::malformed("missing Upgrade: websocket"));
     }
@@ -269,13 +334,7 @@ pub fn parse_upgrade(head: &[u8]) -> Result<UpgradeRequest, HandshakeError> {
         }
         None => return Err(HandshakeError::unsupported_version("")),
     }
-    Ok(UpgradeRequest {
-        method,
-        path,
-        host,
-        key,
-        headers,
-    })
+    Ok(UpgradeRequest { head, key })
 }
 
 fn strip_port(host: &str) -> &str {
@@ -447,6 +506,20 @@ mod tests {
         ] {
             parse_upgrade(ok.as_bytes()).unwrap();
         }
+    }
+
+    #[test]
+    fn only_requests_that_ask_for_a_websocket_take_the_upgrade_path() {
+        assert!(is_websocket_request(GOOD.as_bytes()));
+        // Flawed upgrades still get the upgrade rules' 400.
+        assert!(is_websocket_request(
+            GOOD.replace("Upgrade: websocket\r\n", "").as_bytes()
+        ));
+        assert!(is_websocket_request(b"\x16\x03\x01garbage\r\n\r\n"));
+        let plain = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n";
+        assert!(!is_websocket_request(plain));
+        let h2c = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";
+        assert!(!is_websocket_request(h2c));
     }
 
     #[test]

@@ -14,13 +14,13 @@ use crate::{
     ledger::{CHECKPOINT_EVERY, Counters, Finished, Kind, Opened, Progress, how_it_closed},
 };
 
-/// Opens the row of a connection just registered.
-pub fn accepted(state: &AppState, conn: &Connection, memory_mb: u32) {
+/// Opens the row of a connection just registered (or of a plain HTTP request answered).
+pub fn accepted(state: &AppState, conn: &Connection, memory_mb: u32, kind: Kind) {
     state.ledger.open_row(Opened {
         id: conn.id.to_string(),
         function: conn.function.to_string(),
         instance: conn.instance.to_string(),
-        kind: Kind::WebSocket,
+        kind,
         memory_mb,
         started_at: conn.started_at,
         data_plane: conn.plane().as_str(),

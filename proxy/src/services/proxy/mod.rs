@@ -4,7 +4,8 @@
 //!    `tls_listen` once the TLS handshake is done) and `max_connections`; a `wss://` client's
 //!    TLS handshake (within `tls_handshake_timeout_s`) happens here, its IP already counted;
 //! 2. **upgrade** (`upgrade.rs`): read and check the request, route, admit, pick an
-//!    instance, relay its 101 (or answer with the error status);
+//!    instance, relay its 101 (or answer with the error status); a request that does not ask
+//!    for a WebSocket is plain HTTP instead, and `http.rs` serves the connection from here;
 //! 3. **register**: choose the path ([`Path`]), enter the registry under its name and open
 //!    its billing ledger row;
 //! 4. **hand over**: forward what either side sent past its handshake, up to a frame
@@ -13,6 +14,8 @@
 //!    (an open spliced connection costs no task) and reports from teardown;
 //! 6. **end**: log, count and bill how it ended, release everything it held.
 
+mod http;
+mod rewind;
 mod upgrade;
 
 use std::{
@@ -38,10 +41,11 @@ use crate::{
     conn::{Connection, Direction, NewConnection},
     data_plane::{Carrying, Handover, Path},
     instances::Lease,
-    protocols::{frames::FrameCursor, stream::ClientStream},
+    ledger::Kind,
+    protocols::{frames::FrameCursor, handshake::is_websocket_request, stream::ClientStream},
     registry::{ClientSlot, Registered},
 };
-use upgrade::{Admission, Failure, Upgraded, refuse, refuse_over_ip_limit, upgrade};
+use upgrade::{Admission, Failure, Upgraded, read_request, refuse, refuse_over_ip_limit, upgrade};
 
 /// Serves one accepted TCP connection; `tls`: it came to `tls_listen`.
 pub async fn serve(state: Arc<AppState>, client: TcpStream, peer: SocketAddr, tls: bool) {
@@ -88,6 +92,19 @@ async fn prepare(
             return None;
         }
     };
+    let head = match Box::pin(read_request(&state, &mut client)).await {
+        Ok(head) => head,
+        Err(Failure::Respond(e)) => {
+            Box::pin(refuse(&state, &mut client, peer, None, &e)).await;
+            return None;
+        }
+        Err(Failure::ClientGone) => return None,
+    };
+    if !is_websocket_request(&head.head) {
+        // Plain HTTP: this task serves the connection's requests until it closes.
+        http::serve(state, client, peer, head, client_slot).await;
+        return None;
+    }
     let reservation = state.registry.reserve(server.max_connections as usize);
     let admission = Admission {
         at_capacity: reservation.is_none(),
@@ -99,7 +116,15 @@ async fn prepare(
     // 2. upgrade. Boxed phases: the handshake's buffers live in their own allocation, freed
     // before the connection's long life starts, instead of sizing this task's future for it.
     let mut function = None;
-    let upgraded = Box::pin(upgrade(&state, &mut client, peer, admission, &mut function)).await;
+    let upgraded = Box::pin(upgrade(
+        &state,
+        &mut client,
+        peer,
+        head,
+        admission,
+        &mut function,
+    ))
+    .await;
     let (mut upgraded, reservation) = match (upgraded, reservation) {
         (Ok(upgraded), Some(reservation)) => (upgraded, reservation),
         (Err(Failure::Respond(e)), _) => {
@@ -125,7 +150,7 @@ async fn prepare(
         },
     );
     let conn = registered.conn.clone();
-    super::ledger::accepted(&state, &conn, upgraded.memory_mb);
+    super::ledger::accepted(&state, &conn, upgraded.memory_mb, Kind::WebSocket);
     state
         .metrics
         .connection(&conn.function, path.name().as_str());

@@ -22,7 +22,7 @@ use crate::{
     protocols::{
         auth,
         error_response::HandshakeError,
-        handshake::{UpgradeRequest, parse_upgrade, validate_response},
+        handshake::{RequestHead, UpgradeRequest, parse_upgrade, validate_response},
         head::{Head, HeadError, read_head},
         stream::ClientStream,
     },
@@ -119,27 +119,33 @@ pub(super) async fn refuse(
     let _ = client.shutdown().await;
 }
 
-pub(super) async fn upgrade(
+/// Reads a connection's first request head, within `handshake_timeout_ms`.
+pub(super) async fn read_request(
     state: &AppState,
     client: &mut ClientStream,
-    peer: SocketAddr,
-    admission: Admission,
-    function: &mut Option<Arc<str>>,
-) -> Result<Upgraded, Failure> {
+) -> Result<Head, Failure> {
     let server = &state.config.server;
-    let head = match timeout(
+    match timeout(
         Duration::from_millis(server.handshake_timeout_ms),
         read_head(client, server.max_header_bytes),
     )
     .await
     {
-        Err(_) => return Err(HandshakeError::handshake_timeout().into()),
-        Ok(Err(HeadError::TooLarge(limit))) => {
-            return Err(HandshakeError::headers_too_large(limit).into());
-        }
-        Ok(Err(HeadError::Closed | HeadError::Io(_))) => return Err(Failure::ClientGone),
-        Ok(Ok(head)) => head,
-    };
+        Err(_) => Err(HandshakeError::handshake_timeout().into()),
+        Ok(Err(HeadError::TooLarge(limit))) => Err(HandshakeError::headers_too_large(limit).into()),
+        Ok(Err(HeadError::Closed | HeadError::Io(_))) => Err(Failure::ClientGone),
+        Ok(Ok(head)) => Ok(head),
+    }
+}
+
+pub(super) async fn upgrade(
+    state: &AppState,
+    client: &mut ClientStream,
+    peer: SocketAddr,
+    head: Head,
+    admission: Admission,
+    function: &mut Option<Arc<str>>,
+) -> Result<Upgraded, Failure> {
     let request = parse_upgrade(&head.head)?;
     // This connection keeps the functions as they are now, whatever a reload does meanwhile.
     let routes = state.routes();
@@ -182,8 +188,9 @@ pub(super) async fn upgrade(
     })
 }
 
-/// The checks between routing and starting an instance: Origin, signature.
-fn admit(route: &Route, request: &UpgradeRequest) -> Result<(), HandshakeError> {
+/// The checks between routing and starting an instance, for upgrades and plain HTTP alike:
+/// Origin, signature.
+pub(super) fn admit(route: &Route, request: &RequestHead) -> Result<(), HandshakeError> {
     let allowed = &route.function.allowed_origins;
     if let Some(origin) = request.header("origin")
         && !allowed.is_empty()
