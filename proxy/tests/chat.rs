@@ -23,9 +23,7 @@ use tokio::{
     net::TcpStream,
     process::{Child, Command},
 };
-
-/// Where an instance with `network = "egress"` reaches the host.
-const EGRESS_GATEWAY: &str = "10.213.0.1";
+use wsedge::instances::egress::GATEWAY;
 
 /// The whole browser session: Chromium's start, two page loads with two cold starts, and the
 /// messages (the driver has its own, shorter deadline and says which step failed).
@@ -123,18 +121,16 @@ async fn two_browsers_chat_across_two_instances_through_redis() {
     require_browser_peers();
     let redis = Redis::start().await;
     let mut config = example_config("chat");
-    let chat = &mut config.functions[0];
-    // The example as written, but for where Node finds its modules and Redis's port.
-    chat.command = Some(vec![
+    // The example as written, but for where Node finds its modules and Redis's port. Both go
+    // on the command line, as the Node example's test passes NODE_PATH: the instance gets
+    // exactly these, whatever wsedge passes on from its `env` table.
+    config.functions[0].command = Some(vec![
         "env".into(),
         format!("NODE_PATH={}", node_path()),
+        format!("REDIS_URL=redis://{GATEWAY}:{}", redis.port),
         "node".into(),
         "server.js".into(),
     ]);
-    chat.env.insert(
-        "REDIS_URL".into(),
-        format!("redis://{EGRESS_GATEWAY}:{}", redis.port),
-    );
     let p = start_proxy(config).await;
 
     let url = format!("http://{}/chat?room=r1", p.addr);

@@ -14,8 +14,12 @@ const page = fs.readFileSync(path.join(__dirname, 'chat.html'));
 const ROOM = /^[A-Za-z0-9_-]{1,64}$/;
 const MAX_TEXT = 2000;
 
+if (!process.env.REDIS_URL) {
+  console.error('chat: set REDIS_URL (redis://HOST:PORT); without Redis rooms cannot span instances');
+  process.exit(1);
+}
 // A client in subscriber mode can run no other command, so publishing needs its own.
-const publisher = createClient({ url: process.env.REDIS_URL || 'redis://127.0.0.1:6379' });
+const publisher = createClient({ url: process.env.REDIS_URL });
 const subscriber = publisher.duplicate();
 for (const client of [publisher, subscriber]) {
   client.on('error', (err) => console.error(`redis: ${err.message}`));
@@ -102,10 +106,9 @@ async function main() {
   });
 }
 
-process.on('SIGTERM', () => {
-  wss.close();
-  server.close(() => Promise.all([publisher.quit(), subscriber.quit()]).finally(() => process.exit(0)));
-});
+// wsedge has closed every WebSocket (1001) before it stops an instance, and Redis drops a
+// client's subscriptions when its connection ends: nothing is left to flush.
+process.on('SIGTERM', () => process.exit(0));
 
 main().catch((err) => {
   console.error(`chat: ${err.message}`);
