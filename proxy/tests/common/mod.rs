@@ -638,7 +638,12 @@ pub fn parse_error_response(out: &[u8]) -> (u16, String, serde_json::Value) {
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     let error_type = head
         .lines()
-        .find_map(|l| l.strip_prefix("X-Wsedge-Error-Type: "))
+        // Header names are case-insensitive (hyper writes them in lower case).
+        .find_map(|l| {
+            let (name, value) = l.split_once(": ")?;
+            name.eq_ignore_ascii_case("x-wsedge-error-type")
+                .then_some(value)
+        })
         .unwrap_or_default()
         .to_string();
     let json: serde_json::Value =
