@@ -268,7 +268,7 @@ pub fn signed_url(key: &[u8], host: &str, target: &str, date: u64, expires: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocols::handshake::parse_upgrade;
+    use crate::protocols::handshake::{UpgradeRequest, parse_upgrade};
 
     fn request_on(host: &str, target: &str, extra: &str) -> UpgradeRequest {
         let head = format!(

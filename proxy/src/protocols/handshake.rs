@@ -309,13 +309,13 @@ pub fn parse_upgrade(head: &[u8]) -> Result<UpgradeRequest, HandshakeError> {
     check_no_body(&headers)?;
     let head = RequestHead::new(method, path, headers)?;
     let headers = &head.headers;
-    if !has_token(header(&headers, "upgrade"), "websocket") {
+    if !has_token(header(headers, "upgrade"), "websocket") {
         return Err(HandshakeError::malformed("missing Upgrade: websocket"));
     }
-    if !has_token(header(&headers, "connection"), "upgrade") {
+    if !has_token(header(headers, "connection"), "upgrade") {
         return Err(HandshakeError::malformed("missing Connection: Upgrade"));
     }
-    let key = header(&headers, "sec-websocket-key")
+    let key = header(headers, "sec-websocket-key")
         .and_then(|k| std::str::from_utf8(k).ok())
         .map(str::trim)
         .ok_or_else(|| HandshakeError::malformed("missing Sec-WebSocket-Key"))?;
@@ -325,7 +325,7 @@ pub fn parse_upgrade(head: &[u8]) -> Result<UpgradeRequest, HandshakeError> {
         ));
     }
     let key = key.to_string();
-    match header(&headers, "sec-websocket-version") {
+    match header(headers, "sec-websocket-version") {
         Some(v) if v.trim_ascii() == b"13" => {}
         Some(v) => {
             return Err(HandshakeError::unsupported_version(
