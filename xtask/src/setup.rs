@@ -121,6 +121,49 @@ fn bpffs() {
     }
 }
 
+/// Where Debian's `golang-github-gorilla-websocket-dev` puts its source: the Go example
+/// builds against it in GOPATH mode, offline.
+const GORILLA_WEBSOCKET: &str = "/usr/share/gocode/src/github.com/gorilla/websocket";
+
+/// What the examples' tests run besides the test peers: Go (and the Go example's WebSocket
+/// library), Redis for the chat room, and Chromium for its browser test. Only `test` asks:
+/// the demo runs none of them.
+pub fn example_tools() -> Result<()> {
+    debian_tool(
+        "go and gorilla/websocket",
+        // `go` has no `--version`: `go version` is its probe.
+        || {
+            cmd::output(cmd::new("go").arg("version")).is_some()
+                && Path::new(GORILLA_WEBSOCKET).join("go.mod").is_file()
+        },
+        &["golang-go", "golang-github-gorilla-websocket-dev"],
+    )?;
+    debian_tool(
+        "redis-server",
+        || cmd::exists("redis-server"),
+        &["redis-server"],
+    )?;
+    debian_tool("chromium", || cmd::exists("chromium"), &["chromium"])
+}
+
+/// One `checking WHAT` line: `present` or else apt-get installs `packages`.
+fn debian_tool(what: &str, present: impl Fn() -> bool, packages: &[&str]) -> Result<()> {
+    cmd::checking(what);
+    if present() {
+        println!("ok");
+        return Ok(());
+    }
+    println!("missing");
+    apt_install(packages, what)?;
+    if !present() {
+        bail!(
+            "apt-get installed {} but {what} is still missing",
+            packages.join(" ")
+        );
+    }
+    Ok(())
+}
+
 /// `network = "egress"` instances are NATed and fenced off with an nftables table that wsedge
 /// loads with `nft -f -`; the egress tests fail without it.
 fn nftables() -> Result<()> {

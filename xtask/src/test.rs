@@ -32,6 +32,7 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(5);
 
 pub fn run(harness_args: &[String]) -> Result<()> {
     setup::run()?;
+    setup::example_tools()?;
     let node_modules = install_test_peers()?;
     cmd::run(
         cmd::cargo()
@@ -564,20 +565,38 @@ fn is_externally_managed() -> bool {
     cmd::output(cmd::new("python3").args(["-c", script])).is_some_and(|out| out.trim() == "True")
 }
 
+/// The Node.js modules the tests `require`: `ws` (the echo example and test peers), and for
+/// the chat example `redis` and `puppeteer-core` (which drives Debian's Chromium and
+/// downloads no browser of its own). `redis@5`: the newest that runs on Debian's Node 18.
+const NODE_MODULES: [(&str, &str); 3] = [
+    ("ws", "ws"),
+    ("redis", "redis@5"),
+    ("puppeteer-core", "puppeteer-core"),
+];
+
 fn node_ws() -> Result<PathBuf> {
     let dir = node_peers_dir();
     let node_modules = dir.join("node_modules");
-    cmd::checking(&format!("Node ws ({})", node_modules.display()));
+    let what = format!(
+        "Node ws, redis, puppeteer-core ({})",
+        node_modules.display()
+    );
+    cmd::checking(&what);
     if !cmd::exists("node") || !cmd::exists("npm") {
         println!("missing node or npm");
         setup::apt_install(&["nodejs", "npm"], "node and npm")?;
-        cmd::checking(&format!("Node ws ({})", node_modules.display()));
+        cmd::checking(&what);
     }
-    if node_modules.join("ws/package.json").is_file() {
+    let missing: Vec<&str> = NODE_MODULES
+        .iter()
+        .filter(|(name, _)| !node_modules.join(name).join("package.json").is_file())
+        .map(|(_, spec)| *spec)
+        .collect();
+    if missing.is_empty() {
         println!("ok");
         return Ok(node_modules);
     }
-    println!("missing, installing");
+    println!("missing {}, installing", missing.join(" "));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     cmd::run(
         cmd::new("npm")
@@ -589,11 +608,14 @@ fn node_ws() -> Result<PathBuf> {
                 "--prefix",
             ])
             .arg(&dir)
-            .arg("ws"),
+            .args(&missing),
     )
-    .context("installing Node ws with npm")?;
-    if !node_modules.join("ws/package.json").is_file() {
-        bail!("npm finished but {} has no ws", node_modules.display());
+    .with_context(|| format!("installing {} with npm", missing.join(" ")))?;
+    if let Some((name, _)) = NODE_MODULES
+        .iter()
+        .find(|(name, _)| !node_modules.join(name).join("package.json").is_file())
+    {
+        bail!("npm finished but {} has no {name}", node_modules.display());
     }
     Ok(node_modules)
 }

@@ -442,6 +442,54 @@ pub fn echo_fn() -> std::path::PathBuf {
     .clone()
 }
 
+/// The config beside an example under `deploy/examples/` (`dir`), on port 0 of loopback with
+/// the kernel data plane and a fresh state directory; its functions as written.
+pub fn example_config(dir: &str) -> Config {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples")
+        .join(dir)
+        .join("wsedge.toml");
+    let mut config = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+    config.server.data_plane = DataPlaneMode::Kernel;
+    config.server.state_dir = state_dir();
+    for f in &mut config.functions {
+        sandboxed_peers(f, true);
+    }
+    config
+}
+
+/// The Go example function (`deploy/examples/echo-go`), built once per test binary into the
+/// target directory. GOPATH mode against Debian's `golang-github-gorilla-websocket-dev`
+/// (`cargo xtask test` installs it with `golang-go`): it builds offline, with no module proxy.
+pub fn go_echo_fn() -> std::path::PathBuf {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("echo-go");
+        let out = std::process::Command::new("go")
+            .args(["build", "-o"])
+            .arg(&out_path)
+            .arg(".")
+            .current_dir(root.join("deploy/examples/echo-go"))
+            .env("GO111MODULE", "off")
+            .env("GOPATH", "/usr/share/gocode")
+            .env("GOFLAGS", "")
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("running `go build`: {e}; the Go example needs `go` (Debian's golang-go and golang-github-gorilla-websocket-dev; `cargo xtask test` installs both)")
+            });
+        assert!(
+            out.status.success(),
+            "building echo-go: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out_path
+    })
+    .clone()
+}
+
 /// A config with one function given as TOML lines (name, route and the rest); without a
 /// `[function.limits]` table of its own, its rates are off (see [`unlimited_rates`]).
 pub fn function_config(plane: &str, extra_server: &str, function: &str) -> Config {
