@@ -86,9 +86,12 @@ impl Hierarchy {
 /// Turns the controllers on for the children of `dir` (and of every ancestor up to the v2
 /// mount, which must offer them).
 fn enable_v2(dir: &Path) -> io::Result<()> {
-    // wsedge's own directory first: the server's directory is offered only what its parent
-    // enabled for its children.
-    for d in dir.parent().into_iter().chain([dir]) {
+    // From the top (the cgroup2 mount, then wsedge's own directory) down: a directory is
+    // offered only what its parent enabled for its children. A host whose init system
+    // delegates the controllers has them enabled already; a bare one (a container, a VM
+    // without systemd) gets them enabled here.
+    let chain: Vec<&Path> = dir.ancestors().take(3).collect();
+    for d in chain.into_iter().rev() {
         let offered = fs::read_to_string(d.join("cgroup.controllers"))?;
         if !CONTROLLERS
             .iter()

@@ -398,15 +398,16 @@ fn write(path: PathBuf, text: String) -> Result<PathBuf> {
 }
 
 /// The zero-hop mode's function: the bench's echo backend as a spawned instance in its own
-/// network namespace, listening on 0.0.0.0:$PORT, one instance for every connection. It
+/// network namespace, listening on 0.0.0.0:$PORT, one instance for every connection,
+/// sandboxed as any instance (as `nobody`, with room for its thousands of connections). It
 /// would inherit wsedge's CPU; `--cpu` puts it on the backend's, as in every other mode.
 fn zero_hop_function(release: &Path, placement: Placement) -> String {
     let cpu = placement
         .cpus()
         .map_or(String::new(), |c| format!(", \"--cpu\", \"{}\"", c.backend));
     format!(
-        "command = [\"{}\", \"echo\"{cpu}]\nisolation = \"netns\"\n\
-         instance_concurrency = 100000\nmax_instances = 1",
+        "command = [\"{}\", \"echo\"{cpu}]\nisolation = \"netns\"\nuser = \"nobody\"\n\
+         instance_concurrency = 100000\nmax_instances = 1\nmemory_mb = 1024\npids_max = 64\ncpu = 1.0",
         release.join("bench").display()
     )
 }
