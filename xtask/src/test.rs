@@ -502,6 +502,12 @@ fn python_peers_for_instances() -> Result<()> {
         return Ok(());
     }
     println!("missing, installing");
+    pip_install_websockets(&["--target".as_ref(), dir.as_os_str()])
+        .context("installing Python websockets into target/python-peers")
+}
+
+/// `python3 -m pip install websockets` with `extra` arguments, quietly.
+fn pip_install_websockets(extra: &[&std::ffi::OsStr]) -> Result<()> {
     cmd::run(
         cmd::new("python3")
             .args([
@@ -511,12 +517,10 @@ fn python_peers_for_instances() -> Result<()> {
                 "--quiet",
                 "--disable-pip-version-check",
             ])
-            .arg("--target")
-            .arg(&dir)
+            .args(extra)
             .arg("websockets")
             .env("PIP_ROOT_USER_ACTION", "ignore"),
     )
-    .context("installing Python websockets into target/python-peers")
 }
 
 fn python_websockets() -> Result<()> {
@@ -531,19 +535,8 @@ fn python_websockets() -> Result<()> {
     }
     println!("missing, installing");
     let pip = |extra: &[&str]| {
-        cmd::run(
-            cmd::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ])
-                .args(extra)
-                .arg("websockets")
-                .env("PIP_ROOT_USER_ACTION", "ignore"),
-        )
+        let extra: Vec<&std::ffi::OsStr> = extra.iter().map(|e| e.as_ref()).collect();
+        pip_install_websockets(&extra)
     };
     if let Err(err) = pip(&[]) {
         // Debian's own python3 refuses pip installs (PEP 668) unless told otherwise.

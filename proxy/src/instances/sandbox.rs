@@ -222,13 +222,6 @@ impl Sandbox {
 
     unsafe fn enter_mount_namespace(&self) -> io::Result<()> {
         let root = c"/";
-        let check = |rc: libc::c_int| {
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        };
         unsafe {
             check(libc::unshare(libc::CLONE_NEWNS))?;
             // Mounts made here stay here; the host's later mounts and unmounts still show.
@@ -300,13 +293,6 @@ impl Sandbox {
     }
 
     unsafe fn drop_privileges(&self) -> io::Result<()> {
-        let check = |rc: libc::c_int| {
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        };
         unsafe {
             // The bounding set too (while still root): nothing executed later can regain a
             // capability, whatever file capabilities it carries.
@@ -330,6 +316,15 @@ impl Sandbox {
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
         }
+    }
+}
+
+/// A system call's return value as a result: 0 is success, anything else the errno.
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
