@@ -171,6 +171,18 @@ impl<'a> SignedUrl<'a> {
         key: &[u8],
         now: SystemTime,
     ) -> Result<(), HandshakeError> {
+        // The URL's signing string has no method ("GET" always, as upgrades are): a URL
+        // signed for a page must not also authorize a POST to the same function.
+        if !matches!(request.method.as_str(), "GET" | "HEAD") {
+            return Err(HandshakeError::new(
+                403,
+                "method_not_signed",
+                format!(
+                    "a signed URL authorizes GET and HEAD only; {} needs the Authorization header, which signs the method",
+                    request.method
+                ),
+            ));
+        }
         let seconds = |name: &str, value: &str| {
             (!value.is_empty() && value.len() <= 19 && value.bytes().all(|b| b.is_ascii_digit()))
                 .then(|| Duration::from_secs(value.parse().expect("at most 19 digits")))
@@ -426,6 +438,19 @@ mod tests {
         }
         let other_host = request_on("b", &url, "");
         assert_eq!(refusal(&other_host, b"k", now), (403, "bad_signature"));
+    }
+
+    #[test]
+    fn a_signed_url_authorizes_get_and_head_but_not_another_method() {
+        let now = SystemTime::now();
+        let url = signed_url(b"k", "a", "/echo", unix(now), 60);
+        let mut r = request(&url, "");
+        for method in ["GET", "HEAD"] {
+            r.head.method = method.into();
+            assert!(verify(&r, b"k", now).is_ok(), "{method}");
+        }
+        r.head.method = "POST".into();
+        assert_eq!(refusal(&r, b"k", now), (403, "method_not_signed"));
     }
 
     #[test]
