@@ -121,16 +121,13 @@ async fn two_browsers_chat_across_two_instances_through_redis() {
     require_browser_peers();
     let redis = Redis::start().await;
     let mut config = example_config("chat");
-    // The example as written, but for where Node finds its modules and Redis's port. Both go
-    // on the command line, as the Node example's test passes NODE_PATH: the instance gets
-    // exactly these, whatever wsedge passes on from its `env` table.
-    config.functions[0].command = Some(vec![
-        "env".into(),
-        format!("NODE_PATH={}", node_path()),
-        format!("REDIS_URL=redis://{GATEWAY}:{}", redis.port),
-        "node".into(),
-        "server.js".into(),
-    ]);
+    // The example as written, but for Redis's port (the test's own server): through the
+    // function's `env` table, as an operator would set it. (`example_config` already put
+    // `NODE_PATH` there, where the test's Node modules are.)
+    config.functions[0].env.insert(
+        "REDIS_URL".into(),
+        format!("redis://{GATEWAY}:{}", redis.port),
+    );
     let p = start_proxy(config).await;
 
     let url = format!("http://{}/chat?room=r1", p.addr);
