@@ -16,6 +16,7 @@ use crate::{
     instances::{
         Pool, SpawnSpec, cgroup, egress,
         limits::{self, Hierarchy, ResourceLimits},
+        process,
         sandbox::{Sandbox, User},
     },
     ledger::{Ledger, LedgerError},
@@ -337,7 +338,8 @@ fn build_routes(
                 let sandbox = match root {
                     true => {
                         let user = User::lookup(&f.user).map_err(|e| fail(format!("user: {e}")))?;
-                        let sandbox = Sandbox::prepare(user, &config.base_dir)
+                        let program = process::resolve_program(&command[0], &config.base_dir);
+                        let sandbox = Sandbox::prepare(user, &config.base_dir, &program)
                             .map_err(|e| fail(e.to_string()))?;
                         Some(Arc::new(sandbox))
                     }

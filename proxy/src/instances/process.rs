@@ -216,7 +216,7 @@ fn base_environment(sandboxed: bool) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn resolve_program(program: &str, base_dir: &Path) -> PathBuf {
+pub fn resolve_program(program: &str, base_dir: &Path) -> PathBuf {
     let path = Path::new(program);
     if path.is_relative() && program.contains('/') {
         base_dir.join(path)

@@ -180,6 +180,21 @@ pub struct Sandbox {
     user: User,
     workdir: CString,
     filters: [BpfProgram; 2],
+    /// Host entries directly under /tmp the function lives in (its working directory, its
+    /// program): the private /tmp would hide them, so they are mounted back into it.
+    /// `true`: a directory.
+    keep_in_tmp: [Option<(CString, bool)>; 2],
+}
+
+/// The entry directly under /tmp that holds `path` (`/tmp/a` for `/tmp/a/b/c`), if any.
+fn tmp_entry(path: &Path) -> Option<std::path::PathBuf> {
+    let mut parts = path.components();
+    let (Some(std::path::Component::RootDir), Some(tmp), Some(first)) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    (tmp.as_os_str() == "tmp").then(|| Path::new("/tmp").join(first))
 }
 
 /// `struct mount_attr` of mount_setattr(2).
@@ -194,14 +209,31 @@ struct MountAttr {
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const MOUNT_ATTR_NOSUID: u64 = 0x2;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const OPEN_TREE_CLOEXEC: libc::c_uint = libc::O_CLOEXEC as libc::c_uint;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 impl Sandbox {
-    pub fn prepare(user: User, workdir: &Path) -> Result<Sandbox, SandboxError> {
+    /// For instances working in `workdir` and running `program` (as configured: a bare
+    /// name is looked up in `PATH`, outside /tmp).
+    pub fn prepare(user: User, workdir: &Path, program: &Path) -> Result<Sandbox, SandboxError> {
+        let c_path = |p: &Path| {
+            CString::new(p.as_os_str().as_bytes()).map_err(|_| SandboxError::Path(p.into()))
+        };
+        let mut keep_in_tmp: [Option<(CString, bool)>; 2] = [None, None];
+        let mut entries: Vec<std::path::PathBuf> = [workdir, program]
+            .iter()
+            .filter_map(|p| tmp_entry(p))
+            .collect();
+        entries.dedup();
+        for (slot, entry) in keep_in_tmp.iter_mut().zip(entries) {
+            *slot = Some((c_path(&entry)?, entry.is_dir()));
+        }
         Ok(Sandbox {
             user,
-            workdir: CString::new(workdir.as_os_str().as_bytes())
-                .map_err(|_| SandboxError::Path(workdir.into()))?,
+            workdir: c_path(workdir)?,
             filters: filters()?,
+            keep_in_tmp,
         })
     }
 
@@ -270,6 +302,23 @@ impl Sandbox {
             if workdir < 0 {
                 return Err(io::Error::last_os_error());
             }
+            // Copies of the host's /tmp entries the function lives in, taken before the private
+            // /tmp hides them and mounted back into it below.
+            let mut kept = [-1; 2];
+            for (fd, keep) in kept.iter_mut().zip(&self.keep_in_tmp) {
+                if let Some((path, _)) = keep {
+                    let rc = libc::syscall(
+                        libc::SYS_open_tree,
+                        libc::AT_FDCWD,
+                        path.as_ptr(),
+                        OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE,
+                    );
+                    if rc < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    *fd = rc as libc::c_int;
+                }
+            }
             for dir in [c"/tmp", c"/dev/shm"] {
                 // Private, and charged to the instance's memory limit.
                 let options = c"mode=1777,size=64m";
@@ -281,6 +330,40 @@ impl Sandbox {
                     options.as_ptr().cast(),
                 );
                 if rc != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT) {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            for (fd, keep) in kept.into_iter().zip(&self.keep_in_tmp) {
+                let Some((path, is_dir)) = keep else {
+                    continue;
+                };
+                // A mount point for it in the fresh tmpfs, then the copy on top.
+                let made = if *is_dir {
+                    libc::mkdir(path.as_ptr(), 0o755)
+                } else {
+                    let file = libc::open(
+                        path.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                        0o644,
+                    );
+                    if file >= 0 {
+                        libc::close(file);
+                        0
+                    } else {
+                        -1
+                    }
+                };
+                check(made)?;
+                let rc = libc::syscall(
+                    libc::SYS_move_mount,
+                    fd,
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    MOVE_MOUNT_F_EMPTY_PATH,
+                );
+                libc::close(fd);
+                if rc != 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
@@ -360,6 +443,22 @@ mod tests {
             User::lookup("no-such-user-here"),
             Err(SandboxError::NoSuchUser(n)) if n == "no-such-user-here"
         ));
+    }
+
+    #[test]
+    fn only_entries_directly_under_tmp_are_kept() {
+        assert_eq!(
+            tmp_entry(Path::new("/tmp/clone/target/debug/echo-fn")),
+            Some("/tmp/clone".into())
+        );
+        assert_eq!(
+            tmp_entry(Path::new("/tmp/echo-fn")),
+            Some("/tmp/echo-fn".into())
+        );
+        assert_eq!(tmp_entry(Path::new("/tmpx/a")), None);
+        assert_eq!(tmp_entry(Path::new("/work/tmp/a")), None);
+        assert_eq!(tmp_entry(Path::new("python3")), None);
+        assert_eq!(tmp_entry(Path::new("/tmp")), None);
     }
 
     #[test]
