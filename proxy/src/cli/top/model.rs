@@ -71,14 +71,16 @@ pub fn frame(previous: Option<&Sample>, now: &Sample, functions: &[String]) -> F
     };
     let mut rows: Vec<PlaneRow> = sums
         .iter()
-        .map(|(&(function, plane), &[connections, throttled, m_in, m_out])| PlaneRow {
-            function: function.to_string(),
-            plane: plane.to_string(),
-            connections,
-            throttled,
-            messages_in_per_s: rate(m_in),
-            messages_out_per_s: rate(m_out),
-        })
+        .map(
+            |(&(function, plane), &[connections, throttled, m_in, m_out])| PlaneRow {
+                function: function.to_string(),
+                plane: plane.to_string(),
+                connections,
+                throttled,
+                messages_in_per_s: rate(m_in),
+                messages_out_per_s: rate(m_out),
+            },
+        )
         .collect();
     let idle = functions
         .iter()
