@@ -9,7 +9,7 @@ use std::{
     process::{Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
     time::{Duration, Instant},
@@ -26,8 +26,25 @@ const WAIT: Duration = Duration::from_secs(20);
 /// echo, so about `CONNECTIONS / TICK` messages/s each way.
 const CONNECTIONS: usize = 3;
 const TICK: Duration = Duration::from_millis(100);
-/// 30 messages/s in and out; the bounds allow for scheduling jitter of a loaded test host.
-const EXPECTED_RATE: std::ops::RangeInclusive<f64> = 20.0..=40.0;
+
+/// What the screen must show for a load.
+struct Expected {
+    plane: &'static str,
+    throttled: usize,
+    /// Messages/s, each way, for the function; wide enough for the scheduling jitter of a
+    /// loaded test host, narrow enough to tell the load from no load or a throttled one.
+    rate: std::ops::RangeInclusive<f64>,
+}
+
+/// The load unhindered: 30 messages/s in and out.
+const UNLIMITED: &str = "[function.limits]\nmessages_per_s = 0\n";
+const fn unthrottled(plane: &'static str) -> Expected {
+    Expected {
+        plane,
+        throttled: 0,
+        rate: 20.0..=40.0,
+    }
+}
 
 /// wsedge serving one function, `ticker`, whose upstream is an echo server in this process,
 /// with [`CONNECTIONS`] clients sending at a steady rate until it is dropped.
@@ -37,12 +54,13 @@ struct Loaded {
     config: std::path::PathBuf,
     stop: Arc<AtomicBool>,
     clients: Vec<std::thread::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     _echo: tokio::runtime::Runtime,
 }
 
 impl Loaded {
-    fn start() -> Loaded {
+    /// `limits`: the function's `[function.limits]` table.
+    fn start(plane: &str, limits: &str) -> Loaded {
         let echo = tokio::runtime::Runtime::new().unwrap();
         let upstream = echo.block_on(common::start_echo());
         let dir = tempfile::tempdir().unwrap();
@@ -52,8 +70,8 @@ impl Loaded {
             &config,
             format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-                 state_dir = \"state\"\ndata_plane = \"userspace\"\n\
-                 [[function]]\nname = \"ticker\"\nroute = \"/ticker\"\nupstreams = [\"{upstream}\"]\n"
+                 state_dir = \"state\"\ndata_plane = \"{plane}\"\n\
+                 [[function]]\nname = \"ticker\"\nroute = \"/ticker\"\nupstreams = [\"{upstream}\"]\n{limits}"
             ),
         )
         .unwrap();
@@ -91,12 +109,16 @@ impl Loaded {
             config,
             stop,
             clients,
-            _dir: dir,
+            dir,
             _echo: echo,
         }
     }
 
     /// `wsedge top` for this wsedge: its config, and its admin address (the config's is port 0).
+    fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     fn top_args(&self) -> Vec<String> {
         vec![
             BIN.to_string(),
@@ -162,17 +184,18 @@ fn ticker_row(screen: &str) -> Option<Vec<&str>> {
         .find(|fields| fields.first() == Some(&"ticker"))
 }
 
-/// Whether `screen` shows the whole load: its connections on the userspace plane, none
-/// throttled, and both rates in [`EXPECTED_RATE`].
-fn shows_the_load(screen: &str) -> bool {
+/// Whether `screen` shows the whole load as `expected`: every connection, on its plane, the
+/// throttled count, and both rates in range.
+fn shows_the_load(screen: &str, expected: &Expected) -> bool {
     let conns = CONNECTIONS.to_string();
-    let in_range = |f: &str| f.parse::<f64>().is_ok_and(|r| EXPECTED_RATE.contains(&r));
-    screen.contains(&format!("connections {conns}  throttled 0"))
+    let throttled = expected.throttled.to_string();
+    let in_range = |f: &str| f.parse::<f64>().is_ok_and(|r| expected.rate.contains(&r));
+    screen.contains(&format!("connections {conns}  throttled {throttled}"))
         && ticker_row(screen).is_some_and(|row| {
             row.len() == 6
-                && row[1] == "userspace"
+                && row[1] == expected.plane
                 && row[2] == conns
-                && row[3] == "0"
+                && row[3] == throttled
                 && in_range(row[4])
                 && in_range(row[5])
         })
@@ -191,8 +214,11 @@ impl Tmux {
             .output()
             .is_ok_and(|o| o.status.success());
         assert!(present, "tmux is missing (`cargo xtask test` installs it)");
+        // One server per test: tests of this binary run in parallel.
+        static SERVERS: AtomicUsize = AtomicUsize::new(0);
+        let n = SERVERS.fetch_add(1, Ordering::Relaxed);
         Tmux {
-            socket: format!("wsedge-top-test-{}", std::process::id()),
+            socket: format!("wsedge-top-test-{}-{n}", std::process::id()),
         }
     }
 
@@ -218,14 +244,6 @@ impl Tmux {
     fn capture(&self) -> String {
         String::from_utf8(self.run(&["capture-pane", "-p", "-t", "top"]).stdout).unwrap()
     }
-
-    fn session_exists(&self) -> bool {
-        self.command(&["has-session", "-t", "top"])
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    }
 }
 
 impl Drop for Tmux {
@@ -237,10 +255,13 @@ impl Drop for Tmux {
     }
 }
 
-#[test]
-fn top_in_tmux_shows_the_live_numbers_of_a_running_load_and_quits_on_q() {
+/// Runs `wsedge top` in tmux under a load on `plane`, waits for the screen to show it, types
+/// `quit_key` (tmux key syntax) and checks that top exited with status 0 and left the
+/// alternate screen (the pane shows the empty screen it started from, not a frame).
+fn watch_in_tmux(plane: &'static str, quit_key: &str) {
     let tmux = Tmux::new();
-    let load = Loaded::start();
+    let load = Loaded::start(plane, UNLIMITED);
+    let expected = unthrottled(plane);
     let args = load.top_args();
     let mut new_session = vec![
         "new-session",
@@ -252,17 +273,28 @@ fn top_in_tmux_shows_the_live_numbers_of_a_running_load_and_quits_on_q() {
         "-y",
         "40",
         "--",
+        "sh",
+        "-c",
+        // tmux's own record of a pane's exit status is sometimes missing (tmux 3.3 can see
+        // the pane's end of file and not the status), so the shell writes it down.
+        "\"$0\" \"$@\"; echo $? > \"$WSEDGE_TOP_STATUS\"",
     ];
     new_session.extend(args.iter().map(String::as_str));
+    let status_file = load.dir().join("top.status");
+    let status_env = format!("WSEDGE_TOP_STATUS={}", status_file.display());
+    new_session.splice(1..1, ["-e", status_env.as_str()]);
     tmux.run(&new_session);
+    // Keep the pane after top exits, to read what it left on screen.
+    tmux.run(&["set-option", "-w", "-t", "top", "remain-on-exit", "on"]);
 
     let deadline = Instant::now() + WAIT;
     let mut screen = tmux.capture();
-    while !shows_the_load(&screen) {
+    while !shows_the_load(&screen, &expected) {
         assert!(
             Instant::now() < deadline,
-            "within {WAIT:?}, top never showed {CONNECTIONS} userspace connections of \
-             `ticker` at {EXPECTED_RATE:?} messages/s each way; the last screen:\n{screen}"
+            "within {WAIT:?}, top never showed {CONNECTIONS} {plane} connections of \
+             `ticker` at {:?} messages/s each way; the last screen:\n{screen}",
+            expected.rate
         );
         std::thread::sleep(Duration::from_millis(200));
         screen = tmux.capture();
@@ -270,24 +302,51 @@ fn top_in_tmux_shows_the_live_numbers_of_a_running_load_and_quits_on_q() {
     assert!(screen.starts_with("wsedge top "), "{screen}");
     assert!(screen.contains("q: quit"), "{screen}");
 
-    tmux.run(&["send-keys", "-t", "top", "q"]);
+    tmux.run(&["send-keys", "-t", "top", quit_key]);
     let deadline = Instant::now() + WAIT;
-    while tmux.session_exists() {
+    let status = loop {
+        if let Ok(status) = std::fs::read_to_string(&status_file)
+            && status.ends_with('\n')
+        {
+            break status;
+        }
         assert!(
             Instant::now() < deadline,
-            "top was still running {WAIT:?} after `q`; its screen:\n{}",
+            "top was still running {WAIT:?} after {quit_key}; its screen:\n{}",
             tmux.capture()
         );
         std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.trim(), "0", "top's exit status after {quit_key}");
+    // tmux reads the pane's last bytes (leaving the alternate screen) on its own time.
+    let deadline = Instant::now() + WAIT;
+    let mut after = tmux.capture();
+    while after.contains("wsedge top") || after.contains("ticker") {
+        assert!(
+            Instant::now() < deadline,
+            "top left its frame on the terminal:\n{after}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        after = tmux.capture();
     }
 }
 
 #[test]
-fn top_once_on_a_pipe_prints_one_plain_frame_with_the_rates() {
-    let load = Loaded::start();
+fn top_in_tmux_shows_a_userspace_load_and_quits_on_q() {
+    watch_in_tmux("userspace", "q");
+}
+
+#[test]
+fn top_in_tmux_shows_a_kernel_load_and_quits_on_ctrl_c() {
+    watch_in_tmux("kernel", "C-c");
+}
+
+/// Runs `wsedge top --once` with stdout on a pipe until a frame shows the load as
+/// `expected`; each frame must be plain text.
+fn once_until_it_shows(load: &Loaded, expected: &Expected) {
     let args = load.top_args();
-    // The load's connections are being made: wait until all are open, so the frame's
-    // interval sees each one from start to end.
+    // The load's connections are being made: ask again until all are open, so that the
+    // frame's interval sees each one from start to end.
     let deadline = Instant::now() + WAIT;
     loop {
         let mut top = Command::new(&args[0]);
@@ -306,14 +365,40 @@ fn top_once_on_a_pipe_prints_one_plain_frame_with_the_rates() {
             "no escape codes on a pipe: {text:?}"
         );
         assert!(text.starts_with("wsedge top "), "{text}");
-        if shows_the_load(&text) {
-            break;
+        if shows_the_load(&text, expected) {
+            return;
         }
         assert!(
             Instant::now() < deadline,
-            "within {WAIT:?}, `top --once` never showed the load; the last frame:\n{text}"
+            "within {WAIT:?}, `top --once` never showed {CONNECTIONS} {} connections, {} \
+             throttled, at {:?} messages/s; the last frame:\n{text}",
+            expected.plane,
+            expected.throttled,
+            expected.rate
         );
     }
+}
+
+#[test]
+fn top_once_on_a_pipe_prints_one_plain_frame_with_the_rates() {
+    once_until_it_shows(
+        &Loaded::start("userspace", UNLIMITED),
+        &unthrottled("userspace"),
+    );
+}
+
+/// A quota of 5 messages/s against clients sending 10: every connection is throttled, and
+/// the function gets 15 messages/s instead of 30.
+#[test]
+fn top_once_counts_throttled_connections_and_their_slower_rate() {
+    once_until_it_shows(
+        &Loaded::start("userspace", "[function.limits]\nmessages_per_s = 5\n"),
+        &Expected {
+            plane: "userspace",
+            throttled: CONNECTIONS,
+            rate: 10.0..=19.0,
+        },
+    );
 }
 
 #[test]
