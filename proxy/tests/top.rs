@@ -401,6 +401,61 @@ fn top_once_counts_throttled_connections_and_their_slower_rate() {
     );
 }
 
+/// Without `--once` on a pipe, frames keep coming, one per interval: the second and later
+/// ones with rates.
+#[test]
+fn top_on_a_pipe_prints_a_frame_each_interval() {
+    let load = Loaded::start("userspace", UNLIMITED);
+    let args = load.top_args();
+    let mut top = Command::new(&args[0]);
+    top.args(&args[1..])
+        .args(["--interval-ms", "300"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut child = top.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut totals = Vec::new();
+    while totals.len() < 4 {
+        let left = (started + WAIT).saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("within {WAIT:?}, top printed only these frames' totals: {totals:#?}");
+        };
+        assert!(
+            !line.contains('\x1b'),
+            "no escape codes on a pipe: {line:?}"
+        );
+        if line.starts_with("connections ") {
+            totals.push(line);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // Four frames 300 ms apart take about 0.9 s; far more would mean no steady interval.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(totals[0].contains("messages/s in …"), "{totals:#?}");
+    for later in &totals[1..] {
+        assert!(
+            !later.contains('…'),
+            "frames after the first have rates: {totals:#?}"
+        );
+    }
+}
+
 #[test]
 fn top_once_fails_naming_the_admin_api_when_nothing_answers() {
     // A port nothing listens on: bind one, then free it.
