@@ -104,8 +104,9 @@ pub fn frame(previous: Option<&Sample>, now: &Sample, functions: &[String]) -> F
     Frame { rows, instances }
 }
 
+/// `-` until there is a rate: ASCII, as a terminal over SSH may not be UTF-8.
 fn per_second(rate: Option<f64>) -> String {
-    rate.map_or_else(|| "…".to_string(), |r| format!("{r:.1}"))
+    rate.map_or_else(|| "-".to_string(), |r| format!("{r:.1}"))
 }
 
 impl Frame {
@@ -281,7 +282,7 @@ mod tests {
         let idle = row(&f, "idle", "-");
         assert_eq!(idle.connections, 0);
         let lines = f.lines("title");
-        assert!(lines[1].starts_with("connections 2  throttled 1  messages/s in …"));
+        assert!(lines[1].starts_with("connections 2  throttled 1  messages/s in -  out -"));
         assert!(lines.iter().any(|l| l.starts_with("idle ")), "{lines:#?}");
     }
 
