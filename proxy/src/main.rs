@@ -6,6 +6,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use wsedge::{Config, Server};
 
+/// Subcommands big enough for their own files.
+mod cli {
+    pub mod top;
+}
+
 #[derive(Parser)]
 #[command(
     name = "wsedge",
@@ -41,6 +46,20 @@ enum Command {
         /// Admin API address, instead of the config's `admin_listen`.
         #[arg(long)]
         admin: Option<std::net::SocketAddr>,
+    },
+    /// A live view of connections by function and data plane, messages/s in and out,
+    /// throttled connections and instances, redrawn every interval; `q` quits. Prints plain
+    /// text frames when stdout is not a terminal.
+    Top {
+        /// Admin API address, instead of the config's `admin_listen`.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// Time between two samples (and so the window the rates are averaged over).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..))]
+        interval_ms: u64,
+        /// Print one frame (after one interval, as rates need two samples) and exit.
+        #[arg(long)]
+        once: bool,
     },
     /// Print the billing ledger (read directly from `state_dir/ledger.db`, read-only: works
     /// while wsedge runs or is stopped).
@@ -91,6 +110,18 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run => run(config, cli.config),
         Command::Conns { admin } => conns(&config, admin),
+        Command::Top {
+            admin,
+            interval_ms,
+            once,
+        } => cli::top::run(
+            &config,
+            cli::top::Options {
+                admin: admin.unwrap_or(config.server.admin_listen),
+                interval: std::time::Duration::from_millis(interval_ms),
+                once,
+            },
+        ),
         Command::Billing {
             instances,
             since,

@@ -125,10 +125,10 @@ fn bpffs() {
 /// builds against it in GOPATH mode, offline.
 const GORILLA_WEBSOCKET: &str = "/usr/share/gocode/src/github.com/gorilla/websocket";
 
-/// What the examples' tests run besides the test peers: Go (and the Go example's WebSocket
-/// library), Redis for the chat room, and Chromium for its browser test. Only `test` asks:
-/// the demo runs none of them.
-pub fn example_tools() -> Result<()> {
+/// What the tests run besides the test peers: Go (and the Go example's WebSocket library),
+/// Redis for the chat room, Chromium for its browser test, and tmux, the terminal that
+/// `wsedge top`'s test reads its screen from. Only `test` asks: the demo runs none of them.
+pub fn test_tools() -> Result<()> {
     debian_tool(
         "go and gorilla/websocket",
         // `go` has no `--version`: `go version` is its probe.
@@ -143,7 +143,13 @@ pub fn example_tools() -> Result<()> {
         || cmd::exists("redis-server"),
         &["redis-server"],
     )?;
-    debian_tool("chromium", || cmd::exists("chromium"), &["chromium"])
+    debian_tool("chromium", || cmd::exists("chromium"), &["chromium"])?;
+    // tmux answers `-V`, not `--version`.
+    debian_tool(
+        "tmux",
+        || cmd::output(cmd::new("tmux").arg("-V")).is_some(),
+        &["tmux"],
+    )
 }
 
 /// One `checking WHAT` line: `present` or else apt-get installs `packages`.

@@ -32,7 +32,7 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(5);
 
 pub fn run(harness_args: &[String]) -> Result<()> {
     setup::run()?;
-    setup::example_tools()?;
+    setup::test_tools()?;
     let node_modules = install_test_peers()?;
     cmd::run(
         cmd::cargo()
