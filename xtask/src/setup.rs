@@ -20,6 +20,12 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     bpffs();
     nftables()?;
+    // deploy/tests/check.sh verifies the systemd unit.
+    debian_tool(
+        "systemd-analyze (systemd)",
+        || cmd::exists("systemd-analyze"),
+        &["systemd"],
+    )?;
     Ok(())
 }
 
