@@ -42,8 +42,10 @@ use crate::{
     protocols::frames::FrameCursor,
 };
 
-/// How many times (1 ms apart) to look for the record of an instance's socket.
-const RECORD_LOOKS: u32 = 20;
+/// How many times (1 ms apart) to look for the record of an instance's socket. Generous: on
+/// a loaded 2-core host 20 looks were seen to miss it, and the wait is paid only when the
+/// record never comes (a socket the sockmap cannot take), by that connection's upgrade.
+const RECORD_LOOKS: u32 = 100;
 
 /// Map update flag: fail if the key exists.
 const BPF_NOEXIST: u64 = 1;

@@ -215,7 +215,11 @@ fn end(conn: &Connection, result: std::io::Result<Ending>, state: &AppState, hel
             let code = |s: &proxy_common::SideState| {
                 (s.flags & FLAG_CLOSE_SEEN != 0).then_some(s.close_code)
             };
-            info!(id = %conn.id, status, client_close = code(&inbound), function_close = code(&outbound),
+            // Everything a fleet's log shipper needs to bill from this line alone.
+            let duration_ms = conn.started_at.elapsed().unwrap_or_default().as_millis() as u64;
+            info!(id = %conn.id, function = %conn.function, instance = %conn.instance, status,
+                  client_close = code(&inbound), function_close = code(&outbound),
+                  duration_ms, throttled_ms = crate::conn::throttled_ms(&inbound),
                   data_plane = conn.plane().as_str(),
                   bytes_in = inbound.bytes, bytes_out = outbound.bytes,
                   messages_in = inbound.messages, messages_out = outbound.messages, "connection ended")
