@@ -10,7 +10,6 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -230,22 +229,7 @@ impl Wsedge {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
-                    continue;
-                };
-                if json["fields"]["message"] == "wsedge serving" {
-                    let _ = tx.send(json);
-                }
-            }
-        });
-        let serving = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("wsedge logged \"wsedge serving\" within 20 s");
+        let serving = common::serving_line(child.stderr.take().unwrap());
         let addr = |f: &str| serving["fields"][f].as_str().unwrap().parse().unwrap();
         Wsedge {
             listen: addr("listen"),

@@ -81,7 +81,7 @@ impl Loaded {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let serving = serving_line(wsedge.stderr.take().unwrap());
+        let serving = common::serving_line(wsedge.stderr.take().unwrap());
         let listen = serving["fields"]["listen"].as_str().unwrap().to_string();
         let admin = serving["fields"]["admin"].as_str().unwrap().to_string();
         let stop = Arc::new(AtomicBool::new(false));
@@ -140,25 +140,6 @@ impl Drop for Loaded {
         let _ = self.wsedge.kill();
         let _ = self.wsedge.wait();
     }
-}
-
-/// The "wsedge serving" log line (it carries the bound addresses); fails after [`WAIT`].
-fn serving_line(stderr: std::process::ChildStderr) -> serde_json::Value {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            // Keep draining after the line so that wsedge never blocks on a full pipe.
-            if json["fields"]["message"] == "wsedge serving" {
-                let _ = tx.send(json);
-            }
-        }
-    });
-    rx.recv_timeout(WAIT)
-        .expect("wsedge logged \"wsedge serving\" in time")
 }
 
 fn ws_connect(url: &str) -> tungstenite::WebSocket<TcpStream> {

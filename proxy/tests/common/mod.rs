@@ -799,3 +799,24 @@ where
     .await
     .expect("the proxy closed the connection in time")
 }
+
+/// The "wsedge serving" line a `wsedge run --log-format json` child logs (it carries the
+/// bound addresses), read from its stderr within 20 s. The reader keeps draining afterwards,
+/// so wsedge never blocks on a full pipe.
+pub fn serving_line(stderr: std::process::ChildStderr) -> serde_json::Value {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if json["fields"]["message"] == "wsedge serving" {
+                let _ = tx.send(json);
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("wsedge logged \"wsedge serving\" within 20 s")
+}
