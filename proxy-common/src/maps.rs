@@ -125,6 +125,17 @@ impl SideState {
         kind
     }
 
+    /// A side whose first close frame, with `code`, came at `at_ns`: how tests and tools
+    /// state who closed first.
+    pub fn with_close(code: u16, at_ns: u64) -> SideState {
+        let mut side = SideState {
+            last_activity_ns: at_ns,
+            ..SideState::default()
+        };
+        side.record_close(code);
+        side
+    }
+
     /// Records the first close frame's status code (1005 when it carried none).
     #[inline(always)]
     pub fn record_close(&mut self, code: u16) {

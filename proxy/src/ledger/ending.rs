@@ -71,12 +71,7 @@ mod tests {
     use super::*;
 
     fn closed(code: u16, at: u64) -> SideState {
-        let mut side = SideState {
-            last_activity_ns: at,
-            ..SideState::default()
-        };
-        side.record_close(code);
-        side
+        SideState::with_close(code, at)
     }
 
     #[test]
