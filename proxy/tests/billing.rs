@@ -45,13 +45,6 @@ fn wire(len: usize, masked: bool) -> u64 {
     (header + len + if masked { 4 } else { 0 }) as u64
 }
 
-/// `/billing` (or `/billing/instances`) with `query` (e.g. `?function=echo`).
-async fn billing<T: serde::de::DeserializeOwned>(admin: SocketAddr, path: &str) -> T {
-    let (status, body) = http_get(admin, path).await;
-    assert_eq!(status, 200, "GET {path}: {body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
-}
-
 /// A config file for `wsedge billing -c` naming `state_dir` (the ledger is all it reads).
 fn cli_config(state_dir: &Path) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -435,26 +428,6 @@ fn run_config(dir: &Path, upstream: SocketAddr, data_plane: &str) -> PathBuf {
     )
     .unwrap();
     path
-}
-
-/// Polls `/billing` until `done` accepts the rows, or fails the test after 15 s.
-async fn billing_until(
-    admin: SocketAddr,
-    done: impl Fn(&[LedgerRow]) -> bool,
-    what: &str,
-) -> Vec<LedgerRow> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let rows: Vec<LedgerRow> = billing(admin, "/billing").await;
-        if done(&rows) {
-            return rows;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} within 15 s: {rows:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,18 +98,14 @@ async fn setup(plane: Plane, limits: impl Fn(&mut wsedge::config::Limits)) -> Se
 impl Setup {
     /// The ledger's one row (`/billing`), once the connection's end is written there.
     async fn finished_row(&self) -> wsedge::ledger::LedgerRow {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let (status, body) = http_get(self.proxy.admin, "/billing").await;
-            assert_eq!(status, 200, "{body}");
-            let rows: Vec<wsedge::ledger::LedgerRow> = serde_json::from_str(&body).unwrap();
-            assert!(rows.len() <= 1, "{rows:?}");
-            if let Some(row) = rows.into_iter().next().filter(|r| r.status.is_some()) {
-                return row;
-            }
-            assert!(Instant::now() < deadline, "no finished ledger row in time");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let rows = billing_until(
+            self.proxy.admin,
+            |rows| rows.iter().any(|r| r.status.is_some()),
+            "a finished ledger row",
+        )
+        .await;
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        rows.into_iter().next().unwrap()
     }
 
     async fn open(&self) -> Client {

@@ -53,13 +53,7 @@ const SECRET_VAR: &str = "WSEDGE_SANDBOX_TEST_SECRET";
 async fn probe_proxy(extra: &str) -> (Proxy, tempfile::TempDir) {
     require_python_peer();
     let _ = logs();
-    // Not under /tmp, which the instance sees as its own empty tmpfs.
-    let workdir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    std::fs::set_permissions(
-        workdir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let workdir = instance_dir();
     let probe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/functions/probe.py");
     let function = format!(
         "name = \"echo\"\nroute = \"/echo\"\ncommand = [\"python3\", {:?}]\n{extra}",

@@ -92,14 +92,20 @@ impl Cgroup {
 
     /// Waits (bounded) until the cgroup is empty, then removes it.
     pub fn remove(&self) -> io::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            match fs::remove_dir(&self.path) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) if Instant::now() > deadline => return Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
+        remove_when_empty(&self.path)
+    }
+}
+
+/// Removes a cgroup directory (v2, or a v1 controller's) once the kernel has let its last
+/// process go, waiting at most 2 s: the kernel refuses to remove it until then.
+pub fn remove_when_empty(path: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match fs::remove_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
 }

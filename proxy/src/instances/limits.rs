@@ -181,13 +181,7 @@ impl InstanceLimits {
     /// removed with it).
     pub fn remove(&self) {
         for dir in &self.v1_dirs {
-            for _ in 0..200 {
-                match fs::remove_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-                }
-            }
+            let _ = super::cgroup::remove_when_empty(dir);
         }
     }
 }

@@ -820,3 +820,30 @@ pub fn serving_line(stderr: std::process::ChildStderr) -> serde_json::Value {
     rx.recv_timeout(Duration::from_secs(20))
         .expect("wsedge logged \"wsedge serving\" within 20 s")
 }
+
+/// `/billing` (or `/billing/instances`) with `query` (e.g. `?function=echo`).
+pub async fn billing<T: serde::de::DeserializeOwned>(admin: SocketAddr, path: &str) -> T {
+    let (status, body) = http_get(admin, path).await;
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Polls `/billing` until `done` accepts the rows, or fails the test after 15 s.
+pub async fn billing_until(
+    admin: SocketAddr,
+    done: impl Fn(&[wsedge::ledger::LedgerRow]) -> bool,
+    what: &str,
+) -> Vec<wsedge::ledger::LedgerRow> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let rows: Vec<wsedge::ledger::LedgerRow> = billing(admin, "/billing").await;
+        if done(&rows) {
+            return rows;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} within 15 s: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
