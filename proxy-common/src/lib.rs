@@ -12,6 +12,7 @@ pub mod message;
 pub mod offsets;
 pub mod policy;
 pub mod rate;
+pub mod trace;
 
 pub use frame::{FrameHeader, HeaderParse, MAX_HEADER_LEN, parse_header};
 pub use maps::SideState;

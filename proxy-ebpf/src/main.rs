@@ -17,6 +17,7 @@
 #![feature(core_intrinsics)]
 
 mod kernel;
+mod trace;
 mod zero_hop;
 
 use aya_ebpf::{
@@ -38,7 +39,12 @@ use proxy_common::{
         FLAG_THROTTLE_NEXT, FLAG_ZERO_HOP, MAX_BACKLOG_BYTES, MAX_CONNECTIONS,
     },
     parse_header,
-    policy::check_frame,
+    policy::{FrameViolation, check_frame},
+    trace::{
+        HANDED_INSTANCE_BEHIND, HANDED_RATE, TRACE_CLOSE_FRAME, TRACE_HANDED_TO_USERSPACE,
+        TRACE_MESSAGE_TOO_BIG, TRACE_PROTOCOL_ERROR, TRACE_RATE_CLOSE, TRACE_REDIRECT_FAILED,
+        TRACE_THROTTLE_ON,
+    },
 };
 
 /// Sockets whose incoming frames these programs parse and redirect (programs attached).
@@ -152,7 +158,12 @@ fn try_ws_frame_len(ctx: &SkBuffContext) -> Result<u32, i64> {
         // pieces of a data frame, before the kernel consumes a byte of this message. An error is the only way a stream parser stops
         // without taking the bytes; the kernel then reads nothing more from the socket and
         // calls this again only for the rest of an skb it was in (same answer).
-        return Err(hold(cookie, side));
+        let reason = if side.flags & FLAG_THROTTLE_NEXT != 0 {
+            HANDED_RATE
+        } else {
+            HANDED_INSTANCE_BEHIND
+        };
+        return Err(hold(cookie, side, reason));
     }
     let len = frame_len(ctx, cookie, side.as_deref_mut())?;
     if let Some(side) = side {
@@ -181,10 +192,11 @@ fn may_hold(cookie: u64, side: &SideState) -> bool {
 /// learns it from an event: the socket error the stop raises is not enough, since a write
 /// to the socket (a frame the kernel sends the client) can clear it before anyone polls.
 #[inline(always)]
-fn hold(cookie: u64, side: &mut SideState) -> i64 {
+fn hold(cookie: u64, side: &mut SideState, reason: u32) -> i64 {
     if side.flags & FLAG_HELD == 0 {
         side.flags |= FLAG_HELD;
         zero_hop::notify(cookie, EVENT_CLIENT_HELD);
+        trace::emit(cookie, TRACE_HANDED_TO_USERSPACE, reason, 0);
     }
     EAGAIN
 }
@@ -213,10 +225,14 @@ fn over_rate(
         // hard error would make the kernel give up on every later redirect to the client,
         // the proxy's close frame could then never follow them; EAGAIN is retried.
         side.flags |= FLAG_RATE_EXCEEDED;
-        return Err(hold(cookie, side));
+        trace::emit(cookie, TRACE_RATE_CLOSE, 0, h.payload_len);
+        return Err(hold(cookie, side, HANDED_RATE));
+    }
+    if side.flags & (FLAG_HELD | FLAG_THROTTLE_NEXT) == 0 {
+        trace::emit(cookie, TRACE_THROTTLE_ON, 0, h.payload_len);
     }
     if side.flags & FLAG_PARSER_PENDING == 0 && may_hold(cookie, side) {
-        return Err(hold(cookie, side));
+        return Err(hold(cookie, side, HANDED_RATE));
     }
     side.flags |= FLAG_THROTTLE_NEXT;
     side.rate.charge(h, now);
@@ -280,12 +296,19 @@ fn frame_len(
                     if let Some(side) = side {
                         side.flags |= violation.flag();
                     }
+                    if matches!(
+                        violation,
+                        FrameViolation::MessageTooBig | FrameViolation::TooLarge
+                    ) {
+                        trace::emit(cookie, TRACE_MESSAGE_TOO_BIG, 0, h.payload_len);
+                    }
                     Err(EMSGSIZE)
                 }
             }
         }
         HeaderParse::Invalid(_) => {
             mark_side(ctx, FLAG_PROTOCOL_ERROR);
+            trace::emit(cookie, TRACE_PROTOCOL_ERROR, 0, 0);
             Err(EBADMSG)
         }
     }
@@ -380,7 +403,9 @@ fn try_ws_forward(ctx: &SkBuffContext) -> Result<u32, ()> {
             8 => load_front::<8>(ctx, offset, &mut window)?,
             _ => {}
         }
-        side.record_close(close_code_in(&window, &h));
+        let code = close_code_in(&window, &h);
+        side.record_close(code);
+        trace::emit(cookie, TRACE_CLOSE_FRAME, code as u32, 0);
     }
     side.frame_remaining = h.wire_len().saturating_sub(piece as u64);
     Ok(forward(ctx, cookie, side))
@@ -394,9 +419,13 @@ fn forward(ctx: &SkBuffContext, cookie: u64, side: &mut SideState) -> u32 {
         && let Some(link) = zero_hop::CLIENT_LINKS.get_ptr(cookie)
     {
         // SAFETY: map value pointer from a successful lookup, only read.
-        return zero_hop::client_frame(ctx, side, unsafe { &*link });
+        return zero_hop::client_frame(ctx, cookie, side, unsafe { &*link });
     }
-    TARGETS.redirect_skb(ctx, side.peer_cookie, 0) as u32
+    let verdict = TARGETS.redirect_skb(ctx, side.peer_cookie, 0) as u32;
+    if verdict != SK_PASS {
+        trace::emit(cookie, TRACE_REDIRECT_FAILED, 0, 0);
+    }
+    verdict
 }
 
 #[cfg(not(test))]

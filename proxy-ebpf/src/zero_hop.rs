@@ -38,18 +38,22 @@ use proxy_common::{
     FrameKind, HeaderParse, MAX_HEADER_LEN, SideState,
     frame::{OPCODE_CLOSE, close_code_end, close_code_in},
     maps::{
-        ClientLink, DataPlaneEvent, EVENT_INSTANCE_FRAME_REFUSED, FLAG_DIVERTED,
+        ClientLink, DataPlaneEvent, EVENT_INSTANCE_FRAME_REFUSED, FLAG_CLOSE_SEEN, FLAG_DIVERTED,
         FLAG_MESSAGE_TOO_BIG, FLAG_PROTOCOL_ERROR, HOLD_WAIT_NS, InstanceLink, InstanceRecord,
         MAX_CONNECTIONS, PUSH_END_SET, ROLE_CLIENT_PROBE, ROLE_INSTANCE, ROLE_PROXY_PIPELINED,
         ROLE_QUEUE_PROBE, SendState, SocketKey, ZERO_HOP_CHECK_EVERY,
     },
     parse_header,
     policy::check_frame,
+    trace::{
+        TRACE_CLOSE_FRAME, TRACE_MESSAGE_TOO_BIG, TRACE_PROTOCOL_ERROR, TRACE_REDIRECT_FAILED,
+    },
 };
 
 use crate::{
     SIDES, SPLICED, TARGETS,
     kernel::{all_forwarded, offsets, read_at, send_room, stream_position, write_seq},
+    trace,
 };
 
 /// Instance-side sockets: those instances accepted (inserted by sock_ops) and the proxy's
@@ -203,6 +207,7 @@ fn read_queue(sk: *const u8, q: &mut InstanceQueue) -> bool {
 #[inline(always)]
 pub fn client_frame(
     ctx: &aya_ebpf::programs::SkBuffContext,
+    cookie: u64,
     side: &mut SideState,
     link: &ClientLink,
 ) -> u32 {
@@ -223,7 +228,11 @@ pub fn client_frame(
         }
     }
     // This frame (or piece) still goes to the instance: the parser stops before the next.
-    INSTANCE_SOCKETS.redirect_skb(ctx, link.instance, BPF_F_INGRESS as u64) as u32
+    let verdict = INSTANCE_SOCKETS.redirect_skb(ctx, link.instance, BPF_F_INGRESS as u64) as u32;
+    if verdict != SK_PASS {
+        trace::emit(cookie, TRACE_REDIRECT_FAILED, 0, 0);
+    }
+    verdict
 }
 
 /// Takes a zero-hop client off the kernel path: its parser stops at the next boundary where
@@ -366,7 +375,7 @@ fn try_instance_send(ctx: &SkMsgContext) -> Result<u32, ()> {
     } else {
         (usable as u64).min(size)
     };
-    let n = match next_piece(ctx, side, size, limit) {
+    let n = match next_piece(ctx, link.side_cookie, side, size, limit) {
         Piece::Bytes(n) => n,
         Piece::NeedBytes(needed) => {
             // SAFETY: sk_msg context. The kernel keeps the bytes until `needed` are there.
@@ -393,7 +402,11 @@ fn try_instance_send(ctx: &SkMsgContext) -> Result<u32, ()> {
         to_client = announce_push(&mut side.sends, link.peer_sk, n);
     }
     if to_client {
-        Ok(TARGETS.redirect_msg(ctx, link.client_cookie, 0) as u32)
+        let verdict = TARGETS.redirect_msg(ctx, link.client_cookie, 0) as u32;
+        if verdict != SK_PASS {
+            trace::emit(link.side_cookie, TRACE_REDIRECT_FAILED, 0, 0);
+        }
+        Ok(verdict)
     } else {
         Ok(SK_PASS)
     }
@@ -447,7 +460,13 @@ enum Piece {
 /// being written, and says how many bytes this verdict covers (at most `limit`, except that
 /// a frame header is never split).
 #[inline(always)]
-fn next_piece(ctx: &SkMsgContext, side: &mut SideState, size: u64, limit: u64) -> Piece {
+fn next_piece(
+    ctx: &SkMsgContext,
+    cookie: u64,
+    side: &mut SideState,
+    size: u64,
+    limit: u64,
+) -> Piece {
     if side.frame_remaining > 0 {
         let n = side.frame_remaining.min(limit);
         side.frame_remaining -= n;
@@ -460,12 +479,14 @@ fn next_piece(ctx: &SkMsgContext, side: &mut SideState, size: u64, limit: u64) -
         HeaderParse::Incomplete { header_len } => return Piece::NeedBytes(header_len as u32),
         HeaderParse::Invalid(_) => {
             side.flags |= FLAG_PROTOCOL_ERROR;
+            trace::emit(cookie, TRACE_PROTOCOL_ERROR, 0, 0);
             return Piece::Refused;
         }
         HeaderParse::Complete(h) => h,
     };
     if let Err(violation) = check_frame(&h, &side.tracker, side.max_message_bytes) {
         side.flags |= violation.flag();
+        trace::emit(cookie, TRACE_MESSAGE_TOO_BIG, 0, h.payload_len);
         return Piece::Refused;
     }
     let header = h.header_len as u64;
@@ -480,8 +501,10 @@ fn next_piece(ctx: &SkMsgContext, side: &mut SideState, size: u64, limit: u64) -
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    if side.account(&h, now) == FrameKind::Close {
-        side.record_close(close_code_in(&window, &h));
+    if side.account(&h, now) == FrameKind::Close && side.flags & FLAG_CLOSE_SEEN == 0 {
+        let code = close_code_in(&window, &h);
+        side.record_close(code);
+        trace::emit(cookie, TRACE_CLOSE_FRAME, code as u32, 0);
     }
     let wire = h.wire_len();
     let n = wire.min(if limit > head { limit } else { head }).min(size);

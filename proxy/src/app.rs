@@ -41,6 +41,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub clients: Arc<ClientCounts>,
     pub metrics: Arc<Metrics>,
+    /// Data-plane events for `wsedge trace` (`GET /trace`).
+    pub tracer: Arc<crate::tracer::Tracer>,
     pub draining: AtomicBool,
     /// Notified once when `draining` is set: idle keep-alive HTTP connections close then.
     pub drain_started: tokio::sync::Notify,
@@ -91,6 +93,7 @@ impl AppState {
         let data_plane = DataPlane::select(
             config.server.data_plane,
             config.server.kernel_map_connections,
+            config.server.kernel_trace,
         )?;
         info!(data_plane = data_plane.name(), "data plane ready");
         // Before anything is accepted: the previous run's open rows are finished first.
@@ -117,6 +120,10 @@ impl AppState {
             routes: RwLock::new(Arc::new(routes)),
             retired: Mutex::default(),
             config,
+            tracer: crate::tracer::Tracer::new(match &data_plane {
+                DataPlane::Kernel(k) => Some(k.clone()),
+                DataPlane::Userspace => None,
+            }),
             data_plane,
             registry: Arc::default(),
             clients: Arc::default(),

@@ -115,6 +115,10 @@ pub struct ServerConfig {
     /// policy; it is never refused for it.
     #[serde(default = "default_kernel_map_connections")]
     pub kernel_map_connections: u32,
+    /// Whether the kernel programs carry their trace points (`wsedge trace`). While nobody
+    /// traces, each costs one map lookup per event; `false` loads the programs without them.
+    #[serde(default = "default_true")]
+    pub kernel_trace: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -334,6 +338,10 @@ fn default_drain_timeout_s() -> u64 {
 fn default_max_connections() -> u32 {
     100_000
 }
+fn default_true() -> bool {
+    true
+}
+
 fn default_kernel_map_connections() -> u32 {
     proxy_common::maps::MAX_CONNECTIONS
 }

@@ -139,6 +139,9 @@ pub struct Connection {
     /// Set once, when the proxy itself ends the connection; the data plane wakes on `stop`.
     stop_reason: OnceLock<Ending>,
     stop: tokio::sync::Notify,
+    pub tracer: std::sync::Arc<crate::tracer::Tracer>,
+    /// Whether `wsedge trace` was told the client's frames are being throttled.
+    trace_throttled: std::sync::atomic::AtomicBool,
 }
 
 /// What `/connections` shows for one connection.
@@ -167,6 +170,8 @@ pub struct ConnectionView {
 
 /// Everything a connection is made from at registration.
 pub struct NewConnection {
+    /// Where its data-plane events go (`wsedge trace`).
+    pub tracer: std::sync::Arc<crate::tracer::Tracer>,
     pub function: std::sync::Arc<str>,
     pub instance: std::sync::Arc<str>,
     pub client: SocketAddr,
@@ -177,6 +182,7 @@ pub struct NewConnection {
 impl Connection {
     pub(crate) fn new(id: ConnectionId, started_at: SystemTime, new: NewConnection) -> Self {
         let NewConnection {
+            tracer,
             function,
             instance,
             client,
@@ -208,7 +214,13 @@ impl Connection {
             next_check_ns: AtomicU64::new(0),
             stop_reason: OnceLock::new(),
             stop: tokio::sync::Notify::new(),
+            tracer,
+            trace_throttled: Default::default(),
         }
+    }
+
+    pub fn trace_throttled(&self) -> &std::sync::atomic::AtomicBool {
+        &self.trace_throttled
     }
 
     /// The data plane carrying the connection now.
@@ -370,6 +382,7 @@ mod tests {
             },
             SystemTime::UNIX_EPOCH,
             NewConnection {
+                tracer: crate::tracer::Tracer::new(None),
                 function: "f".into(),
                 instance: "f-1".into(),
                 client: "127.0.0.1:1".parse().unwrap(),

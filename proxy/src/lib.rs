@@ -25,6 +25,7 @@ pub mod registry;
 pub mod routing;
 pub mod server;
 pub mod services;
+pub mod tracer;
 
 pub use config::Config;
 pub use server::Server;

@@ -9,6 +9,7 @@ use wsedge::{Config, Server};
 /// Subcommands big enough for their own files.
 mod cli {
     pub mod top;
+    pub mod trace;
 }
 
 #[derive(Parser)]
@@ -60,6 +61,20 @@ enum Command {
         /// Print one frame (after one interval, as rates need two samples) and exit.
         #[arg(long)]
         once: bool,
+    },
+    /// Stream the data-plane events of a running wsedge as they happen: connections spliced
+    /// or handed to userspace, close frames, refused messages, throttling, redirect
+    /// failures, ends (from the admin API's `/trace`).
+    Trace {
+        /// Only this function's events.
+        #[arg(long)]
+        function: Option<String>,
+        /// One JSON object per event, as the admin API sends them.
+        #[arg(long)]
+        json: bool,
+        /// Admin API address, instead of the config's `admin_listen`.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
     },
     /// Print the billing ledger (read directly from `state_dir/ledger.db`, read-only: works
     /// while wsedge runs or is stopped).
@@ -120,6 +135,18 @@ fn main() -> anyhow::Result<()> {
                 admin: admin.unwrap_or(config.server.admin_listen),
                 interval: std::time::Duration::from_millis(interval_ms),
                 once,
+            },
+        ),
+        Command::Trace {
+            function,
+            json,
+            admin,
+        } => cli::trace::run(
+            &config,
+            cli::trace::Options {
+                admin: admin.unwrap_or(config.server.admin_listen),
+                function,
+                json,
             },
         ),
         Command::Billing {
@@ -236,6 +263,17 @@ async fn shutdown_signal() {
     }
 }
 
+/// The admin API's token, from the variable `admin_token_env` names, if it names one.
+fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
+    let Some(var) = &config.server.admin_token_env else {
+        return Ok(None);
+    };
+    let token = std::env::var(var).with_context(|| {
+        format!("server.admin_token_env: ${var} must hold the admin API's token")
+    })?;
+    Ok(Some(token))
+}
+
 /// `GET path` on the admin API at `addr` (with the token from `admin_token_env` when the
 /// config names one); the body of a 200 answer.
 async fn admin_get(
@@ -244,13 +282,8 @@ async fn admin_get(
     path: &str,
 ) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let authorization = match &config.server.admin_token_env {
-        Some(var) => {
-            let token = std::env::var(var).with_context(|| {
-                format!("server.admin_token_env: ${var} must hold the admin API's token")
-            })?;
-            format!("Authorization: Bearer {token}\r\n")
-        }
+    let authorization = match admin_token(config)? {
+        Some(token) => format!("Authorization: Bearer {token}\r\n"),
         None => String::new(),
     };
     let mut s = tokio::net::TcpStream::connect(addr)

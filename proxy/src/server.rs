@@ -178,6 +178,9 @@ impl Server {
         let pools = routes.pools().chain(retired.iter());
         futures_util::future::join_all(pools.map(|p| p.stop_all())).await;
         state.release_egress();
+        if let DataPlane::Kernel(kernel) = &state.data_plane {
+            kernel.unpin();
+        }
         if let Some(dir) = &state.instance_cgroups
             && let Err(e) = cgroup::remove_server_dir(dir)
         {

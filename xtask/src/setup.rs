@@ -132,8 +132,8 @@ fn bpffs() {
 const GORILLA_WEBSOCKET: &str = "/usr/share/gocode/src/github.com/gorilla/websocket";
 
 /// What the tests run besides the test peers: Go (and the Go example's WebSocket library),
-/// Redis for the chat room, Chromium for its browser test, and tmux, the terminal that
-/// `wsedge top`'s test reads its screen from. Only `test` asks: the demo runs none of them.
+/// Redis for the chat room, Chromium for its browser test, tmux, the terminal that
+/// `wsedge top`'s test reads its screen from, and bpftool and bpftrace. Only `test` asks: the demo runs none of them.
 pub fn test_tools() -> Result<()> {
     debian_tool(
         "go and gorilla/websocket",
@@ -155,6 +155,18 @@ pub fn test_tools() -> Result<()> {
         "tmux",
         || cmd::output(cmd::new("tmux").arg("-V")).is_some(),
         &["tmux"],
+    )?;
+    // The tests read wsedge's pinned maps with bpftool and run the README's bpftrace
+    // recipes.
+    debian_tool(
+        "bpftool",
+        || cmd::output(cmd::new("bpftool").arg("version")).is_some(),
+        &["bpftool"],
+    )?;
+    debian_tool(
+        "bpftrace",
+        || cmd::output(cmd::new("bpftrace").arg("--version")).is_some(),
+        &["bpftrace"],
     )
 }
 

@@ -35,12 +35,19 @@ pub enum DataPlane {
 }
 
 impl DataPlane {
-    /// Picks the data plane for `mode`, its kernel maps sized for `map_connections`;
+    /// Picks the data plane for `mode`, its kernel maps sized for `map_connections` and with
+    /// or without `trace_points`;
     /// `kernel` fails when the programs cannot load, `auto` falls back to the userspace relay
     /// and logs why, once.
-    pub fn select(mode: DataPlaneMode, map_connections: u32) -> Result<DataPlane, LoadError> {
-        let load =
-            || KernelDataPlane::load(map_connections).map(|k| DataPlane::Kernel(Arc::new(k)));
+    pub fn select(
+        mode: DataPlaneMode,
+        map_connections: u32,
+        trace_points: bool,
+    ) -> Result<DataPlane, LoadError> {
+        let load = || {
+            KernelDataPlane::load(map_connections, trace_points)
+                .map(|k| DataPlane::Kernel(Arc::new(k)))
+        };
         match mode {
             DataPlaneMode::Userspace => Ok(DataPlane::Userspace),
             DataPlaneMode::Kernel => load(),
@@ -169,6 +176,7 @@ impl Path {
             (_, client) => {
                 // Built here, outside the future, which then only borrows it: the relay's
                 // state is held once per connection.
+                conn.tracer.started(&conn, conn.plane());
                 let mut relay = Relay::new(client, handover.instance, conn, cursors);
                 return Some(Box::pin(async move { on_end(relay.run().await) }));
             }
@@ -190,8 +198,16 @@ impl Path {
             written,
             max_message_bytes: conn.limits.max_message_bytes,
             rate: conn.account(Direction::ClientToInstance, |side| side.rate.handed_on()),
-            on_keys: &|keys| conn.set_kernel_keys(keys),
+            on_keys: &|keys| {
+                conn.set_kernel_keys(keys);
+                if let Some(keys) = keys {
+                    // Before the sockets enter the maps: no kernel record can precede it.
+                    conn.tracer.watch(&conn, keys);
+                    conn.tracer.started(&conn, conn.plane());
+                }
+            },
             on_end,
+            tracer: conn.tracer.clone(),
         };
         let spliced = match zero_hop {
             Some(keys) => kernel.splice_zero_hop(request, keys, &pipelined),
@@ -229,6 +245,7 @@ async fn relay_instead(not: NotSpliced, conn: Arc<Connection>, pipelined: Vec<u8
     } = not;
     warn!(id = %conn.id, %reason, "the kernel cannot take this connection; the userspace relay carries it");
     conn.set_plane(PlaneName::Userspace);
+    conn.tracer.not_spliced(&conn);
     let result = match instance.write_all(&pipelined).await {
         Ok(()) => relay::relay(client, instance, conn, Default::default()).await,
         Err(e) => Err(e),

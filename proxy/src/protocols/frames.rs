@@ -92,6 +92,15 @@ impl FrameCursor {
         self.refused_at
     }
 
+    /// After a refusal by policy: the refused frame's payload length (its header is still
+    /// in the cursor, whole, since only a whole header is judged).
+    pub fn refused_payload_len(&self) -> Option<u64> {
+        match parse_header(&self.header, MAX_HEADER_LEN) {
+            HeaderParse::Complete(h) => Some(h.payload_len),
+            _ => None,
+        }
+    }
+
     /// Walks `chunk`, accounting every frame whose header completes in it.
     pub fn feed(
         &mut self,

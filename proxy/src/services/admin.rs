@@ -1,5 +1,5 @@
 //! The admin API: `/live`, `/ready`, `/connections`, `/instances`, `/metrics`, `/billing`,
-//! `/billing/instances`; with `admin_token_env`, each only for a request bearing the token.
+//! `/billing/instances`, `/trace`; with `admin_token_env`, each only for a request bearing the token.
 
 use std::sync::{Arc, atomic::Ordering};
 
@@ -30,6 +30,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/billing", get(billing))
         .route("/billing/instances", get(billing_instances))
+        .route("/trace", get(super::trace::stream))
         .with_state(state.clone());
     if state.admin_token.is_some() {
         // A layer, not a route layer: unknown paths get 401 too, so an unauthenticated

@@ -5,3 +5,4 @@ pub mod admin;
 pub mod ledger;
 pub mod proxy;
 pub mod supervisor;
+pub mod trace;

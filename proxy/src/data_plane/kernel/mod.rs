@@ -35,8 +35,10 @@ use proxy_common::{
     maps::{DataPlaneEvent, FLAG_ZERO_HOP, SPLICED_RECEIVE_BUFFER},
     offsets::KERNEL_OFFSETS_SYMBOL,
     policy::Ending,
+    trace::TRACE_BUILT_SYMBOL,
 };
 use tokio::io::unix::AsyncFd;
+use tracing::{info, warn};
 
 use maps::Maps;
 pub use maps::{WrittenByHand, ZeroHopKeys};
@@ -50,9 +52,14 @@ use super::{
 use crate::conn::{KernelKeys, LiveCounters};
 
 mod maps;
+mod pins;
 mod spliced;
 mod teardown;
+mod trace_ring;
 mod zero_hop;
+
+pub use pins::PinDir;
+pub use trace_ring::TraceRing;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
@@ -96,6 +103,10 @@ pub struct KernelDataPlane {
     /// The kernel's event ring until its reader starts (at the first splice: the reader
     /// needs the plane's `Arc`).
     events: Mutex<Option<RingBuf<MapData>>>,
+    /// Records for `wsedge trace`.
+    trace: TraceRing,
+    /// The maps pinned under bpffs, until a clean stop ([`Self::unpin`]).
+    pins: Mutex<Option<PinDir>>,
 }
 
 /// How a spliced connection ended, as the relay reports it too: `Closed` (both sides
@@ -128,6 +139,8 @@ pub struct SpliceRequest<'a> {
     pub rate: proxy_common::rate::RateState,
     /// Told the kernel keys before the sockets enter the maps, and `None` if they never did.
     pub on_keys: &'a dyn Fn(Option<KernelKeys>),
+    /// Told what userspace sees of the frames it relays for the kernel.
+    pub tracer: Arc<crate::tracer::Tracer>,
     pub on_end: OnEnd,
 }
 
@@ -141,19 +154,33 @@ impl LiveCounters for KernelDataPlane {
 }
 
 impl KernelDataPlane {
-    /// Loads and attaches the splice programs, with maps sized for `connections` at once.
-    pub fn load(connections: u32) -> Result<KernelDataPlane, LoadError> {
+    /// Loads and attaches the splice programs, with maps sized for `connections` at once;
+    /// `trace_points: false` loads them without their trace points.
+    pub fn load(connections: u32, trace_points: bool) -> Result<KernelDataPlane, LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NotBuilt);
         }
         let offsets = super::btf::kernel_offsets()?;
         let mut loader = EbpfLoader::new();
         loader.override_global(KERNEL_OFFSETS_SYMBOL, &offsets, true);
+        let trace_built = u32::from(trace_points);
+        loader.override_global(TRACE_BUILT_SYMBOL, &trace_built, true);
         for (name, per_connection) in MAPS_PER_CONNECTION {
             loader.map_max_entries(name, per_connection * connections);
         }
         let mut ebpf = loader.load(OBJECT)?;
+        let pins = match PinDir::pin(&ebpf) {
+            Ok(pins) => {
+                info!(path = %pins.path().display(), "kernel maps pinned");
+                Some(pins)
+            }
+            Err(e) => {
+                warn!(error = %e, "kernel maps not pinned: bpftool cannot find them by path");
+                None
+            }
+        };
         let maps = Maps::take(&mut ebpf)?;
+        let trace = TraceRing::take(&mut ebpf)?;
         let events = ebpf
             .take_map("EVENTS")
             .ok_or_else(|| LoadError::Map("EVENTS", "missing from object".into()))?;
@@ -187,6 +214,8 @@ impl KernelDataPlane {
             zero_hop: OnceLock::new(),
             conns: Mutex::default(),
             events: Mutex::new(Some(events)),
+            trace,
+            pins: Mutex::new(pins),
         })
     }
 
@@ -248,6 +277,7 @@ impl KernelDataPlane {
             rate,
             on_keys,
             on_end,
+            tracer,
         } = request;
         let (client, instance) = match (client.into_std(), instance.into_std()) {
             (Ok(c), Ok(i)) => (c, i),
@@ -337,6 +367,7 @@ impl KernelDataPlane {
             pair,
             written,
             zero_hop,
+            tracer,
         };
         let conn = Arc::new(Spliced::new(
             entered,
@@ -402,6 +433,15 @@ impl KernelDataPlane {
         {
             tokio::spawn(teardown::stop_by_proxy(conn, ending));
         }
+    }
+
+    pub fn trace(&self) -> &TraceRing {
+        &self.trace
+    }
+
+    /// Removes the pinned maps (a clean stop).
+    pub fn unpin(&self) {
+        self.pins.lock().expect("pins lock").take();
     }
 
     /// Ends every spliced connection now (the drain window is over); each one's `on_end`

@@ -33,6 +33,8 @@ pub struct Spliced {
     progress: Mutex<Progress>,
     /// Woken when the end is reported: userspace legs still running then stop.
     reported: tokio::sync::Notify,
+    /// Told what userspace sees of the frames it relays for the kernel.
+    pub(super) tracer: Arc<crate::tracer::Tracer>,
 }
 
 /// A connection whose sockets entered the maps.
@@ -42,6 +44,7 @@ pub(super) struct Entered {
     pub(super) pair: KernelKeys,
     pub(super) written: WrittenByHand,
     pub(super) zero_hop: Option<ZeroHopKeys>,
+    pub(super) tracer: Arc<crate::tracer::Tracer>,
 }
 
 pub(super) struct ZeroHopConn {
@@ -130,6 +133,7 @@ impl Spliced {
             pair,
             written,
             zero_hop,
+            tracer,
         } = entered;
         Spliced {
             client,
@@ -142,6 +146,7 @@ impl Spliced {
             client_relay: AtomicBool::new(false),
             progress: Mutex::new(Progress::new(on_end)),
             reported: tokio::sync::Notify::new(),
+            tracer,
         }
     }
 

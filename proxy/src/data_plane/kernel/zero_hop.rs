@@ -372,10 +372,19 @@ impl Leg for ClientLeg<'_> {
         let client = self.conn.pair.client;
         let mut m = self.conn.maps.lock().expect("maps lock");
         let mut side = m.sides.get(&client, 0).unwrap_or_default();
+        let before = side;
         let result = self
             .cursor
             .feed(bytes, &mut side, crate::clock::monotonic_ns());
         let _ = m.sides.insert(client, side, 0);
+        drop(m);
+        let fed = crate::tracer::Fed {
+            result: &result,
+            cursor: &self.cursor,
+        };
+        self.conn
+            .tracer
+            .fed_kernel_side(client, &before, &side, &fed);
         result.map_err(|error| Refusal {
             error,
             before: self.cursor.refused_at(),

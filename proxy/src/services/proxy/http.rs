@@ -208,6 +208,7 @@ async fn forward(
     let registered = state.registry.register(
         reservation,
         NewConnection {
+            tracer: state.tracer.clone(),
             function: route.name.clone(),
             instance: assigned.instance.clone(),
             client: peer,

@@ -142,6 +142,7 @@ async fn prepare(
     let registered = state.registry.register(
         reservation,
         NewConnection {
+            tracer: state.tracer.clone(),
             function: upgraded.function.clone(),
             instance: upgraded.instance_addr.clone(),
             client: peer,
@@ -200,6 +201,7 @@ fn end(conn: &Connection, result: std::io::Result<Ending>, state: &AppState, hel
         .ok()
         .map(|ending| function_status(*ending, &inbound, &outbound));
     super::ledger::ended(state, conn, &result, [inbound, outbound]);
+    conn.tracer.ended(conn, status);
     let metrics = &state.metrics;
     metrics.connection_ended(&conn.function, status);
     metrics.connection_traffic(&conn.function, &[inbound, outbound]);
