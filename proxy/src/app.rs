@@ -256,7 +256,7 @@ fn limit_hierarchy(cgroups: Option<&std::path::Path>) -> Option<Arc<Hierarchy>> 
     let hierarchy = cgroups.and_then(|dir| Hierarchy::detect(Some(dir)));
     match &hierarchy {
         Some(h) => {
-            limits::clean_leftovers(h);
+            limits::clean_leftovers(h, cgroups.and_then(|dir| dir.parent()));
             info!(
                 cgroups = h.name(),
                 "instance limits (memory_mb, pids_max, cpu) enforced"

@@ -653,3 +653,42 @@ fn tls_config_file(ca: &common::tls::TestCa, leaf: &common::tls::Leaf) -> std::p
     .unwrap();
     path
 }
+
+#[test]
+fn a_wsedge_in_another_pid_namespace_leaves_this_ones_instances_alone() {
+    let dir = readable_dir();
+    let path = spawned_echo_config(&dir, "");
+    let (wsedge, mut lines, listen) = run_json(&path);
+    let mut ws = ws_connect(&format!("ws://{listen}/echo"));
+    ws.send("hi".into()).unwrap();
+    assert_eq!(ws.read().unwrap(), "hi".into());
+    let started = wait_for_log(&mut lines, "instance starting");
+    let instance = started["fields"]["pid"].as_u64().unwrap() as u32;
+
+    // A second wsedge in a PID namespace of its own (a container sharing the host's cgroups
+    // and bpffs): the first one's pid does not exist in its /proc. Its start-up clean-up must
+    // still see the first one's cgroups, links and pins as alive.
+    let other_dir = readable_dir();
+    let other_path = spawned_echo_config(&other_dir, "");
+    let mut other = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child", BIN])
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(&other_path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("unshare runs");
+    let stderr = other.stderr.take().unwrap();
+    // Killed however the test ends (unshare's --kill-child takes wsedge with it).
+    let other = Running(other);
+    common::serving_line(stderr);
+    assert!(
+        std::path::Path::new(&format!("/proc/{instance}")).exists(),
+        "the first wsedge's instance {instance} survived the second one's start"
+    );
+    ws.send("still here".into()).unwrap();
+    assert_eq!(ws.read().unwrap(), "still here".into());
+    let pins = std::path::Path::new("/sys/fs/bpf/wsedge").join(wsedge.0.id().to_string());
+    assert!(pins.join("SIDES").exists(), "{pins:?} kept");
+    drop(other);
+    drop(wsedge);
+}

@@ -1,7 +1,11 @@
 //! One cgroup (v2) per spawned instance, under `<cgroup2 mount>/wsedge/<pid>-s<n>/` (one
 //! directory per server, several servers can run in one process, as in tests): stopping an
 //! instance kills its whole process tree (`cgroup.kill`), and at start wsedge kills and
-//! removes what a crashed wsedge left behind. The zero-hop data plane attaches its `sock_ops`
+//! removes what a crashed wsedge left behind. Whether a directory's wsedge is alive is asked
+//! through the directory itself: its wsedge holds an `flock` on it for its whole life, which
+//! the kernel releases however the process dies. `/proc/<pid>` cannot tell: a wsedge in
+//! another PID namespace (a container sharing the host's cgroups) has a pid this one cannot
+//! see, or sees as somebody else's. The zero-hop data plane attaches its `sock_ops`
 //! program to the server's directory, so it sees exactly that server's instances. Without a
 //! writable cgroup2 mount (not root), instances are stopped through their process group
 //! instead.
@@ -36,13 +40,69 @@ pub fn root() -> Option<PathBuf> {
     Some(root)
 }
 
-/// A fresh directory for one server's instance cgroups, under [`root`].
+/// A fresh directory for one server's instance cgroups, under [`root`], locked for the
+/// rest of the process's life. A name a live wsedge in another PID namespace holds (same
+/// pid) is skipped.
 pub fn server_dir() -> Option<PathBuf> {
     static SERVERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = root()?.join(format!("{}-s{n}", std::process::id()));
-    fs::create_dir_all(&dir).ok()?;
-    Some(dir)
+    /// The locks: a directory's lock lives as long as the process (a directory removed at a
+    /// clean stop keeps a harmless open handle).
+    static LOCKS: std::sync::Mutex<Vec<fs::File>> = std::sync::Mutex::new(Vec::new());
+    let root = root()?;
+    for _ in 0..64 {
+        let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = root.join(format!("{}-s{n}", std::process::id()));
+        if let Err(e) = fs::create_dir(&dir)
+            && (e.kind() != io::ErrorKind::AlreadyExists || held(&dir))
+        {
+            continue;
+        }
+        let lock = lock(&dir).ok()?;
+        LOCKS.lock().expect("cgroup locks").push(lock);
+        return Some(dir);
+    }
+    None
+}
+
+/// Takes the exclusive lock on `dir` that marks its wsedge alive.
+fn lock(dir: &Path) -> io::Result<fs::File> {
+    let file = fs::File::open(dir)?;
+    // SAFETY: a valid descriptor.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// Whether a live process holds `dir`'s lock (this one included: a second open file is
+/// refused the lock as any other process would be).
+fn held(dir: &Path) -> bool {
+    match lock(dir) {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EWOULDBLOCK),
+    }
+}
+
+/// Whether the wsedge whose resources are named after `pid` is alive: one of its server
+/// directories under `root` is locked. Without cgroups (`root` is `None`) only `/proc` can
+/// be asked. A dead wsedge whose pid a live one in another namespace shares is taken for
+/// alive: its leftovers stay, which is safe, rather than a live one's being killed.
+pub fn owner_alive(root: Option<&Path>, pid: u32) -> bool {
+    let Some(root) = root else {
+        return Path::new(&format!("/proc/{pid}")).exists();
+    };
+    let prefix = format!("{pid}-s");
+    fs::read_dir(root).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&prefix) && held(&e.path()))
+    })
 }
 
 impl Cgroup {
@@ -127,13 +187,21 @@ pub fn clean_leftovers(root: &Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(owner) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{owner}")).exists() {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) || held(&entry.path()) {
             continue;
         }
         let cgroup = Cgroup { path: entry.path() };
+        // Another wsedge's server directory is unlocked for a moment after it is made: one
+        // that is young and holds nothing yet is left alone.
+        let has_children = fs::read_dir(&cgroup.path)
+            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_type().is_ok_and(|t| t.is_dir()))));
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(10));
+        if !has_children && cgroup.pids().is_empty() && !old {
+            continue;
+        }
         // `cgroup.kill` reaches every descendant; the instance cgroups inside a server's
         // directory must go before the directory itself.
         let _ = cgroup.kill();

@@ -252,6 +252,8 @@ fn enable_forwarding() -> Result<(), EgressError> {
 /// Host-side links whose owner is gone. The kernel removes a pair with its namespace, but
 /// only once the namespace's last process has died: a start after a crash removes them now.
 fn remove_dead_links() {
+    // Asked once: the cgroups tell which wsedge processes are alive in any PID namespace.
+    let cgroups = super::cgroup::root();
     let Ok(out) = Command::new("ip")
         .args(["-j", "link", "show", "type", "veth"])
         .stderr(Stdio::null())
@@ -269,9 +271,7 @@ fn remove_dead_links() {
             .and_then(|rest| rest.split(' ').next())
             .and_then(|pid| pid.parse::<u32>().ok());
         let Some(owner) = owner else { continue };
-        if !name.starts_with(LINK_PREFIX)
-            || std::path::Path::new(&format!("/proc/{owner}")).exists()
-        {
+        if !name.starts_with(LINK_PREFIX) || super::cgroup::owner_alive(cgroups.as_deref(), owner) {
             continue;
         }
         match ip_batch(&format!("link del dev {name}\n"), None) {

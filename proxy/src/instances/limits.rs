@@ -188,7 +188,7 @@ impl InstanceLimits {
 
 /// Removes v1 directories of instances whose wsedge is gone (named `<pid>-...`), as
 /// `cgroup::clean_leftovers` does for v2. Their processes were killed through v2.
-pub fn clean_leftovers(hierarchy: &Hierarchy) {
+pub fn clean_leftovers(hierarchy: &Hierarchy, cgroup_root: Option<&Path>) {
     let Hierarchy::V1 { roots } = hierarchy else {
         return;
     };
@@ -201,7 +201,7 @@ pub fn clean_leftovers(hierarchy: &Hierarchy) {
             let Some(owner) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
                 continue;
             };
-            if owner == std::process::id() || Path::new(&format!("/proc/{owner}")).exists() {
+            if owner == std::process::id() || super::cgroup::owner_alive(cgroup_root, owner) {
                 continue;
             }
             match fs::remove_dir(entry.path()) {
