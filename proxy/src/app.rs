@@ -20,7 +20,7 @@ use crate::{
         sandbox::{Sandbox, User},
     },
     ledger::{Ledger, LedgerError},
-    metrics::Metrics,
+    metrics::{BpfStats, Metrics},
     protocols::bearer::{BearerToken, TokenError},
     protocols::tls::{TlsError, TlsTerminator},
     registry::{ClientCounts, Registry},
@@ -56,6 +56,8 @@ pub struct AppState {
     pub admin_token: Option<BearerToken>,
     /// The billing ledger in `state_dir`.
     pub ledger: Ledger,
+    /// The kernel's BPF statistics, kept on with `bpf_stats`.
+    pub bpf_stats: BpfStats,
     /// The egress firewall, while a function has `network = "egress"`; released at a clean
     /// stop.
     pub(crate) egress: Mutex<EgressState>,
@@ -96,9 +98,10 @@ impl AppState {
             config.server.kernel_trace,
         )?;
         info!(data_plane = data_plane.name(), "data plane ready");
-        // Before anything is accepted: the previous run's open rows are finished first.
-        let ledger = Ledger::open(&config.state_dir())?;
         let metrics = Arc::new(Metrics::default());
+        let bpf_stats = BpfStats::start(config.server.bpf_stats, &data_plane);
+        // Before anything is accepted: the previous run's open rows are finished first.
+        let ledger = Ledger::open(&config.state_dir(), metrics.ledger_write_lag())?;
         let cgroups = instance_cgroups();
         if let Some(dir) = cgroups.as_deref().and_then(|d| d.parent()) {
             cgroup::clean_leftovers(dir);
@@ -135,6 +138,7 @@ impl AppState {
             limit_hierarchy,
             admin_token,
             ledger,
+            bpf_stats,
             egress,
         })
     }

@@ -85,6 +85,13 @@ pub struct ServerConfig {
     /// Which data plane carries frames after the handshake.
     #[serde(default = "default_data_plane")]
     pub data_plane: DataPlaneMode,
+    /// Keep the kernel's BPF statistics on while wsedge runs, so `/metrics` reports how
+    /// often the eBPF programs ran and for how long (`wsedge_bpf_program_runs_total`,
+    /// `wsedge_bpf_program_run_seconds_total`). The kernel then times every eBPF program run
+    /// on the host, wsedge's and others', at a few tens of nanoseconds each. Off, the series
+    /// appear only when `kernel.bpf_stats_enabled` is 1. Kernel data plane only.
+    #[serde(default)]
+    pub bpf_stats: bool,
     /// Directory for wsedge's state (the billing ledger lives here); a relative path resolves
     /// against the config file's directory.
     #[serde(default = "default_state_dir")]

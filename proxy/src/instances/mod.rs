@@ -286,8 +286,10 @@ impl Pool {
                 return; // watch_exit reported it
             }
             if process::listening(pid, started.addr.port()) {
+                let took = begun.elapsed();
+                self.metrics.instance_ready(&self.spec.function, took);
                 info!(function = %self.spec.function, instance = %instance.id,
-                      cold_start_ms = begun.elapsed().as_millis() as u64, "instance ready");
+                      cold_start_ms = took.as_millis() as u64, "instance ready");
                 instance.readiness.send_replace(Readiness::Ready);
                 return;
             }

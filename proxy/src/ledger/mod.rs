@@ -132,6 +132,15 @@ pub(crate) enum Write {
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
+/// A [`Write`] and when it was sent: the writer reports how long each waited to commit.
+pub(crate) struct Queued {
+    pub(crate) at: std::time::Instant,
+    pub(crate) write: Write,
+}
+
+/// Called by the writer with each change's time from sent to committed.
+pub type OnCommit = Box<dyn Fn(Duration) + Send>;
+
 /// How long a start waits for a database another process holds locked.
 const START_WAIT: Duration = Duration::from_secs(10);
 
@@ -170,15 +179,19 @@ const LOCK_FILE: &str = "wsedge.lock";
 /// The handle services write through; cheap to share.
 pub struct Ledger {
     path: PathBuf,
-    writes: mpsc::Sender<Write>,
+    writes: mpsc::Sender<Queued>,
     /// Held (locked) for the process's life; the kernel drops the lock when it dies.
     _lock: std::fs::File,
 }
 
 impl Ledger {
     /// Opens (creating `state_dir` and the file if needed) `state_dir/ledger.db`, finishes
-    /// the rows a previous run left open, and starts the writer.
-    pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
+    /// the rows a previous run left open, and starts the writer; `lag` hears how long each
+    /// change waited from sent to committed.
+    pub fn open(
+        state_dir: &Path,
+        lag: impl Fn(Duration) + Send + 'static,
+    ) -> Result<Ledger, LedgerError> {
         std::fs::create_dir_all(state_dir).map_err(|source| LedgerError::StateDir {
             path: state_dir.into(),
             source,
@@ -222,7 +235,7 @@ impl Ledger {
         }
         info!(ledger = %path.display(), "billing ledger ready");
         let (writes, queue) = mpsc::channel();
-        writer::spawn(conn, queue, path.clone());
+        writer::spawn(conn, queue, path.clone(), Box::new(lag));
         Ok(Ledger {
             path,
             writes,
@@ -248,7 +261,11 @@ impl Ledger {
 
     fn send(&self, write: Write) {
         // The writer lives as long as the process; this fails only if its thread panicked.
-        if self.writes.send(write).is_err() {
+        let queued = Queued {
+            at: std::time::Instant::now(),
+            write,
+        };
+        if self.writes.send(queued).is_err() {
             warn!(ledger = %self.path.display(), "the ledger writer has stopped; a write is lost");
         }
     }
@@ -271,11 +288,11 @@ mod tests {
     #[test]
     fn a_second_wsedge_on_the_same_state_dir_is_refused_until_the_first_is_gone() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Ledger::open(dir.path()).unwrap();
-        let err = Ledger::open(dir.path()).err().expect("refused");
+        let first = Ledger::open(dir.path(), |_| {}).unwrap();
+        let err = Ledger::open(dir.path(), |_| {}).err().expect("refused");
         assert!(matches!(err, LedgerError::InUse(_)), "{err}");
         drop(first);
-        Ledger::open(dir.path()).expect("free again");
+        Ledger::open(dir.path(), |_| {}).expect("free again");
     }
 
     #[test]
@@ -297,7 +314,7 @@ mod tests {
             setup.execute_batch("COMMIT").unwrap();
         });
         let started = std::time::Instant::now();
-        Ledger::open(dir.path()).expect("opened once the lock is released");
+        Ledger::open(dir.path(), |_| {}).expect("opened once the lock is released");
         assert!(started.elapsed() >= Duration::from_millis(600));
         release.join().unwrap();
         let rows = Reader::open(dir.path())

@@ -11,7 +11,7 @@ use std::{
 use rusqlite::{Connection, params};
 use tracing::{info, warn};
 
-use super::{Counters, Write};
+use super::{Counters, OnCommit, Queued, Write};
 
 /// Most writes per transaction: bounds one transaction's time while the queue is long.
 const MAX_BATCH: usize = 4096;
@@ -19,14 +19,14 @@ const MAX_BATCH: usize = 4096;
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LAST_RETRY: Duration = Duration::from_secs(5);
 
-pub(super) fn spawn(conn: Connection, queue: Receiver<Write>, path: PathBuf) {
+pub(super) fn spawn(conn: Connection, queue: Receiver<Queued>, path: PathBuf, on_commit: OnCommit) {
     std::thread::Builder::new()
         .name("wsedge-ledger".into())
-        .spawn(move || run(conn, queue, path))
+        .spawn(move || run(conn, queue, path, on_commit))
         .expect("spawning the ledger writer");
 }
 
-fn run(mut conn: Connection, queue: Receiver<Write>, path: PathBuf) {
+fn run(mut conn: Connection, queue: Receiver<Queued>, path: PathBuf, on_commit: OnCommit) {
     let mut batch = Vec::new();
     loop {
         match queue.recv() {
@@ -52,17 +52,20 @@ fn run(mut conn: Connection, queue: Receiver<Write>, path: PathBuf) {
         if failures > 0 {
             info!(ledger = %path.display(), writes = batch.len(), failures, "ledger writes resumed");
         }
-        for write in batch.drain(..) {
-            if let Write::Flush(done) = write {
-                let _ = done.send(());
+        for queued in batch.drain(..) {
+            match queued.write {
+                Write::Flush(done) => {
+                    let _ = done.send(());
+                }
+                _ => on_commit(queued.at.elapsed()),
             }
         }
     }
 }
 
-fn apply(conn: &mut Connection, batch: &[Write]) -> rusqlite::Result<()> {
+fn apply(conn: &mut Connection, batch: &[Queued]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
-    for write in batch {
+    for Queued { write, .. } in batch {
         match write {
             Write::Open(row) => {
                 // A retried batch may meet its own row: the first insert stands.

@@ -11,6 +11,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use prometheus_client::encoding::prometheus_text;
 use serde::Deserialize;
 use tracing::{info, warn};
 
@@ -19,6 +20,7 @@ use crate::{
     conn::ConnectionView,
     instances::InstanceView,
     ledger::{Filter, InstanceBill, LedgerRow, Reader, parse_since},
+    metrics::{InstanceCount, Scrape},
 };
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -188,56 +190,31 @@ fn error(status: StatusCode, error_type: &'static str, message: &str) -> Respons
         .into_response()
 }
 
-async fn metrics(
-    State(state): State<Arc<AppState>>,
-) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
-    let mut gauges = vec![(
-        "wsedge_connections_open",
-        "Open (upgraded) WebSocket connections.",
-        vec![],
-        state.registry.len() as u64,
-    )];
-    let mut throttled: std::collections::BTreeMap<String, u64> = state
-        .routes()
-        .iter()
-        .map(|r| (r.function.name.clone(), 0))
-        .collect();
-    for conn in state.registry.snapshot() {
-        let ([inbound, _], _) = conn.totals(state.data_plane.live());
-        if crate::conn::throttled_ms(&inbound) > 0 {
-            *throttled.entry(conn.function.to_string()).or_default() += 1;
-        }
-    }
-    for (function, open) in throttled {
-        gauges.push((
-            "wsedge_connections_throttled",
-            "Open connections whose frames have waited for their rate quota, by function.",
-            vec![("function", function)],
-            open,
-        ));
-    }
-    for route in state.routes().iter() {
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let routes = state.routes();
+    let mut instances = Vec::new();
+    for route in routes.iter() {
         let crate::routing::Backend::Spawned(pool) = &route.backend else {
             continue;
         };
         let views = pool.views();
         for wanted in ["starting", "ready"] {
-            gauges.push((
-                "wsedge_instances",
-                "Spawned instances by function and state.",
-                vec![
-                    ("function", route.function.name.clone()),
-                    ("state", wanted.to_string()),
-                ],
-                views.iter().filter(|v| v.state == wanted).count() as u64,
-            ));
+            instances.push(InstanceCount {
+                function: route.function.name.clone(),
+                state: wanted,
+                count: views.iter().filter(|v| v.state == wanted).count() as u64,
+            });
         }
     }
+    let scrape = Scrape {
+        connections: &state.registry,
+        live: state.data_plane.live(),
+        functions: routes.iter().map(|r| r.name.clone()).collect(),
+        instances,
+        programs: state.bpf_stats.programs(&state.data_plane),
+    };
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(&gauges),
+        [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
+        state.metrics.encode(scrape),
     )
 }

@@ -454,6 +454,18 @@ impl KernelDataPlane {
             )));
         }
     }
+
+    /// Each loaded program's name, run count and run time; the kernel counts only while BPF
+    /// stats are on, so both may stay 0.
+    pub fn program_stats(&self) -> Vec<(String, u64, Duration)> {
+        let ebpf = self.ebpf.lock().expect("ebpf lock");
+        ebpf.programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some((name.to_string(), info.run_count(), info.run_time()))
+            })
+            .collect()
+    }
 }
 
 /// Kernel events: the client's frames held for userspace, an instance frame refused.

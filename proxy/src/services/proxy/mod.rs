@@ -21,7 +21,7 @@ mod upgrade;
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use proxy_common::{
@@ -71,12 +71,12 @@ async fn prepare(
         .clients
         .admit(peer.ip(), server.max_connections_per_ip);
     let mut client = match (tls, &state.tls) {
-        (true, Some(terminator)) => match terminator.accept(tcp).await {
-            Ok(stream) => {
-                state.metrics.tls_handshake("ok");
+        (true, Some(terminator)) => match timed(terminator.accept(tcp)).await {
+            (Ok(stream), took) => {
+                state.metrics.tls_handshake_done(took);
                 stream
             }
-            Err(e) => {
+            (Err(e), _) => {
                 state.metrics.tls_handshake(e.kind());
                 debug!(client = %peer, error = %e, "TLS handshake did not complete");
                 return None;
@@ -92,6 +92,8 @@ async fn prepare(
             return None;
         }
     };
+    // The handshake's time starts here: a TLS handshake has its own.
+    let handshake_began = Instant::now();
     let head = match Box::pin(read_request(&state, &mut client)).await {
         Ok(head) => head,
         Err(Failure::Respond(e)) => {
@@ -126,7 +128,11 @@ async fn prepare(
     ))
     .await;
     let (mut upgraded, reservation) = match (upgraded, reservation) {
-        (Ok(upgraded), Some(reservation)) => (upgraded, reservation),
+        (Ok(upgraded), Some(reservation)) => {
+            let took = handshake_began.elapsed();
+            state.metrics.handshake_done(&upgraded.function, took);
+            (upgraded, reservation)
+        }
         (Err(Failure::Respond(e)), _) => {
             Box::pin(refuse(&state, &mut client, peer, function.as_deref(), &e)).await;
             return None;
@@ -184,6 +190,13 @@ async fn prepare(
     path.carry(handover, conn, cursors, on_end)
 }
 
+/// Runs `f`, timing it.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let began = Instant::now();
+    let out = f.await;
+    (out, began.elapsed())
+}
+
 /// Everything released when a connection ends.
 struct Held {
     _registered: Registered,
@@ -204,7 +217,7 @@ fn end(conn: &Connection, result: std::io::Result<Ending>, state: &AppState, hel
     conn.tracer.ended(conn, status);
     let metrics = &state.metrics;
     metrics.connection_ended(&conn.function, status);
-    metrics.connection_traffic(&conn.function, &[inbound, outbound]);
+    metrics.connection_traffic(conn.id.key, &conn.function, &[inbound, outbound]);
     if let Ok(ending) = &result {
         metrics.quota_ending(&conn.function, *ending);
     }
