@@ -134,6 +134,7 @@ fn register(connections: &Arc<Connections>, plane: PlaneName) -> crate::registry
     connections.register(
         reservation,
         NewConnection {
+            tracer: crate::tracer::Tracer::new(None),
             function: "echo".into(),
             instance: "echo-1".into(),
             client: "127.0.0.1:1".parse().unwrap(),
