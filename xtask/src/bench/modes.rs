@@ -28,6 +28,9 @@ pub enum Mode {
     /// 128 KB/s per connection, throttled): what enforcing them costs on the edge workload,
     /// which sends exactly 10 messages/s per connection.
     WsedgeQuotas,
+    /// `wsedge-kernel` loaded without its trace points (`kernel_trace = false`): against
+    /// `wsedge-kernel` (trace points present, nobody tracing), what they cost idle.
+    WsedgeNoTrace,
     /// wsedge with the backend as a function instance it spawns (one instance takes every
     /// connection): the zero-hop data plane once it exists, the two-socket splice before.
     WsedgeZeroHop,
@@ -65,10 +68,11 @@ impl Pki {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 10] = [
+    pub const ALL: [Mode; 11] = [
         Mode::Direct,
         Mode::WsedgeKernel,
         Mode::WsedgeQuotas,
+        Mode::WsedgeNoTrace,
         Mode::WsedgeZeroHop,
         Mode::WsedgeUserspace,
         Mode::Nginx,
@@ -83,6 +87,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::WsedgeKernel => "wsedge-kernel",
             Mode::WsedgeQuotas => "wsedge-kernel-quotas",
+            Mode::WsedgeNoTrace => "wsedge-kernel-notrace",
             Mode::WsedgeZeroHop => "wsedge-zero-hop",
             Mode::WsedgeUserspace => "wsedge-userspace",
             Mode::Nginx => "nginx",
@@ -105,7 +110,7 @@ impl Mode {
         match self {
             // The quotas shape every other workload (bulk is far above 128 KB/s): only edge
             // compares like with like.
-            Mode::WsedgeQuotas => workload == "edge",
+            Mode::WsedgeQuotas | Mode::WsedgeNoTrace => workload == "edge",
             _ => !self.tls() || matches!(workload, "edge" | "bulk" | "handshake"),
         }
     }
@@ -113,7 +118,7 @@ impl Mode {
     /// The `data_plane` wsedge's `/connections` should report for this mode's connections.
     pub fn expected_data_plane(self) -> Option<&'static str> {
         match self {
-            Mode::WsedgeKernel | Mode::WsedgeQuotas => Some("kernel"),
+            Mode::WsedgeKernel | Mode::WsedgeQuotas | Mode::WsedgeNoTrace => Some("kernel"),
             Mode::WsedgeZeroHop => Some("kernel-zero-hop"),
             Mode::WsedgeUserspace => Some("userspace"),
             // No kTLS on this machine's kernel: "auto" relays the decrypted stream in user
@@ -303,7 +308,11 @@ pub fn start(
     let threads = placement.proxy_threads();
     let mut cmd = match (mode, backend) {
         (
-            Mode::WsedgeKernel | Mode::WsedgeQuotas | Mode::WsedgeUserspace | Mode::WsedgeTls,
+            Mode::WsedgeKernel
+            | Mode::WsedgeQuotas
+            | Mode::WsedgeNoTrace
+            | Mode::WsedgeUserspace
+            | Mode::WsedgeTls,
             Some(b),
         ) => {
             let upstream = format!("upstreams = [\"{b}\"]");
@@ -446,10 +455,14 @@ fn wsedge(
         Mode::WsedgeQuotas => "",
         _ => "messages_per_s = 0\nbytes_per_s = 0\n",
     };
+    let trace = match mode {
+        Mode::WsedgeNoTrace => "kernel_trace = false\n",
+        _ => "",
+    };
     let config = write(
         dir.join(format!("{}.toml", mode.name())),
         format!(
-            "[server]\n{listeners}admin_listen = \"127.0.0.1:{admin}\"\n\
+            "[server]\n{listeners}admin_listen = \"127.0.0.1:{admin}\"\n{trace}\
              data_plane = \"{plane}\"\nstate_dir = \"{state}\"\ndrain_timeout_s = 1\n\n\
              [[function]]\nname = \"echo\"\nroute = \"/\"\n{instances}\n\
              idle_timeout_s = 7200\nexecution_timeout_s = 7200\n\

@@ -229,7 +229,11 @@ fn ratios(entries: &[Value]) -> Value {
         ratio(t(workload, key), better_tls(workload, key, lower))
     };
     let q = |workload: &str, key: &str| get("wsedge-kernel-quotas", workload, key);
+    let n = |workload: &str, key: &str| get("wsedge-kernel-notrace", workload, key);
     json!({
+        "trace_points_edge_added_cpu_vs_none": ratio(k("edge", "added_cpu_us_per_msg"), n("edge", "added_cpu_us_per_msg")),
+        "trace_points_edge_added_own_cpu_vs_none": ratio(k("edge", "added_own_cpu_us_per_msg"), n("edge", "added_own_cpu_us_per_msg")),
+        "trace_points_edge_p99_vs_none": ratio(k("edge", "rtt_p99_us"), n("edge", "rtt_p99_us")),
         "quotas_edge_added_cpu_vs_off": ratio(q("edge", "added_cpu_us_per_msg"), k("edge", "added_cpu_us_per_msg")),
         "quotas_edge_added_own_cpu_vs_off": ratio(q("edge", "added_own_cpu_us_per_msg"), k("edge", "added_own_cpu_us_per_msg")),
         "quotas_edge_p99_vs_off": ratio(q("edge", "rtt_p99_us"), k("edge", "rtt_p99_us")),
@@ -676,6 +680,26 @@ fn markdown(
         ),
     );
     md.push_str(&tls_targets(entries, ratios));
+    if find(entries, "wsedge-kernel-notrace", "edge").is_some() {
+        let _ = write!(
+            md,
+            "\nwsedge-kernel (trace points loaded, nobody tracing) against the same loaded \
+             without them (`kernel_trace = false`):\n\n\
+             - edge, added CPU per message: {}\n- edge, the same on the run's own CPU: {}\n\
+             - edge, p99: {}\n",
+            target(
+                ratios,
+                "trace_points_edge_added_cpu_vs_none",
+                Target::AtMost(1.0)
+            ),
+            target(
+                ratios,
+                "trace_points_edge_added_own_cpu_vs_none",
+                Target::AtMost(1.0)
+            ),
+            target(ratios, "trace_points_edge_p99_vs_none", Target::AtMost(1.0)),
+        );
+    }
     if find(entries, "wsedge-kernel-quotas", "edge").is_some() {
         let _ = write!(
             md,
