@@ -440,3 +440,128 @@ async fn read_kernel(tracer: Weak<Tracer>) {
         tracer.drain_kernel();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use proxy_common::{FrameHeader, rate::RateState};
+
+    use super::*;
+    use crate::conn::{ConnectionId, Limits, NewConnection};
+
+    fn connection(tracer: &Arc<Tracer>) -> Connection {
+        Connection::new(
+            ConnectionId {
+                epoch_ms: 1,
+                key: 7,
+            },
+            SystemTime::UNIX_EPOCH,
+            NewConnection {
+                tracer: tracer.clone(),
+                function: "echo".into(),
+                instance: "echo-1".into(),
+                client: "127.0.0.1:1".parse().unwrap(),
+                plane: PlaneName::Userspace,
+                limits: Limits {
+                    idle_timeout_s: 10,
+                    execution_timeout_s: 20,
+                    max_message_bytes: 30,
+                    rate: RateState::default(),
+                },
+            },
+        )
+    }
+
+    fn frame() -> FrameHeader {
+        FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode: 1,
+            mask: Some([1, 2, 3, 4]),
+            header_len: 6,
+            payload_len: 4,
+        }
+    }
+
+    /// Feeds nothing through a fresh cursor: what the tracer compares is `before`/`after`.
+    fn fed(
+        tracer: &Tracer,
+        conn: &Connection,
+        before: &SideState,
+        after: &SideState,
+        result: Result<(), FrameError>,
+    ) {
+        let cursor = FrameCursor::default();
+        let fed = Fed {
+            result: &result,
+            cursor: &cursor,
+        };
+        tracer.fed(conn, Direction::ClientToInstance, before, after, &fed);
+    }
+
+    #[test]
+    fn a_throttle_is_one_on_and_one_off_around_however_many_waits() {
+        let tracer = Tracer::new(None);
+        let conn = connection(&tracer);
+        let mut listener = tracer.subscribe();
+        let mut side = SideState::default();
+        // Three frames wait in turn, each released later (its wait added to throttled_ns).
+        for _ in 0..3 {
+            let before = side;
+            side.rate.waiting_since_ns = 5;
+            fed(
+                &tracer,
+                &conn,
+                &before,
+                &side,
+                Err(FrameError::Throttled { until_ns: 9 }),
+            );
+            let before = side;
+            side.rate.waiting_since_ns = 0;
+            side.rate.throttled_ns += 4;
+            side.account(&frame(), 9);
+            fed(&tracer, &conn, &before, &side, Ok(()));
+        }
+        // Then one passes at once: under the rate again.
+        let before = side;
+        side.account(&frame(), 20);
+        fed(&tracer, &conn, &before, &side, Ok(()));
+        // And a close frame.
+        let before = side;
+        side.record_close(1000);
+        fed(&tracer, &conn, &before, &side, Ok(()));
+        let mut events = Vec::new();
+        while let Ok(e) = listener.receiver.try_recv() {
+            events.push((e.event.clone(), e.direction.clone(), e.code));
+        }
+        let in_ = Some("in".to_string());
+        assert_eq!(
+            events,
+            vec![
+                ("throttle_on".into(), in_.clone(), None),
+                ("throttle_off".into(), in_.clone(), None),
+                ("close_frame".into(), in_, Some(1000)),
+            ]
+        );
+        assert_eq!(tracer.listeners.load(Ordering::Relaxed), 1);
+        drop(listener);
+        assert!(
+            !tracer.listening(),
+            "the last listener gone turns tracing off"
+        );
+    }
+
+    #[test]
+    fn nothing_is_sent_while_nobody_listens() {
+        let tracer = Tracer::new(None);
+        let conn = connection(&tracer);
+        let side = SideState::default();
+        let mut closed = side;
+        closed.record_close(1000);
+        fed(&tracer, &conn, &side, &closed, Ok(()));
+        tracer.ended(&conn, Some(200));
+        let mut listener = tracer.subscribe();
+        assert!(listener.receiver.try_recv().is_err());
+    }
+}
