@@ -74,7 +74,7 @@ pub fn run(harness_args: &[String]) -> Result<()> {
 
 /// The test binaries `cargo xtask test --kernel` runs in the guest: the ones that exercise the
 /// kernel data plane, and TLS (kernel TLS where the guest's kernel has it), by target name.
-const KERNEL_TESTS: [&str; 8] = [
+const KERNEL_TESTS: [&str; 10] = [
     "data_plane",
     "zero_hop",
     "engine",
@@ -83,6 +83,8 @@ const KERNEL_TESTS: [&str; 8] = [
     "tls",
     "quotas",
     "sandbox",
+    "trace",
+    "metrics",
 ];
 
 /// A test binary's time limit in the guest: TCG runs everything many times slower

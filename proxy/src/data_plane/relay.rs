@@ -38,18 +38,25 @@ pub struct RelayLeg {
 impl Leg for RelayLeg {
     fn account(&mut self, bytes: &[u8]) -> Result<(), Refusal> {
         let cursor = &mut self.cursor;
-        let (before, after, result) = self.conn.account(self.direction, |side| {
-            let before = *side;
-            let result = cursor.feed(bytes, side, monotonic_ns());
-            (before, *side, result)
-        });
-        let fed = crate::tracer::Fed {
-            result: &result,
-            cursor,
+        let tracer = &self.conn.tracer;
+        let result = if tracer.listening() {
+            // Only while someone traces: the side before and after, to see what changed.
+            let (before, after, result) = self.conn.account(self.direction, |side| {
+                let before = *side;
+                let result = cursor.feed(bytes, side, monotonic_ns());
+                (before, *side, result)
+            });
+            let fed = crate::tracer::Fed {
+                result: &result,
+                cursor,
+            };
+            tracer.fed(&self.conn, self.direction, &before, &after, &fed);
+            result
+        } else {
+            self.conn.account(self.direction, |side| {
+                cursor.feed(bytes, side, monotonic_ns())
+            })
         };
-        self.conn
-            .tracer
-            .fed(&self.conn, self.direction, &before, &after, &fed);
         result.map_err(|error| Refusal {
             error,
             before: cursor.refused_at(),

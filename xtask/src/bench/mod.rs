@@ -83,7 +83,10 @@ fn select_modes(names: &[String]) -> Result<Vec<Mode>> {
     }
     Ok(Mode::ALL
         .into_iter()
-        .filter(|m| names.is_empty() || names.iter().any(|n| n == m.name()))
+        .filter(|m| match names.is_empty() {
+            true => m.by_default(),
+            false => names.iter().any(|n| n == m.name()),
+        })
         .collect())
 }
 
@@ -598,6 +601,10 @@ mod tests {
         opts.modes = vec!["nginx-tls".into(), "haproxy-tls".into()];
         opts.workloads = vec!["push".into()];
         assert_eq!(cells_per_round(&opts), 0);
+        // The trace-point comparison runs only when named, and only edge.
+        opts.modes = vec!["wsedge-kernel-notrace".into()];
+        opts.workloads.clear();
+        assert_eq!(cells_per_round(&opts), 1);
         assert!(select_modes(&["wsedge-tls".into()]).is_ok());
     }
 }

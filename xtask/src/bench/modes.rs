@@ -98,6 +98,12 @@ impl Mode {
         }
     }
 
+    /// Whether a run without `--modes` includes this mode. The trace-point comparison is a
+    /// question about one build of the programs, asked with `--modes`, not of every run.
+    pub fn by_default(self) -> bool {
+        self != Mode::WsedgeNoTrace
+    }
+
     /// Whether clients connect with `wss://`.
     pub fn tls(self) -> bool {
         matches!(self, Mode::WsedgeTls | Mode::NginxTls | Mode::HaproxyTls)
