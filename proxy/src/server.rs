@@ -171,6 +171,7 @@ impl Server {
                 let (sides, _) = conn.totals(state.data_plane.live());
                 let result = Err(std::io::ErrorKind::TimedOut.into());
                 services::ledger::ended(&state, &conn, &result, sides);
+                conn.tracer.ended(&conn, None);
             }
         }
         let routes = state.routes();
