@@ -19,6 +19,7 @@ pub mod conn;
 pub mod data_plane;
 pub mod instances;
 pub mod ledger;
+pub mod liveness;
 pub mod metrics;
 pub mod protocols;
 pub mod registry;

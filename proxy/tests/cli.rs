@@ -325,6 +325,18 @@ fn spawned_echo_config(dir: &tempfile::TempDir, extra: &str) -> std::path::PathB
     path
 }
 
+/// wsedge from `path` (see [`spawned_echo_config`]) with one connection that got an echo:
+/// the child, its log lines after the instance's start, the connection and the instance's pid.
+fn echo_in_use(path: &std::path::Path) -> (Running, Lines, WebSocket<TcpStream>, u32) {
+    let (wsedge, mut lines, listen) = run_json(path);
+    let mut ws = ws_connect(&format!("ws://{listen}/echo"));
+    ws.send("hi".into()).unwrap();
+    assert_eq!(ws.read().unwrap(), "hi".into());
+    let started = wait_for_log(&mut lines, "instance starting");
+    let pid = started["fields"]["pid"].as_u64().unwrap() as u32;
+    (wsedge, lines, ws, pid)
+}
+
 fn gone_within(pid: u32, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -340,12 +352,7 @@ fn gone_within(pid: u32, limit: Duration) -> bool {
 fn instance_output_is_logged_and_instances_die_with_wsedge_and_a_restart_removes_leftovers() {
     let dir = readable_dir();
     let path = spawned_echo_config(&dir, "");
-    let (wsedge, mut lines, listen) = run_json(&path);
-    let mut ws = ws_connect(&format!("ws://{listen}/echo"));
-    ws.send("hi".into()).unwrap();
-    assert_eq!(ws.read().unwrap(), "hi".into());
-    let started = wait_for_log(&mut lines, "instance starting");
-    let pid = started["fields"]["pid"].as_u64().unwrap() as u32;
+    let (wsedge, mut lines, _ws, pid) = echo_in_use(&path);
     // What the instance prints is wsedge's log, with its function and instance.
     let printed = wait_for_log(&mut lines, "echo function listening on 0.0.0.0:9000");
     assert_eq!(printed["target"], "wsedge::function");
@@ -658,12 +665,7 @@ fn tls_config_file(ca: &common::tls::TestCa, leaf: &common::tls::Leaf) -> std::p
 fn a_wsedge_in_another_pid_namespace_leaves_this_ones_instances_alone() {
     let dir = readable_dir();
     let path = spawned_echo_config(&dir, "");
-    let (wsedge, mut lines, listen) = run_json(&path);
-    let mut ws = ws_connect(&format!("ws://{listen}/echo"));
-    ws.send("hi".into()).unwrap();
-    assert_eq!(ws.read().unwrap(), "hi".into());
-    let started = wait_for_log(&mut lines, "instance starting");
-    let instance = started["fields"]["pid"].as_u64().unwrap() as u32;
+    let (wsedge, _lines, mut ws, instance) = echo_in_use(&path);
 
     // A second wsedge in a PID namespace of its own (a container sharing the host's cgroups
     // and bpffs): the first one's pid does not exist in its /proc. Its start-up clean-up must

@@ -9,20 +9,14 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
-use common::{Ws, connect, function_config, recv, start_proxy};
+use common::{Ws, WsedgeProcess as Wsedge, connect, function_config, recv, start_proxy};
 use futures_util::SinkExt;
 use tokio::{net::TcpListener, sync::Mutex};
 use tokio_tungstenite::tungstenite::Message;
 
 const GATEWAY: &str = "10.213.0.1";
-const BIN: &str = env!("CARGO_BIN_EXE_wsedge");
 static SERIAL: Mutex<()> = Mutex::const_new(());
 
 fn probe() -> String {
@@ -215,41 +209,6 @@ async fn a_clean_stop_leaves_no_link_and_no_table() {
 }
 
 /// A `wsedge run` child with JSON logs, killed with SIGKILL when dropped.
-struct Wsedge {
-    child: Child,
-    listen: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Wsedge {
-    fn start(config: &std::path::Path) -> Wsedge {
-        let mut child = Command::new(BIN)
-            .args(["run", "--log-format", "json", "-c"])
-            .arg(config)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let serving = common::serving_line(child.stderr.take().unwrap());
-        let addr = |f: &str| serving["fields"][f].as_str().unwrap().parse().unwrap();
-        Wsedge {
-            listen: addr("listen"),
-            admin: addr("admin"),
-            child,
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Wsedge {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill_9_the_next_start_replaces_the_table_and_no_dead_link_remains() {
     let _serial = SERIAL.lock().await;

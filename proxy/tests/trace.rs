@@ -28,9 +28,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// A `wsedge run` child serving `echo` (and `other`, for the filter), from a config file.
 struct Wsedge {
-    child: Child,
-    listen: SocketAddr,
-    admin: SocketAddr,
+    process: common::WsedgeProcess,
     config: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -60,34 +58,33 @@ impl Wsedge {
             ),
         )
         .unwrap();
-        let mut child = Command::new(BIN)
-            .args(["run", "--log-format", "json", "-c"])
-            .arg(&config)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let serving = common::serving_line(child.stderr.take().unwrap());
-        let addr = |field: &str| serving["fields"][field].as_str().unwrap().parse().unwrap();
         Wsedge {
-            listen: addr("listen"),
-            admin: addr("admin"),
-            child,
+            process: common::WsedgeProcess::start(&config),
             config,
             _dir: dir,
         }
     }
 
+    fn listen(&self) -> SocketAddr {
+        self.process.listen
+    }
+
+    fn admin(&self) -> SocketAddr {
+        self.process.admin
+    }
+
     fn pin_dir(&self) -> PathBuf {
-        Path::new("/sys/fs/bpf/wsedge").join(self.child.id().to_string())
+        Path::new("/sys/fs/bpf/wsedge").join(self.process.child.id().to_string())
     }
 
     /// SIGTERM, then the exit within [`WAIT`].
     fn stop(mut self) -> PathBuf {
         let pins = self.pin_dir();
+        let child = &mut self.process.child;
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + WAIT;
-        while self.child.try_wait().unwrap().is_none() {
+        while child.try_wait().unwrap().is_none() {
             assert!(
                 Instant::now() < deadline,
                 "wsedge did not stop within {WAIT:?}"
@@ -95,13 +92,6 @@ impl Wsedge {
             std::thread::sleep(Duration::from_millis(20));
         }
         pins
-    }
-}
-
-impl Drop for Wsedge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -119,7 +109,7 @@ impl Trace {
                 "trace",
                 "--json",
                 "--admin",
-                &wsedge.admin.to_string(),
+                &wsedge.admin().to_string(),
                 "-c",
             ])
             .arg(&wsedge.config);
@@ -266,19 +256,19 @@ async fn scripted_session_prints_exactly_its_events(plane: &str, spawned: bool) 
     let other = common::start_echo().await;
     let wsedge = Wsedge::start(plane, (!spawned).then_some(echo), other);
     let trace = Trace::start(&wsedge, Some("echo"));
-    trace.wait_live(wsedge.listen, "echo").await;
-    let warmup_rows = finished_rows(wsedge.admin, 1).await.len();
+    trace.wait_live(wsedge.listen(), "echo").await;
+    let warmup_rows = finished_rows(wsedge.admin(), 1).await.len();
 
     // Another function's traffic meanwhile: filtered out.
-    let mut unrelated = common::connect(format!("ws://{}/other", wsedge.listen))
+    let mut unrelated = common::connect(format!("ws://{}/other", wsedge.listen()))
         .await
         .unwrap();
     common::echo_once(&mut unrelated, "not traced").await;
-    throttled_session(wsedge.listen).await;
+    throttled_session(wsedge.listen()).await;
     let first = trace.next();
     let mut throttled = vec![first.clone()];
     throttled.extend(trace.until_ended(&first.connection));
-    oversized_session(wsedge.listen).await;
+    oversized_session(wsedge.listen()).await;
     let first = trace.next();
     let mut oversized = vec![first.clone()];
     oversized.extend(trace.until_ended(&first.connection));
@@ -329,7 +319,7 @@ async fn scripted_session_prints_exactly_its_events(plane: &str, spawned: bool) 
     assert_eq!(oversized[1].count, Some(2000), "the refused frame's length");
 
     // Each connection's events name it, and its end carries the status the ledger bills.
-    let rows = finished_rows(wsedge.admin, warmup_rows + 2).await;
+    let rows = finished_rows(wsedge.admin(), warmup_rows + 2).await;
     for session in [&throttled, &oversized] {
         let id = &session[0].connection;
         assert!(session.iter().all(|e| e.connection == *id), "{session:#?}");
@@ -414,8 +404,7 @@ async fn maps_are_pinned_while_wsedge_runs_and_removed_by_a_clean_stop_or_the_ne
     let mut killed = Wsedge::start("kernel", Some(echo), echo);
     let left = killed.pin_dir();
     assert!(bpftool_show(&left.join("SIDES")).is_some());
-    killed.child.kill().unwrap();
-    killed.child.wait().unwrap();
+    killed.process.kill();
     assert!(left.exists(), "SIGKILL leaves {left:?}");
     let next = Wsedge::start("kernel", Some(echo), echo);
     assert!(!left.exists(), "the next start removes {left:?}");

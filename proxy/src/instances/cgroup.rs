@@ -1,11 +1,8 @@
 //! One cgroup (v2) per spawned instance, under `<cgroup2 mount>/wsedge/<pid>-s<n>/` (one
 //! directory per server, several servers can run in one process, as in tests): stopping an
 //! instance kills its whole process tree (`cgroup.kill`), and at start wsedge kills and
-//! removes what a crashed wsedge left behind. Whether a directory's wsedge is alive is asked
-//! through the directory itself: its wsedge holds an `flock` on it for its whole life, which
-//! the kernel releases however the process dies. `/proc/<pid>` cannot tell: a wsedge in
-//! another PID namespace (a container sharing the host's cgroups) has a pid this one cannot
-//! see, or sees as somebody else's. The zero-hop data plane attaches its `sock_ops`
+//! removes what a crashed wsedge left behind (whose wsedge is gone: see [`crate::liveness`]).
+//! The zero-hop data plane attaches its `sock_ops`
 //! program to the server's directory, so it sees exactly that server's instances. Without a
 //! writable cgroup2 mount (not root), instances are stopped through their process group
 //! instead.
@@ -17,6 +14,8 @@ use std::{
 };
 
 use tracing::{info, warn};
+
+use crate::liveness::{held, lock};
 
 pub struct Cgroup {
     path: PathBuf,
@@ -62,31 +61,6 @@ pub fn server_dir() -> Option<PathBuf> {
         return Some(dir);
     }
     None
-}
-
-/// Takes the exclusive lock on `dir` that marks its wsedge alive.
-fn lock(dir: &Path) -> io::Result<fs::File> {
-    let file = fs::File::open(dir)?;
-    // SAFETY: a valid descriptor.
-    if unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&file),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(file)
-}
-
-/// Whether a live process holds `dir`'s lock (this one included: a second open file is
-/// refused the lock as any other process would be).
-fn held(dir: &Path) -> bool {
-    match lock(dir) {
-        Ok(_) => false,
-        Err(e) => e.raw_os_error() == Some(libc::EWOULDBLOCK),
-    }
 }
 
 /// Whether the wsedge whose resources are named after `pid` is alive: one of its server

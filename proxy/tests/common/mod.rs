@@ -847,3 +847,40 @@ pub async fn billing_until(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A `wsedge run --log-format json -c CONFIG` child with the addresses its "wsedge serving"
+/// line gave; killed (SIGKILL) when dropped.
+pub struct WsedgeProcess {
+    pub child: std::process::Child,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl WsedgeProcess {
+    pub fn start(config: &std::path::Path) -> WsedgeProcess {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wsedge"))
+            .args(["run", "--log-format", "json", "-c"])
+            .arg(config)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let serving = serving_line(child.stderr.take().unwrap());
+        let addr = |f: &str| serving["fields"][f].as_str().unwrap().parse().unwrap();
+        WsedgeProcess {
+            listen: addr("listen"),
+            admin: addr("admin"),
+            child,
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WsedgeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -3,15 +3,11 @@
 //!
 //! A pin keeps its map alive after the process is gone, so pins must not outlive wsedge: a
 //! clean stop removes the directory, and a start removes the directories of wsedge processes
-//! that did not stop cleanly. Whether a directory's owner is alive is asked through the
-//! directory itself (its owner holds an `flock` on it for its whole life), not through
-//! `/proc/<pid>`: a wsedge in another PID namespace (a container) sharing the host's bpffs
-//! has a pid this one cannot see, or sees as somebody else's.
+//! that did not stop cleanly (whose owner is gone: see [`crate::liveness`]).
 
 use std::{
     fs::{self, File},
     io,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
@@ -19,6 +15,8 @@ use std::{
 
 use aya::Ebpf;
 use tracing::{info, warn};
+
+use crate::liveness::{held, lock};
 
 /// Where bpffs is mounted on every distribution that mounts it.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -129,26 +127,6 @@ fn is_bpffs(path: &Path) -> bool {
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid path and out-parameter.
     unsafe { libc::statfs(c.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC }
-}
-
-/// Takes the exclusive lock on `dir` that marks its owner alive.
-fn lock(dir: &Path) -> io::Result<File> {
-    let file = File::open(dir)?;
-    // SAFETY: a valid descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(file)
-}
-
-/// Whether a live process holds `dir`'s lock. The lock is released by the kernel when its
-/// holder dies, however it died.
-pub fn held(dir: &Path) -> bool {
-    match lock(dir) {
-        // Ours now: nobody held it. Dropping the file releases it again.
-        Ok(_) => false,
-        Err(e) => e.raw_os_error() == Some(libc::EWOULDBLOCK),
-    }
 }
 
 /// Removes the pin directories whose owner is gone.
