@@ -134,3 +134,46 @@ fn percent_encode(s: &str) -> String {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_text_line_has_time_connection_function_direction_event_and_details() {
+        let event: TraceEvent = serde_json::from_str(
+            r#"{"time":"2026-12-06T01:02:03.000004Z","connection":"1a2b-7","function":"echo",
+                "direction":"in","event":"close_frame","source":"kernel","code":1000}"#,
+        )
+        .unwrap();
+        let line = text_line(&event);
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            fields,
+            [
+                "2026-12-06T01:02:03.000004Z",
+                "1a2b-7",
+                "echo",
+                "in",
+                "close_frame",
+                "code=1000",
+                "(kernel)"
+            ]
+        );
+        let lost: TraceEvent = serde_json::from_str(
+            r#"{"time":"t","connection":"","function":"","event":"lost","source":"proxy","count":3}"#,
+        )
+        .unwrap();
+        assert!(
+            text_line(&lost)
+                .split_whitespace()
+                .eq(["t", "-", "-", "-", "lost", "count=3", "(proxy)"])
+        );
+    }
+
+    #[test]
+    fn a_function_name_is_escaped_for_the_query() {
+        assert_eq!(percent_encode("chat room/1"), "chat%20room%2F1");
+        assert_eq!(percent_encode("echo-fn_2.v~"), "echo-fn_2.v~");
+    }
+}
