@@ -88,6 +88,11 @@ pub fn run() -> Result<()> {
     );
     println!("  connections: curl {ADMIN_URL}");
     println!("  instances:   curl {INSTANCES_URL}");
+    println!(
+        "  watch:       {} top -c {CONFIG}   |   {} trace -c {CONFIG}",
+        release.join("wsedge").display(),
+        release.join("wsedge").display()
+    );
     println!("  stop:        Ctrl-C");
     println!();
 
