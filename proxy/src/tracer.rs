@@ -320,14 +320,20 @@ impl Tracer {
         let _ = self.sender.send(Arc::new(line));
     }
 
-    /// Sends every record waiting in the kernel's ring, and a `lost` notice if the ring
-    /// overflowed since the last look.
+    /// Sends every record waiting in the kernel's ring.
     fn drain_kernel(&self) {
+        if let Some(ring) = &self.kernel {
+            ring.trace().drain(|record| self.kernel_record(&record));
+        }
+    }
+
+    /// A `lost` notice if the kernel's ring overflowed since the last look (a map read: the
+    /// reader task asks, not every feed).
+    fn report_kernel_lost(&self) {
         let Some(ring) = &self.kernel else {
             return;
         };
         let ring: &TraceRing = ring.trace();
-        ring.drain(|record| self.kernel_record(&record));
         let lost = ring.lost();
         let before = self.kernel_lost.swap(lost, Ordering::Relaxed);
         if lost > before {
@@ -438,6 +444,9 @@ async fn read_kernel(tracer: Weak<Tracer>) {
             return;
         };
         tracer.drain_kernel();
+        if tracer.listening() {
+            tracer.report_kernel_lost();
+        }
     }
 }
 
