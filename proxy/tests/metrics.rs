@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use common::{tls::*, *};
 use futures_util::{SinkExt, StreamExt};
@@ -71,19 +71,8 @@ fn traffic(scrape: &Scrape, what: &str, direction: &str) -> Option<f64> {
 
 /// Polls `/metrics` until `done` holds, or fails the test after 10 s.
 async fn metrics_until(proxy: &Proxy, what: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = proxy.metrics().await;
-        let scrape = parse(&text);
-        if done(&scrape) {
-            return scrape;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} within {WAIT:?}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let text = poll_until(WAIT, what, || proxy.metrics(), |text| done(&parse(text))).await;
+    parse(&text)
 }
 
 /// Sends `n` text messages and reads each echo.

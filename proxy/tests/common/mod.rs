@@ -834,15 +834,32 @@ pub async fn billing_until(
     done: impl Fn(&[wsedge::ledger::LedgerRow]) -> bool,
     what: &str,
 ) -> Vec<wsedge::ledger::LedgerRow> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    poll_until(
+        Duration::from_secs(15),
+        what,
+        || billing(admin, "/billing"),
+        |rows: &Vec<_>| done(rows),
+    )
+    .await
+}
+
+/// Fetches with `fetch` every 100 ms until `done` holds for what came, and returns that;
+/// fails the test, naming `what` and showing the last answer, once `limit` has passed.
+pub async fn poll_until<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+    limit: Duration,
+    what: &str,
+    mut fetch: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let rows: Vec<wsedge::ledger::LedgerRow> = billing(admin, "/billing").await;
-        if done(&rows) {
-            return rows;
+        let got = fetch().await;
+        if done(&got) {
+            return got;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{what} within 15 s: {rows:?}"
+            "{what} within {limit:?}: {got:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
