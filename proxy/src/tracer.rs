@@ -41,12 +41,15 @@ pub struct TraceEvent {
     /// RFC 3339 UTC, microseconds.
     pub time: String,
     /// The connection's id, as in `/connections` and the ledger.
-    pub connection: String,
+    pub id: String,
     pub function: String,
     /// `in` (client -> function) or `out` (function -> client); absent for the connection's
     /// own events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direction: Option<String>,
+    /// Who sent the frames of `direction`: `client` (in) or `function` (out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub side: Option<String>,
     /// spliced, relayed, handed_to_userspace, close_frame, message_too_big, protocol_error,
     /// throttle_on, throttle_off, rate_close, redirect_failed, ended, lost.
     pub event: String,
@@ -301,12 +304,13 @@ impl Tracer {
             + Duration::new((wall / 1_000_000_000) as u64, (wall % 1_000_000_000) as u32);
         let mut line = TraceEvent {
             time: humantime::format_rfc3339_micros(time).to_string(),
-            connection: about.conn.map(|c| c.id.to_string()).unwrap_or_default(),
+            id: about.conn.map(|c| c.id.to_string()).unwrap_or_default(),
             function: about
                 .conn
                 .map(|c| c.function.to_string())
                 .unwrap_or_default(),
             direction: about.direction.map(|d| direction_name(d).into()),
+            side: about.direction.map(|d| sender(d).into()),
             event: event.into(),
             source: source.into(),
             code: None,
@@ -391,6 +395,14 @@ impl Tracer {
             }
             e.reason = detail.map(Into::into);
         });
+    }
+}
+
+/// Who sends the frames of `direction`.
+fn sender(direction: Direction) -> &'static str {
+    match direction {
+        Direction::ClientToInstance => "client",
+        Direction::InstanceToClient => "function",
     }
 }
 

@@ -143,7 +143,7 @@ impl Trace {
         let mut events = Vec::new();
         loop {
             let event = self.next();
-            let done = event.event == "ended" && event.connection == connection;
+            let done = event.event == "ended" && event.id == connection;
             events.push(event);
             if done {
                 return events;
@@ -267,17 +267,22 @@ async fn scripted_session_prints_exactly_its_events(plane: &str, spawned: bool) 
     throttled_session(wsedge.listen()).await;
     let first = trace.next();
     let mut throttled = vec![first.clone()];
-    throttled.extend(trace.until_ended(&first.connection));
+    throttled.extend(trace.until_ended(&first.id));
     oversized_session(wsedge.listen()).await;
     let first = trace.next();
     let mut oversized = vec![first.clone()];
-    oversized.extend(trace.until_ended(&first.connection));
+    oversized.extend(trace.until_ended(&first.id));
     unrelated.close(None).await.unwrap();
     common::read_to_end_of(&mut unrelated).await;
 
     let everything = throttled.iter().chain(&oversized);
     for e in everything.clone() {
         assert_eq!(e.function, "echo", "only echo's events: {e:?}");
+        let sender = e.direction.as_deref().map(|d| match d {
+            "in" => "client",
+            _ => "function",
+        });
+        assert_eq!(e.side.as_deref(), sender, "the side that sent: {e:?}");
         assert!(!e.time.is_empty());
     }
     let kernel = plane == "kernel";
@@ -321,8 +326,8 @@ async fn scripted_session_prints_exactly_its_events(plane: &str, spawned: bool) 
     // Each connection's events name it, and its end carries the status the ledger bills.
     let rows = finished_rows(wsedge.admin(), warmup_rows + 2).await;
     for session in [&throttled, &oversized] {
-        let id = &session[0].connection;
-        assert!(session.iter().all(|e| e.connection == *id), "{session:#?}");
+        let id = &session[0].id;
+        assert!(session.iter().all(|e| e.id == *id), "{session:#?}");
         let row = rows
             .iter()
             .find(|r| r.id == *id)

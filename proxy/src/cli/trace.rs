@@ -107,11 +107,7 @@ fn text_line(e: &TraceEvent) -> String {
     format!(
         "{:<27} {:<20} {:<12} {:<3} {:<20} {}",
         e.time,
-        if e.connection.is_empty() {
-            "-"
-        } else {
-            &e.connection
-        },
+        if e.id.is_empty() { "-" } else { &e.id },
         if e.function.is_empty() {
             "-"
         } else {
@@ -142,7 +138,7 @@ mod tests {
     #[test]
     fn a_text_line_has_time_connection_function_direction_event_and_details() {
         let event: TraceEvent = serde_json::from_str(
-            r#"{"time":"2026-12-06T01:02:03.000004Z","connection":"1a2b-7","function":"echo",
+            r#"{"time":"2026-12-06T01:02:03.000004Z","id":"1a2b-7","function":"echo",
                 "direction":"in","event":"close_frame","source":"kernel","code":1000}"#,
         )
         .unwrap();
@@ -161,7 +157,7 @@ mod tests {
             ]
         );
         let lost: TraceEvent = serde_json::from_str(
-            r#"{"time":"t","connection":"","function":"","event":"lost","source":"proxy","count":3}"#,
+            r#"{"time":"t","id":"","function":"","event":"lost","source":"proxy","count":3}"#,
         )
         .unwrap();
         assert!(

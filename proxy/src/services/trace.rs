@@ -83,9 +83,10 @@ impl Listener {
 fn lost(n: u64) -> TraceEvent {
     TraceEvent {
         time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-        connection: String::new(),
+        id: String::new(),
         function: String::new(),
         direction: None,
+        side: None,
         event: "lost".into(),
         source: "proxy".into(),
         code: None,
