@@ -283,6 +283,9 @@ unsafe impl aya::Pod for InstanceRecord {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for InstanceLink {}
 
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for DataPlaneEvent {}
+
 /// Something the kernel programs tell userspace (ring buffer record).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

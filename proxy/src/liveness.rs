@@ -6,7 +6,7 @@
 //! this one cannot see, or sees as somebody else's. `flock` works on cgroupfs and bpffs
 //! directories alike.
 
-use std::{fs::File, io, os::fd::AsRawFd, path::Path};
+use std::{fs::File, io, os::fd::AsRawFd, path::Path, time::Duration};
 
 /// Takes the exclusive lock on `dir`; the returned file holds it.
 pub fn lock(dir: &Path) -> io::Result<File> {
@@ -16,6 +16,14 @@ pub fn lock(dir: &Path) -> io::Result<File> {
         return Err(io::Error::last_os_error());
     }
     Ok(file)
+}
+
+/// Whether `dir` was made so recently that its wsedge may not have locked it yet (between
+/// its `mkdir` and its `flock`): such a directory, if it holds nothing yet, is not a leftover.
+pub fn fresh(dir: &Path) -> bool {
+    std::fs::metadata(dir)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().unwrap_or_default() <= Duration::from_secs(10))
 }
 
 /// Whether a live process holds `dir`'s lock. This process counts too: a second open file

@@ -71,16 +71,31 @@ pub struct TraceEvent {
     pub count: Option<u64>,
 }
 
+impl TraceEvent {
+    /// `count` events were lost: by `source` (`kernel`: its ring was full; `proxy`: a
+    /// listener fell behind). About no connection.
+    pub fn lost(source: &str, count: u64) -> TraceEvent {
+        TraceEvent {
+            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            id: String::new(),
+            function: String::new(),
+            direction: None,
+            side: None,
+            event: "lost".into(),
+            source: source.into(),
+            code: None,
+            status: None,
+            data_plane: None,
+            reason: None,
+            count: Some(count),
+        }
+    }
+}
+
 /// What a feed of frames through a cursor returned, and the cursor.
 pub struct Fed<'a> {
     pub result: &'a Result<(), FrameError>,
     pub cursor: &'a FrameCursor,
-}
-
-/// Who an event is about: a connection, or nothing (a `lost` notice).
-struct About<'a> {
-    conn: Option<&'a Connection>,
-    direction: Option<Direction>,
 }
 
 /// The hub. Sending costs an atomic load while nobody listens.
@@ -262,13 +277,7 @@ impl Tracer {
         if !self.listening() {
             return;
         }
-        let side = self
-            .sides
-            .lock()
-            .expect("trace sides lock")
-            .get(&side_cookie)
-            .and_then(|(conn, dir)| Some((conn.upgrade()?, *dir)));
-        if let Some((conn, direction)) = side {
+        if let Some((conn, direction)) = self.side(side_cookie) {
             self.fed(&conn, direction, before, after, fed);
         }
     }
@@ -284,16 +293,13 @@ impl Tracer {
             return;
         }
         self.drain_kernel();
-        let about = About {
-            conn: Some(conn),
-            direction,
-        };
-        self.send(about, monotonic_ns(), event, "proxy", fill);
+        self.send(conn, direction, monotonic_ns(), event, "proxy", fill);
     }
 
     fn send(
         &self,
-        about: About<'_>,
+        conn: &Connection,
+        direction: Option<Direction>,
         time_ns: u64,
         event: &str,
         source: &str,
@@ -304,13 +310,10 @@ impl Tracer {
             + Duration::new((wall / 1_000_000_000) as u64, (wall % 1_000_000_000) as u32);
         let mut line = TraceEvent {
             time: humantime::format_rfc3339_micros(time).to_string(),
-            id: about.conn.map(|c| c.id.to_string()).unwrap_or_default(),
-            function: about
-                .conn
-                .map(|c| c.function.to_string())
-                .unwrap_or_default(),
-            direction: about.direction.map(|d| direction_name(d).into()),
-            side: about.direction.map(|d| sender(d).into()),
+            id: conn.id.to_string(),
+            function: conn.function.to_string(),
+            direction: direction.map(|d| direction_name(d).into()),
+            side: direction.map(|d| sender(d).into()),
             event: event.into(),
             source: source.into(),
             code: None,
@@ -341,25 +344,22 @@ impl Tracer {
         let lost = ring.lost();
         let before = self.kernel_lost.swap(lost, Ordering::Relaxed);
         if lost > before {
-            let about = About {
-                conn: None,
-                direction: None,
-            };
-            self.send(about, monotonic_ns(), "lost", "kernel", |e| {
-                e.count = Some(u64::from(lost - before))
-            });
+            let notice = TraceEvent::lost("kernel", u64::from(lost - before));
+            // No receiver left: the last listener went away meanwhile.
+            let _ = self.sender.send(Arc::new(notice));
         }
     }
 
+    /// The open connection and direction the kernel keys by `side_cookie`.
+    fn side(&self, side_cookie: u64) -> Option<(Arc<Connection>, Direction)> {
+        let sides = self.sides.lock().expect("trace sides lock");
+        let (conn, direction) = sides.get(&side_cookie)?;
+        Some((conn.upgrade()?, *direction))
+    }
+
     fn kernel_record(&self, record: &TraceRecord) {
-        let side = self
-            .sides
-            .lock()
-            .expect("trace sides lock")
-            .get(&record.side_cookie)
-            .and_then(|(conn, dir)| Some((conn.upgrade()?, *dir)));
         // A connection that ended meanwhile: its end was already sent.
-        let Some((conn, direction)) = side else {
+        let Some((conn, direction)) = self.side(record.side_cookie) else {
             return;
         };
         let (event, detail) = match record.kind {
@@ -381,20 +381,23 @@ impl Tracer {
             ),
             _ => return,
         };
-        let about = About {
-            conn: Some(&conn),
-            direction: Some(direction),
-        };
-        self.send(about, record.time_ns, event, "kernel", |e| {
-            match record.kind {
-                kernel::TRACE_CLOSE_FRAME => e.code = Some(record.detail as u16),
-                kernel::TRACE_MESSAGE_TOO_BIG | kernel::TRACE_RATE_CLOSE => {
-                    e.count = Some(record.value)
+        self.send(
+            &conn,
+            Some(direction),
+            record.time_ns,
+            event,
+            "kernel",
+            |e| {
+                match record.kind {
+                    kernel::TRACE_CLOSE_FRAME => e.code = Some(record.detail as u16),
+                    kernel::TRACE_MESSAGE_TOO_BIG | kernel::TRACE_RATE_CLOSE => {
+                        e.count = Some(record.value)
+                    }
+                    _ => {}
                 }
-                _ => {}
-            }
-            e.reason = detail.map(Into::into);
-        });
+                e.reason = detail.map(Into::into);
+            },
+        );
     }
 }
 
@@ -406,7 +409,8 @@ fn sender(direction: Direction) -> &'static str {
     }
 }
 
-pub fn direction_name(direction: Direction) -> &'static str {
+/// `in` (client -> function) or `out`.
+fn direction_name(direction: Direction) -> &'static str {
     match direction {
         Direction::ClientToInstance => "in",
         Direction::InstanceToClient => "out",

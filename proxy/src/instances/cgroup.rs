@@ -15,7 +15,7 @@ use std::{
 
 use tracing::{info, warn};
 
-use crate::liveness::{held, lock};
+use crate::liveness::{fresh, held, lock};
 
 pub struct Cgroup {
     path: PathBuf,
@@ -165,20 +165,6 @@ pub fn clean_leftovers(root: &Path) {
             continue;
         }
         let cgroup = Cgroup { path: entry.path() };
-        // Another wsedge's server directory is unlocked for a moment after it is made: one
-        // that is young and holds nothing yet is left alone.
-        let has_children = fs::read_dir(&cgroup.path)
-            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_type().is_ok_and(|t| t.is_dir()))));
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(10));
-        if !has_children && cgroup.pids().is_empty() && !old {
-            continue;
-        }
-        // `cgroup.kill` reaches every descendant; the instance cgroups inside a server's
-        // directory must go before the directory itself.
-        let _ = cgroup.kill();
         let children: Vec<Cgroup> = fs::read_dir(&cgroup.path)
             .map(|dir| {
                 dir.flatten()
@@ -187,6 +173,13 @@ pub fn clean_leftovers(root: &Path) {
                     .collect()
             })
             .unwrap_or_default();
+        // Another wsedge's server directory, just made, holds nothing yet.
+        if children.is_empty() && cgroup.pids().is_empty() && fresh(&cgroup.path) {
+            continue;
+        }
+        // `cgroup.kill` reaches every descendant; the instance cgroups inside a server's
+        // directory must go before the directory itself.
+        let _ = cgroup.kill();
         let processes =
             cgroup.pids().len() + children.iter().map(|c| c.pids().len()).sum::<usize>();
         for child in &children {

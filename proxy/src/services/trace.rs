@@ -62,7 +62,7 @@ impl Listener {
             let event = match received {
                 Err(_) => return Bytes::from_static(b"\n"),
                 Ok(Ok(event)) => event,
-                Ok(Err(RecvError::Lagged(n))) => Arc::new(lost(n)),
+                Ok(Err(RecvError::Lagged(n))) => Arc::new(TraceEvent::lost("proxy", n)),
                 // The tracer lives as long as the server.
                 Ok(Err(RecvError::Closed)) => return Bytes::from_static(b"\n"),
             };
@@ -76,23 +76,5 @@ impl Listener {
                 return Bytes::from(line);
             }
         }
-    }
-}
-
-/// This listener fell `n` events behind and missed them.
-fn lost(n: u64) -> TraceEvent {
-    TraceEvent {
-        time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-        id: String::new(),
-        function: String::new(),
-        direction: None,
-        side: None,
-        event: "lost".into(),
-        source: "proxy".into(),
-        code: None,
-        status: None,
-        data_plane: None,
-        reason: None,
-        count: Some(n),
     }
 }

@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, SockHash},
+    maps::{HashMap, MapData, RingBuf, SockHash},
 };
 use proxy_common::{
     SideState,
@@ -19,6 +19,17 @@ use proxy_common::{
 
 use super::LoadError;
 use crate::conn::KernelKeys;
+
+/// Hands every record waiting in `ring` to `each`, oldest first, as the `T` the programs
+/// write one of per record (shorter records, which they never write, are skipped).
+pub(super) fn drain_records<T: aya::Pod>(ring: &mut RingBuf<MapData>, mut each: impl FnMut(T)) {
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<T>() {
+            // SAFETY: at least size_of::<T>() bytes, and any bytes are a valid `T` (Pod).
+            each(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+        }
+    }
+}
 
 /// Bytes userspace itself wrote to each socket before the splice (handshake, leftovers).
 #[derive(Debug, Clone, Copy, Default)]

@@ -476,12 +476,7 @@ async fn read_events(mut reader: AsyncFd<RingBuf<MapData>>, plane: Weak<KernelDa
         };
         let ring = guard.get_inner_mut();
         let mut events: Vec<DataPlaneEvent> = Vec::new();
-        while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<DataPlaneEvent>() {
-                // SAFETY: the program writes exactly one DataPlaneEvent per record.
-                events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
-            }
-        }
+        maps::drain_records(ring, |event| events.push(event));
         guard.clear_ready();
         let Some(plane) = plane.upgrade() else {
             return;

@@ -10,13 +10,12 @@ use std::{
     io,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
 };
 
 use aya::Ebpf;
 use tracing::{info, warn};
 
-use crate::liveness::{held, lock};
+use crate::liveness::{fresh, held, lock};
 
 /// Where bpffs is mounted on every distribution that mounts it.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -136,13 +135,8 @@ fn clean_leftovers(root: &Path) {
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        // A directory another wsedge has just made is empty and not locked yet for a moment:
-        // an empty one is left alone until it is clearly abandoned.
-        let abandoned = fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some())
-            || entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(10));
+        // A directory another wsedge has just made is empty (nothing pinned yet).
+        let abandoned = fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some()) || !fresh(&path);
         if path.is_dir() && abandoned && !held(&path) {
             remove(&path);
             info!(path = %path.display(), "removed maps pinned by a wsedge that did not stop cleanly");

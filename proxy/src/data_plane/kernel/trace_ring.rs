@@ -56,14 +56,9 @@ impl TraceRing {
     }
 
     /// Hands every record waiting in the ring to `each`, oldest first.
-    pub fn drain(&self, mut each: impl FnMut(TraceRecord)) {
+    pub fn drain(&self, each: impl FnMut(TraceRecord)) {
         let mut ring = self.ring.lock().expect("trace ring lock");
-        while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<TraceRecord>() {
-                // SAFETY: the programs write exactly one TraceRecord per record.
-                each(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
-            }
-        }
+        super::maps::drain_records(&mut ring, each);
     }
 
     /// A descriptor that polls readable when records wait (for an async reader; reading
