@@ -228,15 +228,7 @@ fn ratios(entries: &[Value]) -> Value {
     let vs_tls = |workload: &str, key: &str, lower: bool| {
         ratio(t(workload, key), better_tls(workload, key, lower))
     };
-    let q = |workload: &str, key: &str| get("wsedge-kernel-quotas", workload, key);
-    let n = |workload: &str, key: &str| get("wsedge-kernel-notrace", workload, key);
-    json!({
-        "trace_points_edge_added_cpu_vs_none": ratio(k("edge", "added_cpu_us_per_msg"), n("edge", "added_cpu_us_per_msg")),
-        "trace_points_edge_added_own_cpu_vs_none": ratio(k("edge", "added_own_cpu_us_per_msg"), n("edge", "added_own_cpu_us_per_msg")),
-        "trace_points_edge_p99_vs_none": ratio(k("edge", "rtt_p99_us"), n("edge", "rtt_p99_us")),
-        "quotas_edge_added_cpu_vs_off": ratio(q("edge", "added_cpu_us_per_msg"), k("edge", "added_cpu_us_per_msg")),
-        "quotas_edge_added_own_cpu_vs_off": ratio(q("edge", "added_own_cpu_us_per_msg"), k("edge", "added_own_cpu_us_per_msg")),
-        "quotas_edge_p99_vs_off": ratio(q("edge", "rtt_p99_us"), k("edge", "rtt_p99_us")),
+    let mut ratios = json!({
         "tls_edge_added_cpu_vs_best": vs_tls("edge", "added_cpu_us_per_msg", true),
         "tls_edge_added_own_cpu_vs_best": vs_tls("edge", "added_own_cpu_us_per_msg", true),
         "tls_edge_p99_vs_best": vs_tls("edge", "rtt_p99_us", true),
@@ -261,8 +253,62 @@ fn ratios(entries: &[Value]) -> Value {
         // kernel's worker threads), which a shared machine's other work hardly moves.
         "edge_added_own_cpu_vs_best": ratio(k("edge", "added_own_cpu_us_per_msg"), better("edge", "added_own_cpu_us_per_msg", true)),
         "zero_hop_edge_added_own_cpu_vs_best": ratio(z("edge", "added_own_cpu_us_per_msg"), better("edge", "added_own_cpu_us_per_msg", true)),
-    })
+    });
+    for c in SAME_PLANE {
+        for (metric, key) in SAME_PLANE_METRICS {
+            ratios[c.key(metric)] =
+                json!(ratio(get(c.mine, "edge", key), get(c.theirs, "edge", key)));
+        }
+    }
+    ratios
 }
+
+/// A mode against the same data plane with one thing changed, on the edge workload.
+struct SamePlane {
+    /// The ratios' keys: `{stem}_edge_{metric}_vs_{vs}`.
+    stem: &'static str,
+    vs: &'static str,
+    /// Divided by `theirs`.
+    mine: &'static str,
+    theirs: &'static str,
+    /// The mode that only runs for this comparison: the report has the section when it ran.
+    shown_with: &'static str,
+    heading: &'static str,
+}
+
+impl SamePlane {
+    fn key(&self, metric: &str) -> String {
+        format!("{}_edge_{metric}_vs_{}", self.stem, self.vs)
+    }
+}
+
+const SAME_PLANE: [SamePlane; 2] = [
+    SamePlane {
+        stem: "quotas",
+        vs: "off",
+        mine: "wsedge-kernel-quotas",
+        theirs: "wsedge-kernel",
+        shown_with: "wsedge-kernel-quotas",
+        heading: "wsedge-kernel with the default rate quotas on against the same with them off \
+                  (issue 13; edge sends exactly the 10 messages/s a connection may)",
+    },
+    SamePlane {
+        stem: "trace_points",
+        vs: "none",
+        mine: "wsedge-kernel",
+        theirs: "wsedge-kernel-notrace",
+        shown_with: "wsedge-kernel-notrace",
+        heading: "wsedge-kernel (trace points loaded, nobody tracing) against the same loaded \
+                  without them (`kernel_trace = false`)",
+    },
+];
+
+/// What a same-plane comparison divides: (its name in the keys, the entry's field).
+const SAME_PLANE_METRICS: [(&str, &str); 3] = [
+    ("added_cpu", "added_cpu_us_per_msg"),
+    ("added_own_cpu", "added_own_cpu_us_per_msg"),
+    ("p99", "rtt_p99_us"),
+];
 
 /// The middle value (the mean of the two middle ones for an even count).
 fn median(values: &mut [f64]) -> Option<f64> {
@@ -680,40 +726,19 @@ fn markdown(
         ),
     );
     md.push_str(&tls_targets(entries, ratios));
-    if find(entries, "wsedge-kernel-notrace", "edge").is_some() {
+    for c in SAME_PLANE {
+        if find(entries, c.shown_with, "edge").is_none() {
+            continue;
+        }
+        let at_most_1 = |metric| target(ratios, &c.key(metric), Target::AtMost(1.0));
         let _ = write!(
             md,
-            "\nwsedge-kernel (trace points loaded, nobody tracing) against the same loaded \
-             without them (`kernel_trace = false`):\n\n\
-             - edge, added CPU per message: {}\n- edge, the same on the run's own CPU: {}\n\
-             - edge, p99: {}\n",
-            target(
-                ratios,
-                "trace_points_edge_added_cpu_vs_none",
-                Target::AtMost(1.0)
-            ),
-            target(
-                ratios,
-                "trace_points_edge_added_own_cpu_vs_none",
-                Target::AtMost(1.0)
-            ),
-            target(ratios, "trace_points_edge_p99_vs_none", Target::AtMost(1.0)),
-        );
-    }
-    if find(entries, "wsedge-kernel-quotas", "edge").is_some() {
-        let _ = write!(
-            md,
-            "\nwsedge-kernel with the default rate quotas on against the same with them off \
-             (issue 13; edge sends exactly the 10 messages/s a connection may):\n\n\
-             - edge, added CPU per message: {}\n- edge, the same on the run's own CPU: {}\n\
-             - edge, p99: {}\n",
-            target(ratios, "quotas_edge_added_cpu_vs_off", Target::AtMost(1.0)),
-            target(
-                ratios,
-                "quotas_edge_added_own_cpu_vs_off",
-                Target::AtMost(1.0)
-            ),
-            target(ratios, "quotas_edge_p99_vs_off", Target::AtMost(1.0)),
+            "\n{}:\n\n- edge, added CPU per message: {}\n\
+             - edge, the same on the run's own CPU: {}\n- edge, p99: {}\n",
+            c.heading,
+            at_most_1("added_cpu"),
+            at_most_1("added_own_cpu"),
+            at_most_1("p99"),
         );
     }
     md
@@ -1025,6 +1050,31 @@ mod tests {
             "mode": mode, "workload": "edge", "round": round, "cpu_us_per_msg": cpu,
             "added_cpu_us_per_msg": added, "errors": 1, "data_plane_seen": "kernel",
         })
+    }
+
+    #[test]
+    fn same_plane_comparisons_divide_the_changed_mode_by_its_twin_and_show_when_it_ran() {
+        let edge = |mode: &str, cpu: f64, own: f64, p99: f64| {
+            json!({"mode": mode, "workload": "edge", "added_cpu_us_per_msg": cpu,
+                   "added_own_cpu_us_per_msg": own, "rtt_p99_us": p99})
+        };
+        let entries = vec![
+            edge("wsedge-kernel", 2.0, 4.0, 100.0),
+            edge("wsedge-kernel-quotas", 3.0, 5.0, 150.0),
+            edge("wsedge-kernel-notrace", 1.0, 8.0, 200.0),
+        ];
+        let r = ratios(&entries);
+        assert_eq!(r["quotas_edge_added_cpu_vs_off"], json!(1.5));
+        assert_eq!(r["quotas_edge_added_own_cpu_vs_off"], json!(1.25));
+        assert_eq!(r["quotas_edge_p99_vs_off"], json!(1.5));
+        assert_eq!(r["trace_points_edge_added_cpu_vs_none"], json!(2.0));
+        assert_eq!(r["trace_points_edge_added_own_cpu_vs_none"], json!(0.5));
+        assert_eq!(r["trace_points_edge_p99_vs_none"], json!(0.5));
+        let without_notrace = ratios(&entries[..2]);
+        assert_eq!(
+            without_notrace["trace_points_edge_p99_vs_none"],
+            Value::Null
+        );
     }
 
     #[test]
