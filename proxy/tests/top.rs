@@ -49,7 +49,7 @@ const fn unthrottled(plane: &'static str) -> Expected {
 /// wsedge serving one function, `ticker`, whose upstream is an echo server in this process,
 /// with [`CONNECTIONS`] clients sending at a steady rate until it is dropped.
 struct Loaded {
-    wsedge: std::process::Child,
+    wsedge: common::WsedgeProcess,
     admin: String,
     config: std::path::PathBuf,
     stop: Arc<AtomicBool>,
@@ -75,15 +75,9 @@ impl Loaded {
             ),
         )
         .unwrap();
-        let mut wsedge = Command::new(BIN)
-            .args(["run", "--log-format", "json", "-c"])
-            .arg(&config)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let serving = common::serving_line(wsedge.stderr.take().unwrap());
-        let listen = serving["fields"]["listen"].as_str().unwrap().to_string();
-        let admin = serving["fields"]["admin"].as_str().unwrap().to_string();
+        let wsedge = common::WsedgeProcess::start(&config);
+        let listen = wsedge.listen;
+        let admin = wsedge.admin.to_string();
         let stop = Arc::new(AtomicBool::new(false));
         let clients = (0..CONNECTIONS)
             .map(|_| {
@@ -137,8 +131,7 @@ impl Drop for Loaded {
         for client in self.clients.drain(..) {
             let _ = client.join();
         }
-        let _ = self.wsedge.kill();
-        let _ = self.wsedge.wait();
+        self.wsedge.kill();
     }
 }
 
